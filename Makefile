@@ -1,0 +1,50 @@
+# kdbench: `make run` runs the whole workflow on the embedded demo and writes results/report.html;
+# `make test` runs lint and the test suite. Both create .venv with pip on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+CONFIG ?= config/demo.yaml
+CORES  ?= all
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kdbench-installed
+
+.PHONY: all venv run report test lint format dry-run clean
+
+all: run
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "kdbench needs Python >= 3.11 (set PYTHON=...)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG)
+	$(BIN)/snakemake --cores 1 --configfile $(CONFIG) --report results/report.html
+	@echo "report: results/report.html"
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores 1 --configfile $(CONFIG) --report results/report.html
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n --configfile $(CONFIG)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check .
+	$(BIN)/snakemake --lint --configfile config/demo.yaml
+	$(BIN)/snakemake --lint --configfile config/config.yaml
+
+test: lint
+	$(BIN)/python -m pytest
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/snakefmt .
+
+clean:
+	rm -rf .snakemake results/state

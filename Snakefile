@@ -1,0 +1,37 @@
+# kdbench: teachers → students per method × variant × seed → aggregated tables and the report.
+# Run:    snakemake --cores all                       (the embedded demo, config/demo.yaml)
+#         snakemake --cores all --configfile config/config.yaml   (the full CIFAR benchmark)
+# Report: snakemake --report results/report.html
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+from kdbench import config as kdconfig
+from kdbench.errors import KdbenchError, one_line
+
+min_version("9.0")
+
+
+configfile: "config/demo.yaml"
+
+
+try:
+    kdconfig.validate(config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml"))
+except KdbenchError as exc:
+    sys.exit(f"kdbench: config error: {one_line(exc)}")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/teacher.smk"
+include: "workflow/rules/distill.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

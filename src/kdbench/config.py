@@ -1,0 +1,163 @@
+"""The workflow config: schema validation (one line per problem) and the run grid.
+
+The JSON schema lives in ``workflow/schemas/config.schema.yaml``; each registered method adds the
+schema of its own parameters, so a new method needs no edit here. Defaults live in code (the
+training recipe, dataset settings, method parameters) and are resolved here into the complete
+per-job dictionaries that the workflow hands to its scripts through ``params:``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from kdbench import methods
+from kdbench.data import dataset_params
+from kdbench.errors import KdbenchError
+from kdbench.models import canonical_arch
+from kdbench.train import TrainConfig
+
+TEACHER_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "label_smoothing": 0.1,
+    "checkpoint": "best",
+    "train": {},
+}
+#: role of teacher runs in paths and tables; vanilla students have no teacher
+NO_TEACHER = "none"
+
+
+def load_schema(path: str | Path) -> dict[str, Any]:
+    """The config schema with every registered method's parameter schema merged in."""
+    schema = yaml.safe_load(Path(path).read_text())
+    props: dict[str, Any] = {}
+    for name in methods.available():
+        cls = methods.get(name)
+        params = copy.deepcopy(cls.params_schema)
+        variant = {"type": "object", "additionalProperties": False, "properties": params}
+        props[name] = {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                **copy.deepcopy(params),
+                "variants": {"type": "object", "minProperties": 1, "additionalProperties": variant},
+            },
+        }
+    schema["properties"]["methods"]["properties"] = props
+    return schema
+
+
+def _where(path: Any) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in path]
+    return ".".join(parts).replace(".[", "[") or "config"
+
+
+def _message(err: jsonschema.ValidationError) -> str:
+    where = _where(err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        if allowed and extra:
+            return f"{where}: unknown key {extra[0]!r} (allowed: {', '.join(allowed)})"
+    if err.validator == "required":
+        return f"{where}: missing key {err.message.split()[0]}"
+    if err.validator == "enum":
+        return f"{where}: {err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
+    return f"{where}: {err.message}"
+
+
+def validate(config: dict[str, Any], schema_path: str | Path) -> None:
+    """Check ``config`` against the schema and the registry; raise KdbenchError with one line."""
+    validator = jsonschema.Draft202012Validator(load_schema(schema_path))
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
+    if errors:
+        # report the deepest error of the first failing key: it names the most specific location
+        err = jsonschema.exceptions.best_match(errors)
+        raise KdbenchError(_message(err))
+    # What the schema cannot say: resolve everything once so that bad values fail here.
+    for dataset in config["datasets"]:
+        data_params(config, dataset)
+    for role in ("teacher", "student"):
+        train_params(config, role)
+    for name in config["methods"]:
+        variants(config, name)
+    _check_teacher_methods(config)
+
+
+def _check_teacher_methods(config: dict[str, Any]) -> None:
+    if not any(methods.get(m).needs_teacher for m in config["methods"]):
+        return
+    if not config.get("pairs"):
+        raise KdbenchError("pairs: at least one teacher → student pair is needed")
+
+
+def teacher_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {**TEACHER_DEFAULTS, **(config.get("teacher") or {})}
+
+
+def data_params(config: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """All settings of ``dataset`` (defaults updated from ``data.<dataset>``)."""
+    return dataset_params(dataset, (config.get("data") or {}).get(dataset))
+
+
+def train_params(config: dict[str, Any], role: str) -> dict[str, Any]:
+    """The complete training recipe of a teacher (``role="teacher"``) or a student."""
+    recipe = copy.deepcopy(config.get("train") or {})
+    if role == "teacher":
+        for key, value in (teacher_config(config).get("train") or {}).items():
+            if isinstance(value, dict):
+                recipe[key] = {**recipe.get(key, {}), **value}
+            else:
+                recipe[key] = value
+    return asdict(TrainConfig.from_config(recipe))
+
+
+def variants(config: dict[str, Any], method: str) -> dict[str, dict[str, Any]]:
+    """Variant name → complete parameters of ``method``."""
+    return methods.get(method).expand_variants(config["methods"].get(method))
+
+
+@dataclass(frozen=True)
+class TeacherRun:
+    dataset: str
+    arch: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    dataset: str
+    teacher: str
+    student: str
+    method: str
+    variant: str
+    seed: int
+
+
+def teacher_runs(config: dict[str, Any]) -> list[TeacherRun]:
+    """Every teacher the students of ``config`` need (one seed per dataset and architecture)."""
+    seed = int(teacher_config(config)["seed"])
+    archs = dict.fromkeys(canonical_arch(p["teacher"]) for p in config.get("pairs") or [])
+    needs = any(methods.get(m).needs_teacher for m in config["methods"])
+    if not needs:
+        return []
+    return [TeacherRun(d, a, seed) for d, a in itertools.product(config["datasets"], archs)]
+
+
+def student_runs(config: dict[str, Any]) -> list[StudentRun]:
+    """Every student run: dataset × pair × method × variant × seed (vanilla once per student)."""
+    runs: dict[StudentRun, None] = {}
+    pairs = [(canonical_arch(p["teacher"]), canonical_arch(p["student"])) for p in config["pairs"]]
+    for dataset, (teacher, student), method, seed in itertools.product(
+        config["datasets"], pairs, config["methods"], config["seeds"]
+    ):
+        t = teacher if methods.get(method).needs_teacher else NO_TEACHER
+        for variant in variants(config, method):
+            runs[StudentRun(dataset, t, student, method, variant, int(seed))] = None
+    return list(runs)

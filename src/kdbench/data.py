@@ -1,0 +1,394 @@
+"""Datasets and a device-resident loader.
+
+Every dataset is held as three float tensors (train / validation / test, values in [0, 1]) plus
+labels. :class:`Loader` keeps a split on the training device, normalises it once, and per epoch
+draws a permutation, crop offsets and flips from a generator seeded by ``(seed, epoch)``: the data
+order and augmentation depend only on the seed and the epoch, on CPU and GPU alike, whatever the
+method, and a resumed run sees exactly the batches an uninterrupted run would. Augmentation is a
+padded random crop plus an optional horizontal flip, done as one batched gather per batch: no
+per-sample transforms, no worker processes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdbench.errors import KdbenchError
+
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100")
+
+#: Published normalisation constants (REFERENCE §2); digits uses its own training split's.
+NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+    "cifar100": ((0.5071, 0.4867, 0.4409), (0.267, 0.256, 0.276)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+}
+
+#: Per-dataset defaults; every key can be overridden from the config's ``data.<dataset>`` block.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "image_size": 16,
+        "val_fraction": 0.15,
+        "test_fraction": 0.2,
+        "split_seed": 0,
+        "crop_padding": 2,
+        "flip": False,
+    },
+    "fashion_mnist": {
+        "root": "/usr/share/datasets/fashion-mnist",
+        "val_size": 5000,
+        "split_seed": 0,
+        "crop_padding": 4,
+        "flip": True,
+    },
+    "cifar10": {
+        "root": "resources/data",
+        "download": False,
+        "val_size": 5000,
+        "split_seed": 0,
+        "crop_padding": 4,
+        "flip": True,
+    },
+    "cifar100": {
+        "root": "resources/data",
+        "download": False,
+        "val_size": 5000,
+        "split_seed": 0,
+        "crop_padding": 4,
+        "flip": True,
+    },
+}
+
+
+@dataclass
+class Split:
+    """Images (N×C×H×W float32 in [0, 1]) and integer labels."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4
+    flip: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.x.shape[-1])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_padding": self.crop_padding,
+            "flip": self.flip,
+            **self.info,
+        }
+
+
+def dataset_params(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults of dataset ``name`` updated with ``overrides`` (unknown keys rejected)."""
+    if name not in DEFAULTS:
+        raise KdbenchError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+    params = dict(DEFAULTS[name])
+    for key, value in (overrides or {}).items():
+        if key not in params:
+            raise KdbenchError(f"data.{name}: unknown key {key!r} (known: {', '.join(params)})")
+        params[key] = value
+    return params
+
+
+def load_dataset(name: str, **overrides: Any) -> Dataset:
+    """Load dataset ``name`` with its train / validation / test split (see :data:`DEFAULTS`)."""
+    p = dataset_params(name, overrides)
+    if name == "digits":
+        ds = _load_digits(p)
+    elif name == "fashion_mnist":
+        ds = _load_fashion_mnist(p)
+    else:
+        ds = _load_cifar(name, p)
+    ds.crop_padding = int(p["crop_padding"])
+    ds.flip = bool(p["flip"])
+    return ds
+
+
+def _stratified_indices(
+    labels: np.ndarray, holdout: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(len(labels))`` into (keep, holdout) with ``holdout`` items, stratified."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    keep, held = train_test_split(idx, test_size=holdout, stratify=labels, random_state=seed)
+    return np.sort(keep), np.sort(held)
+
+
+def _split(x: Tensor, y: Tensor, idx: np.ndarray) -> Split:
+    t = torch.from_numpy(idx)
+    return Split(x[t].contiguous(), y[t].contiguous())
+
+
+def _load_digits(p: dict[str, Any]) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    size = int(p["image_size"])
+    if size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        images = images.clamp_(0.0, 1.0)
+    n = len(labels)
+    n_test = round(n * float(p["test_fraction"]))
+    n_val = round(n * float(p["val_fraction"]))
+    if n_test < 10 or n_val < 10 or n - n_test - n_val < 10:
+        raise KdbenchError("data.digits: val_fraction and test_fraction leave a split too small")
+    seed = int(p["split_seed"])
+    rest, test_idx = _stratified_indices(bunch.target, n_test, seed)
+    train_rel, val_rel = _stratified_indices(bunch.target[rest], n_val, seed)
+    train = _split(images, labels, rest[train_rel])
+    val = _split(images, labels, rest[val_rel])
+    test = _split(images, labels, test_idx)
+    mean = (round(float(train.x.mean()), 4),)
+    std = (round(float(train.x.std()), 4),)
+    return Dataset("digits", train, val, test, 10, mean, std, info={"source": "sklearn"})
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) with the given magic number."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise KdbenchError(f"cannot read {path}: {exc}") from None
+    if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != magic:
+        raise KdbenchError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    count = int(np.prod(dims))
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != count:
+        raise KdbenchError(
+            f"{path} is truncated or corrupt: {len(raw) - offset} bytes, {count} expected"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.exists():
+            return candidate
+    raise KdbenchError(
+        f"Fashion-MNIST file {stem}.gz not found in {root}: install it with "
+        "'apt-get install dataset-fashion-mnist' or set data.fashion_mnist.root"
+    )
+
+
+def _load_fashion_mnist(p: dict[str, Any]) -> Dataset:
+    root = Path(p["root"])
+    arrays = {}
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"), 2051)
+        labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"), 2049)
+        if len(images) != len(labels):
+            raise KdbenchError(
+                f"Fashion-MNIST {part}: {len(images)} images but {len(labels)} labels"
+            )
+        arrays[part] = (images, labels)
+    return _with_validation("fashion_mnist", arrays, p, num_classes=10, source=str(root))
+
+
+def _with_validation(
+    name: str,
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+    p: dict[str, Any],
+    num_classes: int,
+    source: str,
+) -> Dataset:
+    """Build a Dataset from uint8 arrays (N×H×W or N×H×W×C), carving validation from train."""
+
+    def to_tensor(images: np.ndarray) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(images))
+        t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+        return t.float().div_(255.0).contiguous()
+
+    train_images, train_labels = arrays["train"]
+    val_size = int(p["val_size"])
+    if not 0 < val_size < len(train_labels) // 2:
+        raise KdbenchError(f"data.{name}.val_size must be in 1..{len(train_labels) // 2 - 1}")
+    keep, held = _stratified_indices(train_labels, val_size, int(p["split_seed"]))
+    x = to_tensor(train_images)
+    y = torch.from_numpy(train_labels.astype(np.int64))
+    test = Split(to_tensor(arrays["test"][0]), torch.from_numpy(arrays["test"][1].astype(np.int64)))
+    mean, std = NORMALISATION[name]
+    return Dataset(
+        name,
+        _split(x, y, keep),
+        _split(x, y, held),
+        test,
+        num_classes,
+        mean,
+        std,
+        info={"source": source},
+    )
+
+
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", 10, "CIFAR10"),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", 100, "CIFAR100"),
+}
+
+
+def _load_cifar(name: str, p: dict[str, Any]) -> Dataset:
+    import torchvision
+
+    folder, archive, num_classes, cls_name = _CIFAR[name]
+    root = Path(p["root"])
+    if not (root / folder).is_dir() and not p["download"]:
+        raise KdbenchError(
+            f"{cls_name} not found: extract {archive} (python version) into {root}/ so that "
+            f"{root / folder} exists, or set data.{name}.download: true"
+        )
+    cls = getattr(torchvision.datasets, cls_name)
+    arrays = {}
+    try:
+        for part in ("train", "test"):
+            ds = cls(root=str(root), train=part == "train", download=bool(p["download"]))
+            arrays[part] = (np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64))
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise KdbenchError(f"{cls_name} under {root} cannot be read: {exc}") from None
+    return _with_validation(name, arrays, p, num_classes=num_classes, source=str(root / folder))
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator determined by (seed, epoch, stream) alone."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def crop_flip(
+    x: Tensor, padding: int, dy: Tensor, dx: Tensor, flip: Tensor, fill: Tensor
+) -> Tensor:
+    """Padded crop + optional horizontal flip of a batch in one gather.
+
+    Sample ``i`` is the H×W window at offset ``(dy[i], dx[i])`` of ``x[i]`` padded by ``padding``
+    pixels of value ``fill`` (one per channel), mirrored left-right where ``flip[i]``.
+    """
+    n, c, h, w = x.shape
+    if padding > 0:
+        padded = fill.view(1, c, 1, 1).expand(n, c, h + 2 * padding, w + 2 * padding).clone()
+        padded[:, :, padding : padding + h, padding : padding + w] = x
+    else:
+        padded = x
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = dy[:, None] + ar_h[None, :]
+    cols = dx[:, None] + torch.where(flip[:, None], (w - 1) - ar_w[None, :], ar_w[None, :])
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Loader:
+    """Batches of one split, resident on ``device`` and normalised once.
+
+    ``train=True`` shuffles and augments per epoch from :func:`epoch_generator`; otherwise the
+    split is served in order, unaugmented.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        device: torch.device | str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        train: bool = False,
+        seed: int = 0,
+        crop_padding: int = 0,
+        flip: bool = False,
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise KdbenchError(f"batch size must be positive, got {batch_size}")
+        self.device = torch.device(device)
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.x = ((split.x - m) / s).to(self.device)
+        self.y = split.y.to(self.device)
+        #: the value of a black (zero) pixel after normalisation: what padding fills in
+        self.fill = (-m / s).flatten().to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.crop_padding = crop_padding if train else 0
+        self.flip = flip and train
+        self.drop_last = drop_last and train
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples served per epoch (fewer than the split when the last batch is dropped)."""
+        return len(self) * self.batch_size if self.drop_last else len(self.y)
+
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.y)
+        if self.train:
+            g = epoch_generator(self.seed, epoch)
+            order = torch.randperm(n, generator=g)
+            span = 2 * self.crop_padding + 1
+            dy = torch.randint(0, span, (n,), generator=g)
+            dx = torch.randint(0, span, (n,), generator=g)
+            flips = (
+                torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+            )
+            order, dy, dx, flips = (t.to(self.device) for t in (order, dy, dx, flips))
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
+            if self.train:
+                idx = order[sl]
+                xb = self.x[idx]
+                if self.crop_padding or self.flip:
+                    xb = crop_flip(xb, self.crop_padding, dy[sl], dx[sl], flips[sl], self.fill)
+                yb = self.y[idx]
+            else:
+                xb, yb = self.x[sl], self.y[sl]
+            yield xb.contiguous(memory_format=self.memory_format), yb

@@ -1,0 +1,87 @@
+"""CIFAR ResNets (BasicBlock, option-B shortcuts) returning every stage's features.
+
+``build(arch, num_classes, in_channels)`` gives resnet8/20/56/110 exactly as the original projects
+defined them; ``forward(x)`` returns ``[stage1, stage2, stage3, logits]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kdbench.errors import KdbenchError
+
+#: Blocks per stage for each architecture.
+DEPTHS: dict[str, int] = {"resnet8": 1, "resnet20": 3, "resnet56": 9, "resnet110": 18}
+#: Names the original projects used.
+ALIASES: dict[str, str] = {"resnetbaby": "resnet8", "resnet112": "resnet110"}
+WIDTHS = (16, 32, 64)
+STRIDES = (1, 2, 2)
+
+
+def canonical_arch(arch: str) -> str:
+    """Map an architecture name or alias (case-insensitive) to its canonical name."""
+    key = arch.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in DEPTHS:
+        known = ", ".join(sorted(DEPTHS) + ["ResNetBaby", "ResNet112"])
+        raise KdbenchError(f"unknown architecture {arch!r} (known: {known})")
+    return key
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """Stem conv → three stages of BasicBlocks (16/32/64) → global pool → linear."""
+
+    def __init__(self, blocks: int, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.conv1 = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(WIDTHS[0])
+        stages = []
+        in_planes = WIDTHS[0]
+        for planes, stride in zip(WIDTHS, STRIDES, strict=True):
+            layers = []
+            for i in range(blocks):
+                layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(WIDTHS[-1], num_classes)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        s1 = self.layer1(out)
+        s2 = self.layer2(s1)
+        s3 = self.layer3(s2)
+        logits = self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(s3, 1), 1))
+        return [s1, s2, s3, logits]
+
+
+def build(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """Build a CIFAR ResNet by name (``resnet8/20/56/110``, aliases ``ResNetBaby``/``ResNet112``)."""
+    if num_classes < 2:
+        raise KdbenchError(f"num_classes must be at least 2, got {num_classes}")
+    return CifarResNet(DEPTHS[canonical_arch(arch)], num_classes, in_channels)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

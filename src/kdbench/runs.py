@@ -1,0 +1,149 @@
+"""Entry points of the workflow's scripts: one call per job.
+
+``train`` trains a teacher (``role="teacher"``) or distils a student; ``run_job`` wraps any entry
+point with logging to the job's log file, the thread count, and error handling: a problem with
+the input is one line on stderr and exit status 1; an unexpected error keeps its traceback in the
+log file and prints one line that points there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdbench import io, methods, models
+from kdbench.data import load_dataset
+from kdbench.errors import KdbenchError, one_line
+from kdbench.train import RunOutputs, TrainConfig, file_sha256, fit
+
+log = logging.getLogger("kdbench")
+
+
+def setup_logging(log_path: str | Path | None) -> None:
+    """Send kdbench's log to ``log_path`` (appending, so a resumed job keeps its history)."""
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(log_path, mode="a")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.propagate = False
+
+
+def run_job(
+    func: Callable[..., Any], log_path: str | Path | None, threads: int | None = None, **kwargs: Any
+) -> Any:
+    """Run ``func(**kwargs)`` as a workflow job (see the module docstring)."""
+    setup_logging(log_path)
+    if threads:
+        torch.set_num_threads(int(threads))
+    log.info(
+        "job %s on %s (SLURM_JOB_ID=%s, CUDA_VISIBLE_DEVICES=%s, %d threads)",
+        func.__name__,
+        socket.gethostname(),
+        os.environ.get("SLURM_JOB_ID", "-"),
+        os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
+        torch.get_num_threads(),
+    )
+    try:
+        return func(**kwargs)
+    except KdbenchError as exc:
+        log.error("%s", one_line(exc))
+        print(f"kdbench: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except Exception as exc:
+        log.error("unexpected error:\n%s", traceback.format_exc())
+        where = f" (traceback in {log_path})" if log_path else ""
+        print(f"kdbench: unexpected error: {one_line(exc)}{where}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, what: str) -> None:
+    """Load a state dict saved by kdbench into ``model``, with one-line errors."""
+    try:
+        state = io.load_torch(path)
+    except Exception as exc:
+        raise KdbenchError(f"cannot load {what} weights {path}: {one_line(exc)}") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise KdbenchError(
+            f"{what} weights {path} do not fit the model: {one_line(exc)[:200]}"
+        ) from None
+
+
+def train(
+    *,
+    role: str,
+    dataset: str,
+    data: dict[str, Any],
+    arch: str,
+    seed: int,
+    method: str,
+    variant: str,
+    method_params: dict[str, Any],
+    train: dict[str, Any],
+    outputs: dict[str, Any],
+    state: str | Path,
+    teacher: str | None = None,
+    teacher_weights: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train a teacher or a student; write metrics.json, weights and curves to ``outputs``."""
+    cfg = TrainConfig.from_config(train)
+    ds = load_dataset(dataset, **data)
+    method_cls = methods.get(method)
+    log.info("data %s: %s", dataset, ds.summary()["sizes"])
+    # The student is built first, right after seeding: the same seed gives the same initial
+    # weights whatever the method.
+    torch.manual_seed(int(seed))
+    student = models.build(arch, ds.num_classes, ds.in_channels)
+    teacher_model = None
+    teacher_hash = None
+    if method_cls.needs_teacher:
+        if not teacher or not teacher_weights:
+            raise KdbenchError(f"method {method!r} needs a teacher checkpoint")
+        teacher_model = models.build(teacher, ds.num_classes, ds.in_channels)
+        load_weights(teacher_model, teacher_weights, f"teacher {teacher}")
+        teacher_hash = file_sha256(teacher_weights)
+    m = method_cls(student, teacher_model, method_params)
+    run = {
+        "role": role,
+        "dataset": dataset,
+        "teacher": teacher if role == "student" else None,
+        "student": models.canonical_arch(arch) if role == "student" else None,
+        "arch": models.canonical_arch(arch),
+        "method": method,
+        "variant": variant,
+        "seed": int(seed),
+    }
+    record = {
+        "run": run,
+        "config": {
+            "data": data,
+            "method": {"name": method, "variant": variant, "params": m.params},
+            "teacher_weights": {"path": str(teacher_weights), "sha256": teacher_hash}
+            if teacher_hash
+            else None,
+        },
+    }
+    return fit(
+        m,
+        ds,
+        cfg,
+        seed=int(seed),
+        outputs=RunOutputs.from_mapping(outputs),
+        state_path=state,
+        record=record,
+    )

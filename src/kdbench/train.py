@@ -1,0 +1,412 @@
+"""The training loop shared by teachers and every distillation method.
+
+``fit`` trains ``method.trainable()`` (one SGD optimizer and one schedule per module), evaluates
+the student on the validation and test splits after every epoch, and after each epoch writes
+
+* a resumable state (weights, optimizers, schedules, RNG state, metrics so far) to ``state_path``,
+  which lies outside the declared outputs, atomically;
+* ``metrics.json`` (status ``running``) atomically, so a walltime kill loses nothing.
+
+At the end it writes the final and the best-by-validation weights, ``Loss.png`` and
+``Accuracy.png``, and ``metrics.json`` with status ``complete`` last; then it deletes the state.
+A re-run whose state matches the run's fingerprint continues from the epoch after the last one
+saved; on CPU the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdbench import io, plots, provenance
+from kdbench.data import Dataset, Loader
+from kdbench.errors import KdbenchError
+from kdbench.methods.base import Method
+
+log = logging.getLogger("kdbench")
+
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe; the defaults are the original projects' "seed protocol"."""
+
+    epochs: int = 150
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    eta_min: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    drop_last: bool = False
+    device: str = "auto"
+    bf16: bool = True
+    channels_last: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
+        """Build from the config's ``train`` block (nested ``optimizer`` and ``schedule`` maps)
+        or from the flat form ``dataclasses.asdict`` gives."""
+        flat: dict[str, Any] = {}
+        for key, value in (cfg or {}).items():
+            if key == "optimizer" and isinstance(value, dict):
+                flat.update(value)
+            elif key == "schedule" and isinstance(value, dict):
+                for sk, sv in value.items():
+                    flat["schedule" if sk == "name" else sk] = sv
+            else:
+                flat[key] = value
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise KdbenchError(f"train: unknown setting(s) {', '.join(unknown)}")
+        tc = cls(**flat)
+        tc.validate()
+        return tc
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise KdbenchError(f"train.epochs must be positive, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise KdbenchError("train.batch_size must be positive")
+        if self.schedule not in ("cosine", "multistep"):
+            raise KdbenchError(
+                f"train.schedule.name must be cosine or multistep, got {self.schedule!r}"
+            )
+        if self.lr <= 0:
+            raise KdbenchError(f"train.optimizer.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class RunOutputs:
+    """Where a run writes its declared outputs."""
+
+    metrics: Path
+    final_weights: Path
+    best_weights: Path
+    loss_plot: Path
+    accuracy_plot: Path
+
+    @classmethod
+    def from_mapping(cls, paths: dict[str, Any]) -> RunOutputs:
+        return cls(**{k: Path(str(paths[k])) for k in cls.__dataclass_fields__})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdbenchError(f"train.device is {name!r} but no CUDA device is available")
+    return device
+
+
+def fingerprint(record: dict[str, Any]) -> str:
+    """A stable hash of everything that determines a run's result."""
+    blob = json.dumps(record, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _make_schedule(
+    opt: torch.optim.Optimizer, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=cfg.epochs, eta_min=cfg.eta_min
+        )
+    return torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=list(cfg.milestones), gamma=cfg.gamma
+    )
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate(
+    model: nn.Module, loader: Loader, device: torch.device, cfg: TrainConfig
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) of ``model`` over ``loader`` (one host sync)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    with torch.inference_mode(), _autocast(device, cfg):
+        for xb, yb in loader.epoch():
+            logits = model(xb)[-1].float()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(1) == yb).sum()
+    n = len(loader.y)
+    return float(loss_sum) / n, 100.0 * float(correct) / n
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _load_state(path: Path, expected: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        state = io.load_torch(path)
+    except Exception as exc:  # a truncated or garbled file: start over rather than load garbage
+        log.warning("ignoring unreadable training state %s (%s); starting from scratch", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        log.warning("ignoring training state %s of another format; starting from scratch", path)
+        return None
+    if state.get("fingerprint") != expected:
+        log.warning(
+            "ignoring training state %s of a different configuration; starting from scratch", path
+        )
+        return None
+    return state
+
+
+def fit(
+    method: Method,
+    data: Dataset,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    outputs: RunOutputs,
+    state_path: str | Path,
+    record: dict[str, Any],
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``method`` on ``data``; write the outputs; return the final metrics document.
+
+    ``record`` describes the run (dataset, models, method, variant, every setting); it goes into
+    metrics.json and its hash guards the resumable state. ``on_epoch_end(epoch)`` is called
+    after an epoch's state is saved (tests use it to interrupt a run).
+    """
+    state_path = Path(state_path)
+    device = resolve_device(cfg.device)
+    fp = fingerprint({"record": record, "seed": seed, "train": asdict(cfg)})
+    method.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    modules = method.trainable()
+    optimizers = {
+        name: torch.optim.SGD(
+            mod.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+        )
+        for name, mod in modules.items()
+    }
+    schedules = {name: _make_schedule(opt, cfg) for name, opt in optimizers.items()}
+    channels_last = device.type == "cuda" and cfg.channels_last
+    train_loader = Loader(
+        data.train,
+        cfg.batch_size,
+        device,
+        data.mean,
+        data.std,
+        train=True,
+        seed=seed,
+        crop_padding=data.crop_padding,
+        flip=data.flip,
+        drop_last=cfg.drop_last,
+        channels_last=channels_last,
+    )
+    val_loader, test_loader = (
+        Loader(s, cfg.eval_batch_size, device, data.mean, data.std, channels_last=channels_last)
+        for s in (data.val, data.test)
+    )
+    if len(train_loader) == 0:
+        raise KdbenchError(
+            f"batch size {cfg.batch_size} with drop_last leaves no batch of {len(data.train)} samples"
+        )
+
+    epochs: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "weights": None}
+    resumed: list[int] = []
+    state = _load_state(state_path, fp)
+    if state is not None:
+        for name, mod in modules.items():
+            mod.load_state_dict(state["modules"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, sched in schedules.items():
+            sched.load_state_dict(state["schedules"][name])
+        _set_rng_state(state["rng"], device)
+        epochs = list(state["epochs"])
+        best = dict(state["best"])
+        resumed = list(state.get("resumed", [])) + [len(epochs)]
+        log.info("resuming from %s after epoch %d/%d", state_path, len(epochs), cfg.epochs)
+
+    doc: dict[str, Any] = {
+        "status": "running",
+        "run": record.get("run", {}),
+        "seed": seed,
+        "config": {**record.get("config", {}), "train": asdict(cfg)},
+        "data": data.summary(),
+        "epochs": epochs,
+        "provenance": provenance.collect(device),
+    }
+    session_seconds: list[float] = []
+    student = method.student
+    for epoch in range(len(epochs), cfg.epochs):
+        t0 = time.perf_counter()
+        method.train()
+        part_sums: dict[str, Tensor] = {}
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        lr = optimizers["student"].param_groups[0]["lr"]
+        for xb, yb in train_loader.epoch(epoch):
+            with _autocast(device, cfg):
+                logits, parts = method.forward_train(xb, yb)
+            loss = torch.stack([p.float() for p in parts.values()]).sum()
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers.values():
+                opt.step()
+            with torch.no_grad():
+                n = yb.shape[0]
+                for key, value in parts.items():
+                    acc = part_sums.get(key)
+                    term = value.detach().float() * n
+                    part_sums[key] = term if acc is None else acc + term
+                correct += (logits.detach().argmax(1) == yb).sum()
+        for sched in schedules.values():
+            sched.step()
+        n_train = train_loader.num_samples
+        parts_mean = {k: float(v) / n_train for k, v in part_sums.items()}
+        train_acc = 100.0 * float(correct) / n_train
+        val_loss, val_acc = evaluate(student, val_loader, device, cfg)
+        test_loss, test_acc = evaluate(student, test_loader, device, cfg)
+        seconds = time.perf_counter() - t0
+        entry = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": sum(parts_mean.values()),
+            "train_loss_parts": parts_mean,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "epoch_seconds": seconds,
+        }
+        if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
+            raise KdbenchError(
+                f"{_describe(record)}: non-finite loss at epoch {epoch + 1} "
+                f"(train {entry['train_loss']}, val {val_loss}); last good state kept in {state_path}"
+            )
+        epochs.append(entry)
+        if val_acc > best["val_acc"]:
+            best = {"epoch": epoch + 1, "val_acc": val_acc, "weights": _cpu_state_dict(student)}
+        io.save_torch(
+            state_path,
+            {
+                "version": STATE_VERSION,
+                "fingerprint": fp,
+                "modules": {k: _cpu_state_dict(m) for k, m in modules.items()},
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "schedules": {k: s.state_dict() for k, s in schedules.items()},
+                "rng": _rng_state(device),
+                "epochs": epochs,
+                "best": best,
+                "resumed": resumed,
+            },
+        )
+        io.write_json(outputs.metrics, doc)
+        session_seconds.append(seconds)
+        remaining = (cfg.epochs - epoch - 1) * sum(session_seconds) / len(session_seconds)
+        parts_txt = " ".join(f"{k} {v:.4f}" for k, v in parts_mean.items())
+        log.info(
+            "epoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% test %.2f%% lr %.4g %.1fs ETA %s",
+            epoch + 1,
+            cfg.epochs,
+            entry["train_loss"],
+            parts_txt,
+            train_acc,
+            val_acc,
+            test_acc,
+            lr,
+            seconds,
+            _fmt_duration(remaining),
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+
+    best_entry = epochs[best["epoch"] - 1]
+    last = epochs[-1]
+    doc["final"] = {
+        "epochs": len(epochs),
+        "test_acc_last": last["test_acc"],
+        "val_acc_last": last["val_acc"],
+        "best_epoch": best["epoch"],
+        "val_acc_best": best_entry["val_acc"],
+        "test_acc_best_val": best_entry["test_acc"],
+        "train_seconds": sum(e["epoch_seconds"] for e in epochs),
+        "resumed_after_epochs": resumed,
+    }
+    io.save_torch(outputs.final_weights, _cpu_state_dict(student))
+    io.save_torch(outputs.best_weights, best["weights"])
+    plots.learning_curves(
+        epochs, best["epoch"], outputs.loss_plot, outputs.accuracy_plot, _describe(record)
+    )
+    doc["status"] = "complete"
+    io.write_json(outputs.metrics, doc)
+    state_path.unlink(missing_ok=True)
+    log.info(
+        "done: test %.2f%% at the last epoch, %.2f%% at the best validation epoch (%d)",
+        last["test_acc"],
+        best_entry["test_acc"],
+        best["epoch"],
+    )
+    return doc
+
+
+def _describe(record: dict[str, Any]) -> str:
+    run = record.get("run", {})
+    keys = ("dataset", "teacher", "student", "method", "variant", "seed")
+    return " ".join(f"{k}={run[k]}" for k in keys if run.get(k) is not None)

@@ -1,0 +1,45 @@
+# Students: dataset × teacher → student × method × variant × seed. Teacher-free methods
+# (vanilla) use the teacher name "none", so each such student trains once per seed.
+
+
+rule distill:
+    input:
+        teacher=teacher_checkpoint,
+    output:
+        metrics=f"{STUDENT_DIR}/metrics.json",
+        final_weights=f"{STUDENT_DIR}/model_final.pt",
+        best_weights=f"{STUDENT_DIR}/model_best.pt",
+        loss_plot=report(
+            f"{STUDENT_DIR}/Loss.png",
+            caption="../report/loss_curve.rst",
+            category="Learning curves",
+            subcategory="{dataset}",
+            labels={
+                "model": "{teacher} → {student}",
+                "method": "{method} {variant}",
+                "seed": "{seed}",
+            },
+        ),
+        accuracy_plot=report(
+            f"{STUDENT_DIR}/Accuracy.png",
+            caption="../report/accuracy_curve.rst",
+            category="Learning curves",
+            subcategory="{dataset}",
+            labels={
+                "model": "{teacher} → {student}",
+                "method": "{method} {variant}",
+                "seed": "{seed}",
+            },
+        ),
+    params:
+        data=data_params,
+        train=kdconfig.train_params(config, "student"),
+        method_params=method_params,
+        state=f"{STATE_DIR}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}/{{variant}}/seed{{seed}}.pt",
+    log:
+        f"{LOG_DIR}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}-{{variant}}-seed{{seed}}.log",
+    threads: TRAIN_THREADS
+    conda:
+        "../envs/kdbench.yaml"
+    script:
+        "../scripts/distill.py"

@@ -1,0 +1,35 @@
+# Teachers: one per dataset × architecture × teacher seed, trained with the seed protocol and
+# label smoothing (REFERENCE §3).
+
+
+rule train_teacher:
+    output:
+        metrics=f"{TEACHER_DIR}/metrics.json",
+        final_weights=f"{TEACHER_DIR}/model_final.pt",
+        best_weights=f"{TEACHER_DIR}/model_best.pt",
+        loss_plot=report(
+            f"{TEACHER_DIR}/Loss.png",
+            caption="../report/loss_curve.rst",
+            category="Learning curves",
+            subcategory="{dataset}",
+            labels={"model": "teacher {arch}", "method": "teacher", "seed": "{seed}"},
+        ),
+        accuracy_plot=report(
+            f"{TEACHER_DIR}/Accuracy.png",
+            caption="../report/accuracy_curve.rst",
+            category="Learning curves",
+            subcategory="{dataset}",
+            labels={"model": "teacher {arch}", "method": "teacher", "seed": "{seed}"},
+        ),
+    params:
+        data=data_params,
+        train=kdconfig.train_params(config, "teacher"),
+        method_params={"label_smoothing": TEACHER["label_smoothing"]},
+        state=f"{STATE_DIR}/{{dataset}}/teachers/{{arch}}/seed{{seed}}.pt",
+    log:
+        f"{LOG_DIR}/{{dataset}}/teachers/{{arch}}-seed{{seed}}.log",
+    threads: TRAIN_THREADS
+    conda:
+        "../envs/kdbench.yaml"
+    script:
+        "../scripts/train_teacher.py"

@@ -1,0 +1,22 @@
+"""Train one student: snakemake input/params/output/log → kdbench.runs.train."""
+
+from kdbench.runs import run_job, train
+
+run_job(
+    train,
+    snakemake.log[0],
+    threads=snakemake.threads,
+    role="student",
+    dataset=snakemake.wildcards.dataset,
+    arch=snakemake.wildcards.student,
+    seed=int(snakemake.wildcards.seed),
+    method=snakemake.wildcards.method,
+    variant=snakemake.wildcards.variant,
+    teacher=snakemake.wildcards.teacher,
+    teacher_weights=snakemake.input.get("teacher") or None,
+    data=snakemake.params.data,
+    train=snakemake.params.train,
+    method_params=snakemake.params.method_params,
+    state=snakemake.params.state,
+    outputs=dict(snakemake.output.items()),
+)

@@ -1,0 +1,20 @@
+"""Train one teacher: snakemake params/output/log → kdbench.runs.train."""
+
+from kdbench.runs import run_job, train
+
+run_job(
+    train,
+    snakemake.log[0],
+    threads=snakemake.threads,
+    role="teacher",
+    dataset=snakemake.wildcards.dataset,
+    arch=snakemake.wildcards.arch,
+    seed=int(snakemake.wildcards.seed),
+    method="vanilla",
+    variant="teacher",
+    data=snakemake.params.data,
+    train=snakemake.params.train,
+    method_params=snakemake.params.method_params,
+    state=snakemake.params.state,
+    outputs=dict(snakemake.output.items()),
+)
