@@ -37,6 +37,7 @@ lint: $(STAMP)
 	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
 	$(BIN)/snakemake --lint --configfile config/config.yaml
+	$(BIN)/snakemake --lint --configfile config/fashion.yaml
 
 test: lint
 	$(BIN)/python -m pytest

@@ -13,11 +13,16 @@ from kdbench.errors import KdbenchError, one_line
 min_version("9.0")
 
 
-configfile: "config/demo.yaml"
+# The embedded demo is the default; --configfile replaces it (it is not merged into it).
+if not config:
+
+    configfile: "config/demo.yaml"
 
 
 try:
-    kdconfig.validate(config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml"))
+    kdconfig.validate(
+        config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
+    )
 except KdbenchError as exc:
     sys.exit(f"kdbench: config error: {one_line(exc)}")
 
@@ -32,6 +37,6 @@ include: "workflow/rules/aggregate.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -240,7 +240,7 @@ def _with_validation(
     """Build a Dataset from uint8 arrays (N×H×W or N×H×W×C), carving validation from train."""
 
     def to_tensor(images: np.ndarray) -> Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(images))
+        t = torch.from_numpy(np.array(images, copy=True, order="C"))
         t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
         return t.float().div_(255.0).contiguous()
 

@@ -77,7 +77,7 @@ class CifarResNet(nn.Module):
 
 
 def build(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """Build a CIFAR ResNet by name (``resnet8/20/56/110``, aliases ``ResNetBaby``/``ResNet112``)."""
+    """Build a CIFAR ResNet: ``resnet8/20/56/110`` or the aliases ``ResNetBaby``/``ResNet112``."""
     if num_classes < 2:
         raise KdbenchError(f"num_classes must be at least 2, got {num_classes}")
     return CifarResNet(DEPTHS[canonical_arch(arch)], num_classes, in_channels)

@@ -262,7 +262,8 @@ def fit(
     )
     if len(train_loader) == 0:
         raise KdbenchError(
-            f"batch size {cfg.batch_size} with drop_last leaves no batch of {len(data.train)} samples"
+            f"batch size {cfg.batch_size} with drop_last leaves no batch "
+            f"of {len(data.train)} samples"
         )
 
     epochs: list[dict[str, Any]] = []
@@ -338,7 +339,8 @@ def fit(
         if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
             raise KdbenchError(
                 f"{_describe(record)}: non-finite loss at epoch {epoch + 1} "
-                f"(train {entry['train_loss']}, val {val_loss}); last good state kept in {state_path}"
+                f"(train {entry['train_loss']}, val {val_loss}); "
+                f"last good state kept in {state_path}"
             )
         epochs.append(entry)
         if val_acc > best["val_acc"]:

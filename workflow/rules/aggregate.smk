@@ -19,7 +19,7 @@ rule aggregate:
             labels={"table": "mean ± std over seeds"},
         ),
         chart=report(
-            f"{RESULTS}/summary/accuracy.png",
+            f"{RESULTS}/summary/accuracy_by_method.png",
             caption="../report/accuracy.rst",
             category="Results",
             labels={"figure": "accuracy per method"},

@@ -12,9 +12,7 @@ STUDENT_RUNS = kdconfig.student_runs(config)
 TRAIN_THREADS = int(config.get("train_threads", 1))
 
 TEACHER_DIR = f"{RESULTS}/{{dataset}}/teachers/{{arch}}/seed{{seed}}"
-STUDENT_DIR = (
-    f"{RESULTS}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}/{{variant}}/seed{{seed}}"
-)
+STUDENT_DIR = f"{RESULTS}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}/{{variant}}/seed{{seed}}"
 STATE_DIR = f"{RESULTS}/state"
 LOG_DIR = f"{RESULTS}/logs"
 
@@ -49,7 +47,7 @@ def all_targets():
     return [
         f"{RESULTS}/summary/runs.csv",
         f"{RESULTS}/summary/summary.csv",
-        f"{RESULTS}/summary/accuracy.png",
+        f"{RESULTS}/summary/accuracy_by_method.png",
     ]
 
 
@@ -70,4 +68,3 @@ def data_params(wildcards):
 
 def method_params(wildcards):
     return kdconfig.variants(config, wildcards.method)[wildcards.variant]
-

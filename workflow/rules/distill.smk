@@ -31,15 +31,15 @@ rule distill:
                 "seed": "{seed}",
             },
         ),
+    log:
+        f"{LOG_DIR}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}-{{variant}}-seed{{seed}}.log",
+    conda:
+        "../envs/kdbench.yaml"
+    threads: TRAIN_THREADS
     params:
         data=data_params,
         train=kdconfig.train_params(config, "student"),
         method_params=method_params,
         state=f"{STATE_DIR}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}/{{variant}}/seed{{seed}}.pt",
-    log:
-        f"{LOG_DIR}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}-{{variant}}-seed{{seed}}.log",
-    threads: TRAIN_THREADS
-    conda:
-        "../envs/kdbench.yaml"
     script:
         "../scripts/distill.py"

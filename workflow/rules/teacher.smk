@@ -21,15 +21,15 @@ rule train_teacher:
             subcategory="{dataset}",
             labels={"model": "teacher {arch}", "method": "teacher", "seed": "{seed}"},
         ),
+    log:
+        f"{LOG_DIR}/{{dataset}}/teachers/{{arch}}-seed{{seed}}.log",
+    conda:
+        "../envs/kdbench.yaml"
+    threads: TRAIN_THREADS
     params:
         data=data_params,
         train=kdconfig.train_params(config, "teacher"),
         method_params={"label_smoothing": TEACHER["label_smoothing"]},
         state=f"{STATE_DIR}/{{dataset}}/teachers/{{arch}}/seed{{seed}}.pt",
-    log:
-        f"{LOG_DIR}/{{dataset}}/teachers/{{arch}}-seed{{seed}}.log",
-    threads: TRAIN_THREADS
-    conda:
-        "../envs/kdbench.yaml"
     script:
         "../scripts/train_teacher.py"

@@ -1,0 +1,120 @@
+import copy
+
+import pytest
+import yaml
+from conftest import REPO, job_counts, snakemake
+
+from kdbench import config as kdconfig
+from kdbench.errors import KdbenchError
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+FULL = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def with_change(path, value):
+    cfg = copy.deepcopy(DEMO)
+    *parents, last = path
+    node = cfg
+    for key in parents:
+        node = node[key]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "config.yaml", "fashion.yaml"])
+def test_shipped_configs_are_valid(name):
+    kdconfig.validate(yaml.safe_load((REPO / "config" / name).read_text()), SCHEMA)
+
+
+BAD = [
+    (("methods", "kdd"), {}, "methods: unknown key 'kdd'"),
+    (("pairs", 0, "student"), "resnet9", "pairs[0].student: 'resnet9' is not one of"),
+    (("datasets",), ["mnist"], "datasets[0]: 'mnist' is not one of"),
+    (("train", "epochs"), 0, "train.epochs: 0 is less than the minimum of 1"),
+    (("train", "epochs"), -3, "train.epochs"),
+    (("methods", "kd", "alpha"), 1.5, "methods.kd.alpha: 1.5 is greater than the maximum of 1"),
+    (("methods", "kd", "alpha"), -0.1, "methods.kd.alpha"),
+    (("methods", "kd", "T"), 0, "methods.kd.T"),
+    (("seeds",), KeyError, "missing key 'seeds'"),
+    (("train", "batch_size"), KeyError, "train: missing key 'batch_size'"),
+    (("train", "optimizer", "lr"), "fast", "train.optimizer.lr: 'fast' is not of type 'number'"),
+    (("train", "schedule", "name"), "linear", "train.schedule.name: 'linear' is not one of"),
+    (("teacher", "checkpoint"), "last", "teacher.checkpoint"),
+    (("data", "digits", "image_sise"), 8, "data.digits: unknown key 'image_sise'"),
+    (("seeds",), [0, 0], "seeds"),
+    (("train", "device"), "tpu", "train.device"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"), BAD, ids=[".".join(map(str, b[0])) for b in BAD]
+)
+def test_bad_config_is_one_line_naming_the_key(path, value, message):
+    with pytest.raises(KdbenchError) as err:
+        kdconfig.validate(with_change(path, value), SCHEMA)
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+def test_methods_contribute_their_schema():
+    schema = kdconfig.load_schema(SCHEMA)
+    assert (
+        schema["properties"]["methods"]["properties"]["kd"]["properties"]["alpha"]["maximum"] == 1
+    )
+
+
+def test_run_grid_of_the_full_config():
+    teachers = kdconfig.teacher_runs(FULL)
+    students = kdconfig.student_runs(FULL)
+    assert len(teachers) == 2 and {t.arch for t in teachers} == {"resnet110"}
+    assert len(students) == 2 * 2 * 2 * 3
+    vanilla = [s for s in students if s.method == "vanilla"]
+    assert {s.teacher for s in vanilla} == {"none"}
+    assert kdconfig.train_params(FULL, "teacher")["epochs"] == 150
+
+
+def test_aliases_are_canonical_in_the_grid():
+    cfg = with_change(("pairs",), [{"teacher": "ResNet112", "student": "ResNetBaby"}])
+    assert {(s.teacher, s.student) for s in kdconfig.student_runs(cfg)} >= {
+        ("resnet110", "resnet8")
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        (("methods", "kd", "alpha"), 2.0, "methods.kd.alpha"),
+        (("pairs", 0, "teacher"), "vgg8", "pairs[0].teacher"),
+        (("train", "epochs"), 0, "train.epochs"),
+    ],
+)
+def test_workflow_refuses_a_bad_config_with_one_line(tmp_path, path, value, key):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(with_change(path, value)))
+    proc = snakemake("-n", "--configfile", str(cfg), cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("kdbench: config error:") and key in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_dry_run_of_the_full_benchmark_lists_the_expected_jobs():
+    proc = snakemake("-n", "--configfile", "config/config.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert job_counts(proc.stdout) == {"train_teacher": 2, "distill": 24, "aggregate": 1, "all": 1}
+
+
+def test_a_config_file_replaces_the_demo_rather_than_extending_it(tmp_path):
+    cfg = copy.deepcopy(DEMO)
+    cfg["methods"] = {"vanilla": None}
+    del cfg["teacher"]
+    path = tmp_path / "only-vanilla.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert job_counts(proc.stdout) == {"distill": 2, "aggregate": 1, "all": 1}

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from kdbench import models
+from kdbench.errors import KdbenchError
+
+# REFERENCE §1
+COUNTS = {
+    "resnet110": (1_736_564, 1_730_714),
+    "resnet56": (861_620, 855_770),
+    "resnet20": (278_324, 272_474),
+    "resnet8": (83_892, 78_042),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(COUNTS))
+def test_parameter_counts(arch):
+    hundred, ten = COUNTS[arch]
+    assert models.num_parameters(models.build(arch, 100)) == hundred
+    assert models.num_parameters(models.build(arch, 10)) == ten
+
+
+@pytest.mark.parametrize(("arch", "in_channels", "size"), [("resnet8", 3, 32), ("resnet20", 1, 16)])
+def test_forward_returns_stages_and_logits(arch, in_channels, size):
+    model = models.build(arch, 10, in_channels)
+    s1, s2, s3, logits = model(torch.randn(2, in_channels, size, size))
+    assert s1.shape == (2, 16, size, size)
+    assert s2.shape == (2, 32, size // 2, size // 2)
+    assert s3.shape == (2, 64, size // 4, size // 4)
+    assert logits.shape == (2, 10)
+    assert (s3 >= 0).all()  # post-ReLU
+
+
+def test_aliases_and_errors():
+    assert models.canonical_arch("ResNetBaby") == "resnet8"
+    assert models.canonical_arch("ResNet112") == "resnet110"
+    assert models.canonical_arch("ResNet56") == "resnet56"
+    assert models.num_parameters(models.build("ResNet112", 100)) == COUNTS["resnet110"][0]
+    with pytest.raises(KdbenchError, match="unknown architecture 'resnet9'"):
+        models.build("resnet9", 10)
+
+
+def test_shortcuts_are_option_b():
+    model = models.build("resnet20", 10)
+    block = model.layer2[0]
+    conv, bn = block.shortcut
+    assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is None
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    assert isinstance(model.layer1[0].shortcut, torch.nn.Identity)

@@ -1,0 +1,216 @@
+import json
+
+import pytest
+import torch
+
+from kdbench import data, io, methods, models, runs
+from kdbench.errors import KdbenchError
+from kdbench.train import RunOutputs, TrainConfig, fit
+
+TRAIN = {"epochs": 2, "batch_size": 128, "optimizer": {"lr": 0.05}, "device": "cpu"}
+DATA = {"image_size": 8}
+FILES = ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
+
+
+def outputs(directory):
+    names = ("metrics.json", "model_final.pt", "model_best.pt", "Loss.png", "Accuracy.png")
+    return {k: str(directory / n) for k, n in zip(FILES, names, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    runs.train(
+        role="teacher",
+        dataset="digits",
+        data=DATA,
+        arch="resnet8",
+        seed=0,
+        method="vanilla",
+        variant="teacher",
+        method_params={},
+        train=TRAIN,
+        outputs=outputs(d),
+        state=d / "state.pt",
+    )
+    return d / "model_best.pt"
+
+
+def test_two_epoch_training_writes_every_output(tmp_path, teacher_weights):
+    out = outputs(tmp_path / "run")
+    state = tmp_path / "state" / "run.pt"
+    doc = runs.train(
+        role="student",
+        dataset="digits",
+        data=DATA,
+        arch="resnet8",
+        seed=1,
+        method="kd",
+        variant="default",
+        method_params={"T": 4.0},
+        train=TRAIN,
+        outputs=out,
+        state=state,
+        teacher="resnet8",
+        teacher_weights=teacher_weights,
+    )
+    for path in out.values():
+        assert (tmp_path / "run" / path.split("/")[-1]).stat().st_size > 0
+    assert not state.exists()  # removed once the run is complete
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(doc))
+    assert saved["status"] == "complete" and len(saved["epochs"]) == 2
+    epoch = saved["epochs"][0]
+    for key in (
+        "lr",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "test_loss",
+        "test_acc",
+        "epoch_seconds",
+    ):
+        assert isinstance(epoch[key], float)
+    assert set(epoch["train_loss_parts"]) == {"hard", "soft"}
+    assert epoch["train_loss"] == pytest.approx(sum(epoch["train_loss_parts"].values()))
+    assert epoch["lr"] == 0.05 and saved["epochs"][1]["lr"] < 0.05  # cosine, stepped per epoch
+    final = saved["final"]
+    assert final["test_acc_last"] == saved["epochs"][-1]["test_acc"]
+    assert final["test_acc_best_val"] == saved["epochs"][final["best_epoch"] - 1]["test_acc"]
+    assert saved["seed"] == 1 and saved["run"]["method"] == "kd"
+    assert saved["config"]["method"]["params"]["T"] == 4.0
+    assert saved["config"]["train"]["epochs"] == 2
+    assert len(saved["config"]["teacher_weights"]["sha256"]) == 64
+    prov = saved["provenance"]
+    assert prov["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert prov["device"]["type"] == "cpu" and "commit" in prov["git"]
+    weights = io.load_torch(tmp_path / "run" / "model_best.pt")
+    models.build("resnet8", 10, 1).load_state_dict(weights)
+    png = (tmp_path / "run" / "Accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fit(tmp_path, name, on_epoch_end=None, epochs=3):
+    ds = data.load_dataset("digits", image_size=8)
+    torch.manual_seed(5)
+    student = models.build("resnet8", ds.num_classes, ds.in_channels)
+    method = methods.get("vanilla")(student, None, {})
+    cfg = TrainConfig.from_config({**TRAIN, "epochs": epochs})
+    out = RunOutputs.from_mapping(outputs(tmp_path / name))
+    record = {"run": {"dataset": "digits", "method": "vanilla", "seed": 5}}
+    return fit(
+        method,
+        ds,
+        cfg,
+        seed=5,
+        outputs=out,
+        state_path=tmp_path / f"{name}.state",
+        record=record,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def _curves(doc):
+    return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in doc["epochs"]]
+
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path):
+    plain = _fit(tmp_path, "plain")
+
+    def interrupt(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "resumed", interrupt)
+    partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert partial["status"] == "running" and len(partial["epochs"]) == 1
+    assert not (tmp_path / "resumed" / "model_final.pt").exists()
+    assert (tmp_path / "resumed.state").exists()
+    resumed = _fit(tmp_path, "resumed")
+    assert resumed["final"]["resumed_after_epochs"] == [1]
+    assert _curves(resumed) == _curves(plain)
+    assert {
+        k: v
+        for k, v in resumed["final"].items()
+        if k not in ("train_seconds", "resumed_after_epochs")
+    } == {
+        k: v
+        for k, v in plain["final"].items()
+        if k not in ("train_seconds", "resumed_after_epochs")
+    }
+    a = io.load_torch(tmp_path / "plain" / "model_final.pt")
+    b = io.load_torch(tmp_path / "resumed" / "model_final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_state_of_another_configuration_or_garbage_is_not_loaded(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "run", lambda e: (_ for _ in ()).throw(KeyboardInterrupt()), epochs=3)
+    # a different recipe (epochs) must not continue from that state
+    doc = _fit(tmp_path, "run", epochs=2)
+    assert doc["final"]["resumed_after_epochs"] == [] and len(doc["epochs"]) == 2
+    (tmp_path / "run.state").write_bytes(b"not a checkpoint")
+    doc = _fit(tmp_path, "run", epochs=1)
+    assert doc["final"]["resumed_after_epochs"] == []
+
+
+def test_students_of_one_seed_start_from_the_same_weights(tmp_path, teacher_weights):
+    firsts = []
+    for method, extra in (
+        ("vanilla", {}),
+        ("kd", {"teacher": "resnet8", "teacher_weights": teacher_weights}),
+    ):
+        d = tmp_path / method
+        runs.train(
+            role="student",
+            dataset="digits",
+            data=DATA,
+            arch="resnet8",
+            seed=3,
+            method=method,
+            variant="default",
+            method_params={},
+            train={**TRAIN, "epochs": 1, "optimizer": {"lr": 1e-12}},
+            outputs=outputs(d),
+            state=d / "s.pt",
+            **extra,
+        )
+        firsts.append(io.load_torch(d / "model_final.pt"))
+    weights = [k for k in firsts[0] if k.endswith("weight")]
+    assert all(torch.allclose(firsts[0][k], firsts[1][k], atol=1e-9) for k in weights)
+
+
+def test_bad_teacher_checkpoint_is_one_clear_error(tmp_path, teacher_weights):
+    kwargs = dict(
+        role="student",
+        dataset="digits",
+        data=DATA,
+        arch="resnet8",
+        seed=0,
+        method="kd",
+        variant="default",
+        method_params={},
+        train=TRAIN,
+        outputs=outputs(tmp_path),
+        state=tmp_path / "s.pt",
+    )
+    with pytest.raises(KdbenchError, match="do not fit the model"):
+        runs.train(**kwargs, teacher="resnet20", teacher_weights=teacher_weights)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 10)
+    with pytest.raises(KdbenchError, match="cannot load teacher"):
+        runs.train(**kwargs, teacher="resnet8", teacher_weights=garbage)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_train_config_validation():
+    assert (
+        TrainConfig.from_config({"schedule": {"name": "multistep", "milestones": [2]}}).schedule
+        == "multistep"
+    )
+    with pytest.raises(KdbenchError, match="epochs must be positive"):
+        TrainConfig.from_config({"epochs": 0})
+    with pytest.raises(KdbenchError, match="unknown setting"):
+        TrainConfig.from_config({"epoch": 3})

@@ -1,0 +1,75 @@
+"""The demo workflow end to end in a temporary directory (a few minutes on 2 cores)."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO, job_counts, snakemake
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    shutil.copy(REPO / "config" / "demo.yaml", work / "demo.yaml")
+    proc = snakemake("--cores", "2", "--configfile", "demo.yaml", cwd=work, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work
+
+
+def test_every_output_is_written(demo):
+    results = demo / "results"
+    runs = sorted(results.glob("digits/**/metrics.json"))
+    assert len(runs) == 1 + 2 * 2  # teacher + (vanilla, kd) × 2 seeds
+    for metrics in runs:
+        doc = json.loads(metrics.read_text())
+        assert doc["status"] == "complete"
+        for name in ("model_final.pt", "model_best.pt", "Loss.png", "Accuracy.png"):
+            assert (metrics.parent / name).stat().st_size > 0
+    assert not list((results / "state").rglob("*.pt"))  # no leftover training state
+    summary = pd.read_csv(results / "summary" / "summary.csv")
+    students = summary[summary.role == "student"]
+    assert set(students.method) == {"vanilla", "kd"} and set(students.n) == {2}
+    assert (students.test_acc_best_val_mean > 50).all()  # digits is learnt, even in a few epochs
+    table = pd.read_csv(results / "summary" / "runs.csv")
+    assert len(table) == 5 and table.commit.notna().all()
+    log = (results / "logs" / "digits" / "teachers" / "resnet20-seed0.log").read_text()
+    assert "epoch 1/" in log and "ETA" in log
+
+
+def test_second_run_has_nothing_to_do(demo):
+    proc = snakemake("--cores", "2", "--configfile", "demo.yaml", cwd=demo)
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_changing_one_method_setting_reruns_only_that_method(demo):
+    cfg = yaml.safe_load((demo / "demo.yaml").read_text())
+    cfg["methods"]["kd"]["T"] = 4.0
+    (demo / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", "changed.yaml", cwd=demo)
+    assert proc.returncode == 0, proc.stderr
+    assert job_counts(proc.stdout) == {"distill": 2, "aggregate": 1, "all": 1}
+    assert (
+        "/kd/default/seed0" in proc.stdout and "/vanilla/" not in proc.stdout.split("Job stats")[0]
+    )
+    assert proc.stdout.count("reason: Params have changed since last execution") == 2
+    assert "'T': 4.0" in proc.stdout
+
+
+def test_changing_the_teacher_recipe_reruns_the_teacher_and_its_students(demo):
+    cfg = yaml.safe_load((demo / "demo.yaml").read_text())
+    cfg["teacher"]["label_smoothing"] = 0.0
+    (demo / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", "changed.yaml", cwd=demo)
+    assert job_counts(proc.stdout) == {"train_teacher": 1, "distill": 2, "aggregate": 1, "all": 1}
+
+
+def test_report_is_generated(demo):
+    proc = snakemake("--configfile", "demo.yaml", "--report", "results/report.html", cwd=demo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = (demo / "results" / "report.html").read_text()
+    assert "Learning curves" in html and "Results" in html and "summary.csv" in html
