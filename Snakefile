@@ -32,6 +32,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/teacher.smk"
+include: "workflow/rules/paraphraser.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/aggregate.smk"
 

@@ -47,6 +47,14 @@ BAD = [
     (("data", "digits", "image_sise"), 8, "data.digits: unknown key 'image_sise'"),
     (("seeds",), [0, 0], "seeds"),
     (("train", "device"), "tpu", "train.device"),
+    (("methods", "tucker", "ranks"), [65], "Tucker rank 65 of mode 0 exceeds that mode's size 64"),
+    (("methods", "tucker", "ranks"), [[8, 3, 4]], "rank 4 of mode 2 exceeds that mode's size 3"),
+    (("methods", "tucker", "ranks"), [0], "methods.tucker.ranks[0]"),
+    (("methods", "tucker", "ranks"), [[8, 2]], "need 3 entries"),
+    (("methods", "tucker_recomp", "ranks"), [64, 80], "tucker_recomp (teacher-r80) on digits"),
+    (("methods", "tucker", "basis"), ["student"], "methods.tucker.basis[0]"),
+    (("methods", "featuremap", "stage"), 4, "methods.featuremap.stage: 4 is not one of 1, 2, 3"),
+    (("methods", "ft", "variants"), {"r25": {"rate": 0.25}}, "rate cannot vary between FT"),
 ]
 
 
@@ -71,7 +79,7 @@ def test_run_grid_of_the_full_config():
     teachers = kdconfig.teacher_runs(FULL)
     students = kdconfig.student_runs(FULL)
     assert len(teachers) == 2 and {t.arch for t in teachers} == {"resnet110"}
-    assert len(students) == 2 * 2 * 2 * 3
+    assert len(students) == 2 * 2 * 20 * 3
     vanilla = [s for s in students if s.method == "vanilla"]
     assert {s.teacher for s in vanilla} == {"none"}
     assert kdconfig.train_params(FULL, "teacher")["epochs"] == 150
@@ -90,6 +98,7 @@ def test_aliases_are_canonical_in_the_grid():
         (("methods", "kd", "alpha"), 2.0, "methods.kd.alpha"),
         (("pairs", 0, "teacher"), "vgg8", "pairs[0].teacher"),
         (("train", "epochs"), 0, "train.epochs"),
+        (("methods", "tucker", "ranks"), [16, 100], "methods.tucker (full-teacher-r100)"),
     ],
 )
 def test_workflow_refuses_a_bad_config_with_one_line(tmp_path, path, value, key):
@@ -106,7 +115,16 @@ def test_workflow_refuses_a_bad_config_with_one_line(tmp_path, path, value, key)
 def test_dry_run_of_the_full_benchmark_lists_the_expected_jobs():
     proc = snakemake("-n", "--configfile", "config/config.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert job_counts(proc.stdout) == {"train_teacher": 2, "distill": 24, "aggregate": 1, "all": 1}
+    # per dataset × pair × seed: vanilla, kd, featuremap, ft, tucker × 4, tucker_recomp × 12
+    assert job_counts(proc.stdout) == {
+        "train_teacher": 2,
+        "train_paraphraser": 2,  # one per dataset × teacher × seed, shared by 12 FT students
+        "distill": 2 * 2 * 20 * 3,
+        "aggregate": 1,
+        "all": 1,
+    }
+    assert "students/resnet110-resnet56/tucker/full-teacher-r32/seed0/" in proc.stdout
+    assert "students/resnet110-resnet20/tucker_recomp/both-r8/seed2/" in proc.stdout
 
 
 def test_a_config_file_replaces_the_demo_rather_than_extending_it(tmp_path):

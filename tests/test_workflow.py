@@ -22,8 +22,10 @@ def demo(tmp_path_factory):
 
 def test_every_output_is_written(demo):
     results = demo / "results"
-    runs = sorted(results.glob("digits/**/metrics.json"))
-    assert len(runs) == 1 + 2 * 2  # teacher + (vanilla, kd) × 2 seeds
+    runs = sorted(results.glob("digits/teachers/**/metrics.json"))
+    runs += sorted(results.glob("digits/students/**/metrics.json"))
+    # teacher + (vanilla, kd, featuremap, ft, tucker × 4, tucker_recomp × 3) × 2 seeds
+    assert len(runs) == 1 + 11 * 2
     for metrics in runs:
         doc = json.loads(metrics.read_text())
         assert doc["status"] == "complete"
@@ -32,10 +34,24 @@ def test_every_output_is_written(demo):
     assert not list((results / "state").rglob("*.pt"))  # no leftover training state
     summary = pd.read_csv(results / "summary" / "summary.csv")
     students = summary[summary.role == "student"]
-    assert set(students.method) == {"vanilla", "kd"} and set(students.n) == {2}
-    assert (students.test_acc_best_val_mean > 50).all()  # digits is learnt, even in a few epochs
+    methods = {"vanilla", "kd", "featuremap", "ft", "tucker", "tucker_recomp"}
+    assert set(students.method) == methods and set(students.n) == {2}
+    assert set(students[students.method == "tucker"].variant) == {
+        "full-teacher-r16",
+        "full-own-r16",
+        "sample-teacher-r16",
+        "sample-own-r16",
+    }
+    # digits is learnt in a few epochs by every well-posed method (own-basis Tucker is not one)
+    well_posed = students[~students.variant.str.contains("own")]
+    assert (well_posed.test_acc_best_val_mean > 80).all()
     table = pd.read_csv(results / "summary" / "runs.csv")
-    assert len(table) == 5 and table.commit.notna().all()
+    assert len(table) == 23 and table.commit.notna().all()
+    paraphraser = json.loads(
+        (results / "digits/paraphrasers/resnet20/seed0/metrics.json").read_text()
+    )
+    assert paraphraser["status"] == "complete" and paraphraser["final"]["selected_epoch"] >= 1
+    assert (results / "digits/paraphrasers/resnet20/seed0/Paraphraser_Loss.png").stat().st_size > 0
     log = (results / "logs" / "digits" / "teachers" / "resnet20-seed0.log").read_text()
     assert "epoch 1/" in log and "ETA" in log
 
@@ -65,7 +81,13 @@ def test_changing_the_teacher_recipe_reruns_the_teacher_and_its_students(demo):
     cfg["teacher"]["label_smoothing"] = 0.0
     (demo / "changed.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "--configfile", "changed.yaml", cwd=demo)
-    assert job_counts(proc.stdout) == {"train_teacher": 1, "distill": 2, "aggregate": 1, "all": 1}
+    assert job_counts(proc.stdout) == {
+        "train_teacher": 1,
+        "train_paraphraser": 1,
+        "distill": 10 * 2,  # every student that learns from the teacher, not the vanilla ones
+        "aggregate": 1,
+        "all": 1,
+    }
 
 
 def test_report_is_generated(demo):

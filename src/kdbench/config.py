@@ -17,8 +17,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from kdbench import methods
-from kdbench.data import dataset_params
+from kdbench import methods, models
+from kdbench.data import dataset_params, image_shape
 from kdbench.errors import KdbenchError
 from kdbench.models import canonical_arch
 from kdbench.train import TrainConfig
@@ -36,19 +36,7 @@ NO_TEACHER = "none"
 def load_schema(path: str | Path) -> dict[str, Any]:
     """The config schema with every registered method's parameter schema merged in."""
     schema = yaml.safe_load(Path(path).read_text())
-    props: dict[str, Any] = {}
-    for name in methods.available():
-        cls = methods.get(name)
-        params = copy.deepcopy(cls.params_schema)
-        variant = {"type": "object", "additionalProperties": False, "properties": params}
-        props[name] = {
-            "type": ["object", "null"],
-            "additionalProperties": False,
-            "properties": {
-                **copy.deepcopy(params),
-                "variants": {"type": "object", "minProperties": 1, "additionalProperties": variant},
-            },
-        }
+    props = {name: copy.deepcopy(methods.get(name).config_schema()) for name in methods.available()}
     schema["properties"]["methods"]["properties"] = props
     return schema
 
@@ -88,6 +76,30 @@ def validate(config: dict[str, Any], schema_path: str | Path) -> None:
     for name in config["methods"]:
         variants(config, name)
     _check_teacher_methods(config)
+    _check_methods(config)
+
+
+def _check_methods(config: dict[str, Any]) -> None:
+    """Each method's own checks (ranks, stages) for every dataset and pair it runs on."""
+    for dataset, pair in itertools.product(config["datasets"], config["pairs"]):
+        shape = image_shape(dataset, (config.get("data") or {}).get(dataset))
+        archs = [pair["student"], pair["teacher"]]
+
+        def stage_shape(stage: int, archs: list[str] = archs, shape: Any = shape) -> Any:
+            shapes = {models.stage_shape(a, stage, shape) for a in archs}
+            if len(shapes) > 1:
+                raise KdbenchError(
+                    f"stage {stage} of {' and '.join(archs)} differ in shape: {sorted(shapes)}"
+                )
+            return shapes.pop()
+
+        for name in config["methods"]:
+            cls = methods.get(name)
+            for vname, params in variants(config, name).items():
+                try:
+                    cls.check(params, stage_shape)
+                except KdbenchError as exc:
+                    raise KdbenchError(f"methods.{name} ({vname}) on {dataset}: {exc}") from None
 
 
 def _check_teacher_methods(config: dict[str, Any]) -> None:

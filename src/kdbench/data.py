@@ -129,6 +129,14 @@ def dataset_params(name: str, overrides: dict[str, Any] | None = None) -> dict[s
     return params
 
 
+def image_shape(name: str, overrides: dict[str, Any] | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of dataset ``name``'s images, without loading it."""
+    p = dataset_params(name, overrides)
+    if name == "digits":
+        return (1, int(p["image_size"]), int(p["image_size"]))
+    return (1, 28, 28) if name == "fashion_mnist" else (3, 32, 32)
+
+
 def load_dataset(name: str, **overrides: Any) -> Dataset:
     """Load dataset ``name`` with its train / validation / test split (see :data:`DEFAULTS`)."""
     p = dataset_params(name, overrides)

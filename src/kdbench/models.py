@@ -6,10 +6,13 @@ defined them; ``forward(x)`` returns ``[stage1, stage2, stage3, logits]``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
-from kdbench.errors import KdbenchError
+from kdbench import io
+from kdbench.errors import KdbenchError, one_line
 
 #: Blocks per stage for each architecture.
 DEPTHS: dict[str, int] = {"resnet8": 1, "resnet20": 3, "resnet56": 9, "resnet110": 18}
@@ -85,3 +88,28 @@ def build(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def stage_shape(arch: str, stage: int, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(C, H, W) of feature stage ``stage`` (1–3) of ``arch`` for images of ``image_shape``."""
+    canonical_arch(arch)
+    if stage not in (1, 2, 3):
+        raise KdbenchError(f"{arch} has feature stages 1, 2 and 3, not {stage!r}")
+    _, h, w = image_shape
+    for _ in range(stage - 1):  # 3×3 convolutions with stride 2 and padding 1
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return (WIDTHS[stage - 1], h, w)
+
+
+def load_weights(model: nn.Module, path: str | Path, what: str) -> None:
+    """Load a state dict saved by kdbench into ``model``, with one-line errors."""
+    try:
+        state = io.load_torch(path)
+    except Exception as exc:
+        raise KdbenchError(f"cannot load {what} weights {path}: {one_line(exc)}") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise KdbenchError(
+            f"{what} weights {path} do not fit the model: {one_line(exc)[:200]}"
+        ) from None

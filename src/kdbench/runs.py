@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kdbench import io, methods, models
+from kdbench import methods, models
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError, one_line
 from kdbench.train import RunOutputs, TrainConfig, file_sha256, fit
@@ -70,20 +70,6 @@ def run_job(
         raise SystemExit(1) from None
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, what: str) -> None:
-    """Load a state dict saved by kdbench into ``model``, with one-line errors."""
-    try:
-        state = io.load_torch(path)
-    except Exception as exc:
-        raise KdbenchError(f"cannot load {what} weights {path}: {one_line(exc)}") from None
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise KdbenchError(
-            f"{what} weights {path} do not fit the model: {one_line(exc)[:200]}"
-        ) from None
-
-
 def train(
     *,
     role: str,
@@ -99,8 +85,11 @@ def train(
     state: str | Path,
     teacher: str | None = None,
     teacher_weights: str | Path | None = None,
+    assets: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train a teacher or a student; write metrics.json, weights and curves to ``outputs``."""
+    """Train a teacher or a student; write metrics.json, weights and curves to ``outputs``.
+
+    ``assets`` are the extra files a method requires (e.g. ft's ``paraphraser``)."""
     cfg = TrainConfig.from_config(train)
     ds = load_dataset(dataset, **data)
     method_cls = methods.get(method)
@@ -115,9 +104,13 @@ def train(
         if not teacher or not teacher_weights:
             raise KdbenchError(f"method {method!r} needs a teacher checkpoint")
         teacher_model = models.build(teacher, ds.num_classes, ds.in_channels)
-        load_weights(teacher_model, teacher_weights, f"teacher {teacher}")
+        models.load_weights(teacher_model, teacher_weights, f"teacher {teacher}")
         teacher_hash = file_sha256(teacher_weights)
-    m = method_cls(student, teacher_model, method_params)
+    assets = {k: str(v) for k, v in (assets or {}).items()}
+    missing = [k for k in method_cls.requires if k not in assets]
+    if missing:
+        raise KdbenchError(f"method {method!r} needs {', '.join(missing)}")
+    m = method_cls(student, teacher_model, method_params, {k: Path(v) for k, v in assets.items()})
     run = {
         "role": role,
         "dataset": dataset,
@@ -136,6 +129,7 @@ def train(
             "teacher_weights": {"path": str(teacher_weights), "sha256": teacher_hash}
             if teacher_hash
             else None,
+            "assets": {k: {"path": v, "sha256": file_sha256(v)} for k, v in assets.items()},
         },
     }
     return fit(

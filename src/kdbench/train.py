@@ -132,7 +132,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _make_schedule(
+def make_schedule(
     opt: torch.optim.Optimizer, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.schedule == "cosine":
@@ -144,10 +144,70 @@ def _make_schedule(
     )
 
 
-def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+def make_sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        module.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+    )
+
+
+def make_loaders(
+    data: Dataset, cfg: TrainConfig, device: torch.device, seed: int
+) -> tuple[Loader, Loader, Loader]:
+    """Train (shuffled and augmented per ``seed`` and epoch), validation and test loaders."""
+    channels_last = device.type == "cuda" and cfg.channels_last
+    train = Loader(
+        data.train,
+        cfg.batch_size,
+        device,
+        data.mean,
+        data.std,
+        train=True,
+        seed=seed,
+        crop_padding=data.crop_padding,
+        flip=data.flip,
+        drop_last=cfg.drop_last,
+        channels_last=channels_last,
+    )
+    if len(train) == 0:
+        raise KdbenchError(
+            f"batch size {cfg.batch_size} with drop_last leaves no batch "
+            f"of {len(data.train)} samples"
+        )
+    val, test = (
+        Loader(s, cfg.eval_batch_size, device, data.mean, data.std, channels_last=channels_last)
+        for s in (data.val, data.test)
+    )
+    return train, val, test
+
+
+def autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda" and cfg.bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def train_step(
+    method: Method,
+    optimizers: dict[str, torch.optim.Optimizer],
+    xb: Tensor,
+    yb: Tensor,
+    device: torch.device,
+    cfg: TrainConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One optimisation step of every trainable module on one batch: (logits, loss parts)."""
+    with autocast(device, cfg):
+        logits, parts = method.forward_train(xb, yb)
+    loss = torch.stack([p.float() for p in parts.values()]).sum()
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers.values():
+        opt.step()
+    return logits, parts
 
 
 def evaluate(
@@ -157,7 +217,7 @@ def evaluate(
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    with torch.inference_mode(), _autocast(device, cfg):
+    with torch.inference_mode(), autocast(device, cfg):
         for xb, yb in loader.epoch():
             logits = model(xb)[-1].float()
             loss_sum += F.cross_entropy(logits, yb, reduction="sum")
@@ -166,29 +226,29 @@ def evaluate(
     return float(loss_sum) / n, 100.0 * float(correct) / n
 
 
-def _rng_state(device: torch.device) -> dict[str, Tensor]:
+def rng_state(device: torch.device) -> dict[str, Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
+def cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _fmt_duration(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _load_state(path: Path, expected: str) -> dict[str, Any] | None:
+def load_state(path: Path, expected: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
@@ -231,45 +291,14 @@ def fit(
     if device.type == "cuda" and cfg.channels_last:
         method.to(memory_format=torch.channels_last)
     modules = method.trainable()
-    optimizers = {
-        name: torch.optim.SGD(
-            mod.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov,
-        )
-        for name, mod in modules.items()
-    }
-    schedules = {name: _make_schedule(opt, cfg) for name, opt in optimizers.items()}
-    channels_last = device.type == "cuda" and cfg.channels_last
-    train_loader = Loader(
-        data.train,
-        cfg.batch_size,
-        device,
-        data.mean,
-        data.std,
-        train=True,
-        seed=seed,
-        crop_padding=data.crop_padding,
-        flip=data.flip,
-        drop_last=cfg.drop_last,
-        channels_last=channels_last,
-    )
-    val_loader, test_loader = (
-        Loader(s, cfg.eval_batch_size, device, data.mean, data.std, channels_last=channels_last)
-        for s in (data.val, data.test)
-    )
-    if len(train_loader) == 0:
-        raise KdbenchError(
-            f"batch size {cfg.batch_size} with drop_last leaves no batch "
-            f"of {len(data.train)} samples"
-        )
+    optimizers = {name: make_sgd(mod, cfg) for name, mod in modules.items()}
+    schedules = {name: make_schedule(opt, cfg) for name, opt in optimizers.items()}
+    train_loader, val_loader, test_loader = make_loaders(data, cfg, device, seed)
 
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "weights": None}
     resumed: list[int] = []
-    state = _load_state(state_path, fp)
+    state = load_state(state_path, fp)
     if state is not None:
         for name, mod in modules.items():
             mod.load_state_dict(state["modules"][name])
@@ -277,7 +306,7 @@ def fit(
             opt.load_state_dict(state["optimizers"][name])
         for name, sched in schedules.items():
             sched.load_state_dict(state["schedules"][name])
-        _set_rng_state(state["rng"], device)
+        set_rng_state(state["rng"], device)
         epochs = list(state["epochs"])
         best = dict(state["best"])
         resumed = list(state.get("resumed", [])) + [len(epochs)]
@@ -301,14 +330,7 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.int64)
         lr = optimizers["student"].param_groups[0]["lr"]
         for xb, yb in train_loader.epoch(epoch):
-            with _autocast(device, cfg):
-                logits, parts = method.forward_train(xb, yb)
-            loss = torch.stack([p.float() for p in parts.values()]).sum()
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers.values():
-                opt.step()
+            logits, parts = train_step(method, optimizers, xb, yb, device, cfg)
             with torch.no_grad():
                 n = yb.shape[0]
                 for key, value in parts.items():
@@ -323,6 +345,7 @@ def fit(
         train_acc = 100.0 * float(correct) / n_train
         val_loss, val_acc = evaluate(student, val_loader, device, cfg)
         test_loss, test_acc = evaluate(student, test_loader, device, cfg)
+        stats = {k: float(v) for k, v in method.pop_stats().items()}
         seconds = time.perf_counter() - t0
         entry = {
             "epoch": epoch + 1,
@@ -336,6 +359,8 @@ def fit(
             "test_acc": test_acc,
             "epoch_seconds": seconds,
         }
+        if stats:
+            entry["method_stats"] = stats
         if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
             raise KdbenchError(
                 f"{_describe(record)}: non-finite loss at epoch {epoch + 1} "
@@ -344,16 +369,16 @@ def fit(
             )
         epochs.append(entry)
         if val_acc > best["val_acc"]:
-            best = {"epoch": epoch + 1, "val_acc": val_acc, "weights": _cpu_state_dict(student)}
+            best = {"epoch": epoch + 1, "val_acc": val_acc, "weights": cpu_state_dict(student)}
         io.save_torch(
             state_path,
             {
                 "version": STATE_VERSION,
                 "fingerprint": fp,
-                "modules": {k: _cpu_state_dict(m) for k, m in modules.items()},
+                "modules": {k: cpu_state_dict(m) for k, m in modules.items()},
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "schedules": {k: s.state_dict() for k, s in schedules.items()},
-                "rng": _rng_state(device),
+                "rng": rng_state(device),
                 "epochs": epochs,
                 "best": best,
                 "resumed": resumed,
@@ -374,7 +399,7 @@ def fit(
             test_acc,
             lr,
             seconds,
-            _fmt_duration(remaining),
+            fmt_duration(remaining),
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
@@ -391,7 +416,13 @@ def fit(
         "train_seconds": sum(e["epoch_seconds"] for e in epochs),
         "resumed_after_epochs": resumed,
     }
-    io.save_torch(outputs.final_weights, _cpu_state_dict(student))
+    totals: dict[str, float] = {}
+    for e in epochs:
+        for key, value in e.get("method_stats", {}).items():
+            totals[key] = totals.get(key, 0.0) + value
+    if totals:
+        doc["final"]["method_stats"] = totals
+    io.save_torch(outputs.final_weights, cpu_state_dict(student))
     io.save_torch(outputs.best_weights, best["weights"])
     plots.learning_curves(
         epochs, best["epoch"], outputs.loss_plot, outputs.accuracy_plot, _describe(record)

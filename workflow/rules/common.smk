@@ -13,6 +13,7 @@ TRAIN_THREADS = int(config.get("train_threads", 1))
 
 TEACHER_DIR = f"{RESULTS}/{{dataset}}/teachers/{{arch}}/seed{{seed}}"
 STUDENT_DIR = f"{RESULTS}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}/{{variant}}/seed{{seed}}"
+PARAPHRASER_DIR = f"{RESULTS}/{{dataset}}/paraphrasers/{{teacher}}/seed{{seed}}"
 STATE_DIR = f"{RESULTS}/state"
 LOG_DIR = f"{RESULTS}/logs"
 
@@ -60,6 +61,35 @@ def teacher_checkpoint(wildcards):
         dataset=wildcards.dataset, arch=wildcards.teacher, seed=TEACHER["seed"]
     )
     return f"{directory}/{name}"
+
+
+def method_assets(wildcards):
+    """Files a method needs besides the teacher, by name (ft: the teacher's paraphraser)."""
+    assets = {}
+    for name in kdmethods.get(wildcards.method).requires:
+        if name == "paraphraser":
+            directory = PARAPHRASER_DIR.format(
+                dataset=wildcards.dataset,
+                teacher=wildcards.teacher,
+                seed=TEACHER["seed"],
+            )
+            assets[name] = f"{directory}/paraphraser.pt"
+        else:
+            raise ValueError(
+                f"no rule makes the {name!r} that {wildcards.method} needs"
+            )
+    return assets
+
+
+def ft_params():
+    """The ft block's parameters, which its shared paraphraser is trained with."""
+    return kdmethods.get("ft").resolve_params(
+        {
+            k: v
+            for k, v in (config["methods"].get("ft") or {}).items()
+            if k != "variants"
+        }
+    )
 
 
 def data_params(wildcards):

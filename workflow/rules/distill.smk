@@ -4,6 +4,7 @@
 
 rule distill:
     input:
+        unpack(method_assets),
         teacher=teacher_checkpoint,
     output:
         metrics=f"{STUDENT_DIR}/metrics.json",

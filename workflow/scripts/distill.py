@@ -14,6 +14,7 @@ run_job(
     variant=snakemake.wildcards.variant,
     teacher=snakemake.wildcards.teacher,
     teacher_weights=snakemake.input.get("teacher") or None,
+    assets={k: v for k, v in snakemake.input.items() if k != "teacher"},
     data=snakemake.params.data,
     train=snakemake.params.train,
     method_params=snakemake.params.method_params,

@@ -8,11 +8,13 @@ methods, so adding one never touches the trainer.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
@@ -31,6 +33,10 @@ class Method(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     #: JSON schema of the method's parameters (merged into the config schema)
     params_schema: ClassVar[dict[str, Any]] = {}
+    #: config list key → parameter: the method's variants are the product of these lists
+    grid: ClassVar[dict[str, str]] = {}
+    #: files the method needs from the workflow besides the teacher (passed as ``assets``)
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -104,6 +110,38 @@ class Method(nn.Module):
             resolved[key] = value
         return resolved
 
+    def pop_stats(self) -> dict[str, Tensor]:
+        """Per-epoch counters (e.g. how often a guard fired), read and reset by the trainer."""
+        return {}
+
+    @classmethod
+    def check(cls, params: dict[str, Any], stage_shape: Any) -> None:
+        """Validate ``params`` at workflow start; ``stage_shape(stage)`` gives the per-sample
+        (C, H, W) shape of a feature stage for the run's dataset and architectures."""
+
+    @classmethod
+    def variant_name(cls, params: dict[str, Any]) -> str:
+        """The name of a grid variant (methods with a ``grid`` override this)."""
+        return "default"
+
+    @classmethod
+    def config_schema(cls) -> dict[str, Any]:
+        """JSON schema of the method's config block."""
+        params = {k: v for k, v in cls.params_schema.items() if k not in cls.grid.values()}
+        lists = {
+            key: {"type": "array", "minItems": 1, "uniqueItems": True, "items": item}
+            for key, item in ((k, cls.params_schema[p]) for k, p in cls.grid.items())
+        }
+        variant = {"type": "object", "additionalProperties": False, "properties": cls.params_schema}
+        props: dict[str, Any] = {**params, **lists}
+        if not cls.grid:
+            props["variants"] = {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": variant,
+            }
+        return {"type": ["object", "null"], "additionalProperties": False, "properties": props}
+
     @classmethod
     def expand_variants(cls, config: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
         """Variant name → full parameters, from the method's config block.
@@ -113,6 +151,14 @@ class Method(nn.Module):
         targets) override this to name their variants themselves.
         """
         config = dict(config or {})
+        if cls.grid:
+            lists = {p: list(config.pop(key, [cls.defaults[p]])) for key, p in cls.grid.items()}
+            base = cls.resolve_params(config)
+            out = {}
+            for values in itertools.product(*lists.values()):
+                params = cls.resolve_params({**base, **dict(zip(lists, values, strict=True))})
+                out[cls.variant_name(params)] = params
+            return out
         variants = config.pop("variants", None) or {"default": {}}
         base = cls.resolve_params(config)
         out = {}
@@ -124,3 +170,35 @@ class Method(nn.Module):
                 )
             out[str(vname)] = cls.resolve_params({**base, **(overrides or {})})
         return out
+
+
+def normalise(x: Tensor) -> Tensor:
+    """N(x): each sample's flattened tensor scaled to unit L2 norm (fp32; zero stays zero)."""
+    return F.normalize(x.flatten(1).float(), dim=1, eps=1e-12)
+
+
+class FeatureMethod(Method):
+    """Base of the feature methods: β·D(N(a), N(b)) + CE on one feature stage.
+
+    ``beta``, ``distance`` (mean ``l1`` or mean squared ``l2``) and ``stage`` (1–3) are shared
+    by every feature method.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"beta": 125.0, "distance": "l1", "stage": 3}
+    params_schema: ClassVar[dict[str, Any]] = {
+        "beta": {"type": "number", "minimum": 0},
+        "distance": {"enum": ["l1", "l2"]},
+        "stage": {"enum": [1, 2, 3]},
+    }
+
+    def feature_loss(self, a: Tensor, b: Tensor) -> Tensor:
+        na, nb = normalise(a), normalise(b)
+        dist = F.l1_loss(na, nb) if self.params["distance"] == "l1" else F.mse_loss(na, nb)
+        return float(self.params["beta"]) * dist
+
+    def stages(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher stage (no grad), student stage and student logits for one batch."""
+        i = int(self.params["stage"]) - 1
+        t = self.teacher_outputs(x)[i]
+        outs = self.student(x)
+        return t, outs[i], outs[-1]

@@ -1,0 +1,316 @@
+import numpy as np
+import pytest
+import torch
+
+from kdbench import methods, models, runs
+from kdbench.errors import KdbenchError
+
+BETA = 7.0
+
+
+def n(x):
+    flat = x.reshape(x.shape[0], -1)
+    return flat / np.linalg.norm(flat, axis=1, keepdims=True)
+
+
+def channel_basis(t, r):
+    """Top-r left singular vectors of the channel unfolding (numpy, independent of kdbench)."""
+    unfolded = np.moveaxis(t, 1, 0).reshape(t.shape[1], -1)
+    u, _, _ = np.linalg.svd(unfolded, full_matrices=False)
+    return u[:, :r]
+
+
+def project(x, u):
+    return np.einsum("bchw,cr->brhw", x, u)
+
+
+def recompose(core, u):
+    return np.einsum("brhw,cr->bchw", core, u)
+
+
+class Fixed(torch.nn.Module):
+    """A 'network' returning given stage-3 features and logits."""
+
+    def __init__(self, s3, logits):
+        super().__init__()
+        self.s3 = torch.nn.Parameter(s3.clone())
+        self.logits = logits
+
+    def forward(self, x):
+        return [self.s3, self.s3, self.s3, self.logits]
+
+
+@pytest.fixture
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    t = torch.relu(torch.randn(6, 12, 3, 3, generator=g))
+    s = torch.relu(torch.randn(6, 12, 3, 3, generator=g))
+    logits = torch.randn(6, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    return t, s, logits, y
+
+
+def loss_of(name, params, t, s, logits, y):
+    method = methods.get(name)(Fixed(s, logits), Fixed(t, logits), {"beta": BETA, **params})
+    _, parts = method.forward_train(torch.zeros(6, 1), y)
+    assert torch.allclose(parts["ce"], torch.nn.functional.cross_entropy(logits, y))
+    return float(parts["feature"].detach())
+
+
+def test_featuremap_l1_and_l2(tensors):
+    t, s, logits, y = tensors
+    a, b = n(t.numpy()), n(s.numpy())
+    assert loss_of("featuremap", {}, t, s, logits, y) == pytest.approx(
+        BETA * np.abs(a - b).mean(), rel=1e-5
+    )
+    l2 = loss_of("featuremap", {"distance": "l2"}, t, s, logits, y)
+    assert l2 == pytest.approx(BETA * ((a - b) ** 2).mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("r", [3, 8])
+def test_tucker_core_loss(tensors, r):
+    t, s, logits, y = tensors
+    u = channel_basis(t.numpy(), r)
+    expected = BETA * np.abs(n(project(t.numpy(), u)) - n(project(s.numpy(), u))).mean()
+    assert loss_of("tucker", {"rank": r}, t, s, logits, y) == pytest.approx(expected, rel=1e-4)
+
+
+def test_tucker_samplewise(tensors):
+    t, s, logits, y = tensors
+    tn, sn = t.numpy(), s.numpy()
+    ct, cs = [], []
+    for b in range(6):
+        u = channel_basis(tn[b : b + 1], 4)
+        ct.append(project(tn[b : b + 1], u))
+        cs.append(project(sn[b : b + 1], u))
+    expected = BETA * np.abs(n(np.concatenate(ct)) - n(np.concatenate(cs))).mean()
+    got = loss_of("tucker", {"rank": 4, "decomposition": "sample"}, t, s, logits, y)
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("target", ["teacher", "student", "both"])
+def test_tucker_recomposition_targets(tensors, target):
+    t, s, logits, y = tensors
+    tn, sn = t.numpy(), s.numpy()
+    u = channel_basis(tn, 5)
+    rt = recompose(project(tn, u), u)
+    rs = recompose(project(sn, u), u)
+    a, b = {"teacher": (rt, sn), "student": (tn, rs), "both": (rt, rs)}[target]
+    expected = BETA * np.abs(n(a) - n(b)).mean()
+    got = loss_of("tucker_recomp", {"rank": 5, "target": target}, t, s, logits, y)
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("decomposition", ["full", "sample"])
+def test_own_basis_guard_counts_and_contains_non_finite_factors(
+    tensors, monkeypatch, decomposition
+):
+    t, s, logits, y = tensors
+    student = Fixed(s, logits)
+    params = {"rank": 4, "basis": "own", "decomposition": decomposition}
+    method = methods.get("tucker")(student, Fixed(t, logits), params)
+    _, parts = method.forward_train(torch.zeros(6, 1), y)
+    assert torch.isfinite(parts["feature"]) and float(parts["feature"].detach()) > 0
+    assert int(method.pop_stats()["guard_fired"]) == 0
+    from kdbench import tucker
+
+    name = "decompose_samplewise" if decomposition == "sample" else "decompose"
+    real = getattr(tucker, name)
+    calls = []
+
+    def poisoned(x, *args, **kwargs):  # the second call decomposes the student: poison it
+        core, factors = real(x, *args, **kwargs)
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            factors = [f * float("nan") for f in factors]
+        return core, factors
+
+    monkeypatch.setattr(tucker, name, poisoned)
+    _, parts = method.forward_train(torch.zeros(6, 1), y)
+    assert float(parts["feature"].detach()) == 0.0
+    sum(parts.values()).backward()
+    assert torch.isfinite(student.s3.grad).all()
+    assert int(method.pop_stats()["guard_fired"]) == 1
+    assert int(method.pop_stats()["guard_fired"]) == 0  # reset per epoch
+
+
+def test_variant_names():
+    tucker = methods.get("tucker").expand_variants(
+        {"ranks": [32, [16, 2, 2]], "decomposition": ["full", "sample"], "basis": ["teacher"]}
+    )
+    assert list(tucker) == [
+        "full-teacher-r32",
+        "sample-teacher-r32",
+        "full-teacher-r16x2x2",
+        "sample-teacher-r16x2x2",
+    ]
+    recomp = methods.get("tucker_recomp").expand_variants({"targets": ["both"], "ranks": [8]})
+    assert list(recomp) == ["both-r8"] and recomp["both-r8"]["beta"] == 125.0
+
+
+ALL = [
+    ("featuremap", {}),
+    ("tucker", {"rank": 8}),
+    ("tucker", {"rank": 8, "decomposition": "sample"}),
+    ("tucker", {"rank": [8, 1, 1], "basis": "own"}),
+    ("tucker_recomp", {"rank": 8, "target": "both"}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), ALL)
+def test_gradients_reach_the_student_and_never_the_teacher(name, params):
+    torch.manual_seed(0)
+    student, teacher = models.build("resnet8", 10, 1), models.build("resnet8", 10, 1)
+    method = methods.get(name)(student, teacher, params)
+    method.train()
+    _, parts = method.forward_train(torch.randn(5, 1, 8, 8), torch.arange(5))
+    parts["feature"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.layer3[0].conv1.weight.grad.abs().sum() > 0
+    assert float(parts["feature"].detach()) > 0
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    runs.train(
+        role="teacher",
+        dataset="digits",
+        data={"image_size": 8},
+        arch="resnet8",
+        seed=0,
+        method="vanilla",
+        variant="teacher",
+        method_params={},
+        train={"epochs": 1, "batch_size": 256, "device": "cpu"},
+        outputs={
+            k: str(d / k)
+            for k in ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
+        },
+        state=d / "state.pt",
+    )
+    return d / "best_weights"
+
+
+@pytest.mark.parametrize(("name", "params"), ALL)
+def test_one_epoch_of_training(tmp_path, teacher, name, params):
+    out = {
+        k: str(tmp_path / k)
+        for k in ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
+    }
+    doc = runs.train(
+        role="student",
+        dataset="digits",
+        data={"image_size": 8},
+        arch="resnet8",
+        seed=0,
+        method=name,
+        variant="v",
+        method_params=params,
+        train={
+            "epochs": 1,
+            "batch_size": 200,
+            "device": "cpu",
+        },  # 1168 = 5×200 + 168: a short last batch
+        outputs=out,
+        state=tmp_path / "s.pt",
+        teacher="resnet8",
+        teacher_weights=teacher,
+    )
+    epoch = doc["epochs"][0]
+    assert (
+        set(epoch["train_loss_parts"]) == {"ce", "feature"}
+        and epoch["train_loss_parts"]["feature"] > 0
+    )
+    if params.get("basis") == "own":
+        assert epoch["method_stats"]["guard_fired"] == 0
+
+
+def test_bad_ranks_fail_at_validation():
+    tucker = methods.get("tucker")
+    shape = {3: (64, 4, 4)}
+    with pytest.raises(KdbenchError, match="exceeds"):
+        tucker.check({"stage": 3, "rank": 65}, shape.get)
+    with pytest.raises(KdbenchError, match="need 3 entries"):
+        tucker.check({"stage": 3, "rank": [8, 2]}, shape.get)
+    with pytest.raises(KdbenchError, match="exceeds"):
+        tucker.check({"stage": 3, "rank": [8, 5, 4]}, shape.get)
+
+
+@pytest.fixture(scope="module")
+def paraphraser(tmp_path_factory, teacher):
+    from kdbench.methods.ft import train_paraphraser
+
+    d = tmp_path_factory.mktemp("paraphraser")
+    out = {"weights": d / "paraphraser.pt", "metrics": d / "metrics.json", "loss_plot": d / "P.png"}
+    doc = train_paraphraser(
+        dataset="digits",
+        data={"image_size": 8},
+        teacher="resnet8",
+        teacher_weights=teacher,
+        seed=0,
+        params={"paraphraser": {"epochs": 3}},
+        train={"epochs": 1, "batch_size": 256, "device": "cpu"},
+        outputs={k: str(v) for k, v in out.items()},
+        state=d / "state.pt",
+    )
+    assert doc["status"] == "complete" and len(doc["epochs"]) == 3
+    losses = [e["val_loss"] for e in doc["epochs"]]
+    assert doc["final"]["selected_epoch"] == 1 + losses.index(min(losses))
+    assert out["loss_plot"].read_bytes()[:4] == b"\x89PNG" and not (d / "state.pt").exists()
+    return out["weights"]
+
+
+def test_ft_gradients_reach_student_and_translator_only(paraphraser):
+    torch.manual_seed(0)
+    student, teacher = models.build("resnet8", 10, 1), models.build("resnet8", 10, 1)
+    method = methods.get("ft")(student, teacher, {}, {"paraphraser": paraphraser})
+    assert set(method.trainable()) == {"student", "translator"}
+    method.train()
+    _, parts = method.forward_train(torch.randn(5, 1, 8, 8), torch.arange(5))
+    parts["feature"].backward()
+    frozen = method._paraphraser[0]
+    assert all(p.grad is None for p in [*teacher.parameters(), *frozen.parameters()])
+    assert all(p.grad is not None for p in method.translator.parameters())
+    assert student.layer3[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_ft_one_epoch(tmp_path, teacher, paraphraser):
+    out = {
+        k: str(tmp_path / k)
+        for k in ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
+    }
+    doc = runs.train(
+        role="student",
+        dataset="digits",
+        data={"image_size": 8},
+        arch="resnet8",
+        seed=0,
+        method="ft",
+        variant="default",
+        method_params={},
+        train={"epochs": 1, "batch_size": 200, "device": "cpu"},
+        outputs=out,
+        state=tmp_path / "s.pt",
+        teacher="resnet8",
+        teacher_weights=teacher,
+        assets={"paraphraser": str(paraphraser)},
+    )
+    assert doc["epochs"][0]["train_loss_parts"]["feature"] > 0
+    assert len(doc["config"]["assets"]["paraphraser"]["sha256"]) == 64
+    with pytest.raises(KdbenchError, match="needs paraphraser"):
+        runs.train(
+            role="student",
+            dataset="digits",
+            data={"image_size": 8},
+            arch="resnet8",
+            seed=0,
+            method="ft",
+            variant="default",
+            method_params={},
+            train={"epochs": 1, "batch_size": 200},
+            outputs=out,
+            state=tmp_path / "s.pt",
+            teacher="resnet8",
+            teacher_weights=teacher,
+        )

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import tucker as tl_tucker
+
+from kdbench import data, models, tucker
+from kdbench.errors import KdbenchError
+
+
+def tensorly_reconstruction(x, ranks):
+    core, factors = tl_tucker(
+        tl.tensor(x.double().numpy()), rank=list(ranks), init="svd", n_iter_max=100, tol=1e-4
+    )
+    return torch.from_numpy(np.asarray(tl.tucker_to_tensor((core, factors)))).float()
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def real_features():
+    """Stage-3 maps of a (randomly initialised) resnet8 on real digits."""
+    torch.manual_seed(0)
+    ds = data.load_dataset("digits", image_size=16)
+    model = models.build("resnet8", 10, 1).eval()
+    with torch.no_grad():
+        return model((ds.train.x[:64] - ds.mean[0]) / ds.std[0])[2]
+
+
+@pytest.mark.parametrize("source", ["random", "real"])
+@pytest.mark.parametrize("r", [32, 8])
+def test_single_mode_truncation_matches_tensorly(source, r, real_features):
+    x = torch.relu(torch.randn(32, 64, 4, 4)) if source == "random" else real_features
+    ranks = (x.shape[0], r, x.shape[2], x.shape[3])
+    core, factors = tucker.decompose(x, ranks)
+    assert core.shape == ranks and [f.shape for f in factors] == [
+        (n, k) for n, k in zip(x.shape, ranks, strict=True)
+    ]
+    assert rel(tucker.recompose(core, factors), tensorly_reconstruction(x, ranks)) <= 1e-4
+
+
+@pytest.mark.parametrize("ranks", [(16, 24, 3, 4), (32, 8, 4, 2)])
+def test_multi_mode_truncation_is_within_one_percent_of_tensorly(ranks):
+    torch.manual_seed(1)
+    x = torch.relu(torch.randn(32, 64, 4, 4))
+    ours = tucker.relative_error(x, tucker.recompose(*tucker.decompose(x, ranks, n_iter=10)))
+    theirs = tucker.relative_error(x, tensorly_reconstruction(x, ranks))
+    assert float(ours) <= 1.01 * float(theirs)
+
+
+def test_factors_are_orthonormal_and_full_modes_are_identity():
+    x = torch.randn(8, 16, 4, 4)
+    core, factors = tucker.decompose(x, (8, 5, 4, 3), n_iter=2)
+    for f in factors:
+        assert torch.allclose(f.T @ f, torch.eye(f.shape[1]), atol=1e-5)
+    assert torch.equal(factors[0], torch.eye(8)) and torch.equal(factors[2], torch.eye(4))
+    # the core is the projection; with the identity batch factor, core row b is sample b's
+    assert torch.allclose(core, tucker.project(x, factors), atol=1e-5)
+    assert torch.allclose(core[:1], tucker.decompose(x, (8, 5, 4, 3), n_iter=2)[0][:1])
+
+
+def test_samplewise_equals_one_decomposition_per_sample():
+    torch.manual_seed(2)
+    x = torch.relu(torch.randn(5, 16, 4, 4))
+    cores, factors = tucker.decompose_samplewise(x, (6, 4, 4))
+    assert cores.shape == (5, 6, 4, 4) and factors[0].shape == (5, 16, 6)
+    recon = tucker.recompose(cores, factors)
+    for b in range(5):
+        core, f = tucker.decompose(x[b], (6, 4, 4))
+        assert torch.allclose(recon[b], tucker.recompose(core, f), atol=1e-5)
+        assert rel(recon[b], tensorly_reconstruction(x[b], (6, 4, 4))) <= 1e-4
+
+
+def test_gradient_flows_through_the_projection_only():
+    x = torch.randn(4, 8, 2, 2, requires_grad=True)
+    core, factors = tucker.decompose(x, (4, 3, 2, 2))
+    assert all(not f.requires_grad for f in factors)
+    core.sum().backward()
+    expected = factors[1].sum(1).view(1, 8, 1, 1).expand_as(x)  # d/dx of sum(x ×₁ U₁ᵀ)
+    assert torch.allclose(x.grad, expected, atol=1e-6)
+
+
+def test_deterministic_signs():
+    x = torch.randn(6, 10, 3, 3)
+    a = tucker.decompose(x, (6, 4, 3, 3))[1][1]
+    b = tucker.decompose(x.clone(), (6, 4, 3, 3))[1][1]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        ((8, 17, 4, 4), "exceeds that mode's size 16"),
+        ((8, 0, 4, 4), "must be a positive integer"),
+        ((8, 4, 4), "need 4 entries"),
+    ],
+)
+def test_bad_ranks(ranks, message):
+    with pytest.raises(KdbenchError, match=message):
+        tucker.decompose(torch.randn(8, 16, 4, 4), ranks)
+
+
+def test_zero_input_gives_finite_results():
+    core, factors = tucker.decompose(torch.zeros(4, 8, 2, 2), (4, 3, 2, 2))
+    assert torch.isfinite(core).all() and all(torch.isfinite(f).all() for f in factors)
