@@ -75,17 +75,15 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda" and cfg.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
     teacher = models.build(args.teacher, args.classes, args.channels)
-    results = []
+    steps: list[Callable[[], Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         paraphraser = Path(tmp) / "paraphraser.pt"
         io.save_torch(paraphraser, Paraphraser(64, 0.5).state_dict())
         for name, params in CASES:
             torch.manual_seed(0)
             student = models.build(args.student, args.classes, args.channels)
-            assets = (
-                {"paraphraser": paraphraser} if "paraphraser" in methods.get(name).requires else {}
-            )
             cls = methods.get(name)
+            assets = {"paraphraser": paraphraser} if "paraphraser" in cls.requires else {}
             method = cls(student, teacher if cls.needs_teacher else None, params, assets).to(device)
             if device.type == "cuda" and cfg.channels_last:
                 method.to(memory_format=torch.channels_last)
@@ -95,12 +93,20 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
             def step(method: Any = method, optimizers: Any = optimizers) -> None:
                 train_step(method, optimizers, xb, yb, device, cfg)
 
-            times = _time(step, device, args.warmup, args.steps)
-            results.append({"method": _label(name, params), "seconds": statistics.median(times)})
-            print(
-                f"  {results[-1]['method']:<28} {results[-1]['seconds'] * 1e3:9.2f} ms/step",
-                flush=True,
-            )
+            _time(step, device, args.warmup, 0)
+            steps.append(step)
+    # Interleaved rounds (one step of each method per round) so that drift in clock speed or
+    # load affects every method alike; the median over rounds is reported.
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(args.steps):
+        for i, step in enumerate(steps):
+            times[i] += _time(step, device, 0, 1)
+    results = [
+        {"method": _label(name, params), "seconds": statistics.median(t)}
+        for (name, params), t in zip(CASES, times, strict=True)
+    ]
+    for r in results:
+        print(f"  {r['method']:<28} {r['seconds'] * 1e3:9.2f} ms/step", flush=True)
     base = results[0]["seconds"]
     for r in results:
         r["ratio_to_featuremap"] = r["seconds"] / base
@@ -157,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--image-size", type=int, default=32)
     m.add_argument("--channels", type=int, default=3)
     m.add_argument("--classes", type=int, default=100)
-    m.add_argument("--steps", type=int, default=None, help="timed steps (default 50 CUDA, 10 CPU)")
+    m.add_argument(
+        "--steps", type=int, default=None, help="timed rounds (default 50 on CUDA, 20 on CPU)"
+    )
     m.add_argument("--warmup", type=int, default=5)
     m.add_argument("--decomp-repeats", type=int, default=50)
     m.add_argument("--tensorly-repeats", type=int, default=5)
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     args.teacher = args.teacher or ("resnet110" if cuda else "resnet20")
     args.student = args.student or ("resnet56" if cuda else "resnet8")
-    args.steps = args.steps or (50 if cuda else 10)
+    args.steps = args.steps or (50 if cuda else 20)
     info = provenance.device_info(device)
     print(
         f"kdbench bench methods: {args.teacher} → {args.student}, "
