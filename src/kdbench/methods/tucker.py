@@ -52,6 +52,13 @@ def sample_ranks(rank: int | list[int], shape: tuple[int, ...]) -> tuple[int, ..
 class TuckerBase(FeatureMethod):
     """Shared decomposition of the teacher stage; subclasses turn it into a loss."""
 
+    defaults: ClassVar[dict[str, Any]] = {**FeatureMethod.defaults, "rank": 32, "n_iter": 0}
+    params_schema: ClassVar[dict[str, Any]] = {
+        **FeatureMethod.params_schema,
+        "rank": RANK_SCHEMA,
+        "n_iter": {"type": "integer", "minimum": 0},
+    }
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._guard = torch.zeros((), dtype=torch.int64)
@@ -106,18 +113,14 @@ class TuckerBase(FeatureMethod):
 class Tucker(TuckerBase):
     name = "tucker"
     defaults: ClassVar[dict[str, Any]] = {
-        **FeatureMethod.defaults,
-        "rank": 32,
+        **TuckerBase.defaults,
         "decomposition": "full",
         "basis": "teacher",
-        "n_iter": 0,
     }
     params_schema: ClassVar[dict[str, Any]] = {
-        **FeatureMethod.params_schema,
-        "rank": RANK_SCHEMA,
+        **TuckerBase.params_schema,
         "decomposition": {"enum": ["full", "sample"]},
         "basis": {"enum": ["teacher", "own"]},
-        "n_iter": {"type": "integer", "minimum": 0},
     }
     grid: ClassVar[dict[str, str]] = {
         "ranks": "rank",

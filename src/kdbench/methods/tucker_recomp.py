@@ -19,24 +19,16 @@ from torch import Tensor
 
 from kdbench import tucker
 from kdbench.methods import register
-from kdbench.methods.base import FeatureMethod
-from kdbench.methods.tucker import RANK_SCHEMA, TuckerBase, rank_name
+from kdbench.methods.tucker import TuckerBase, rank_name
 
 
 @register
 class TuckerRecomp(TuckerBase):
     name = "tucker_recomp"
-    defaults: ClassVar[dict[str, Any]] = {
-        **FeatureMethod.defaults,
-        "rank": 32,
-        "target": "teacher",
-        "n_iter": 0,
-    }
+    defaults: ClassVar[dict[str, Any]] = {**TuckerBase.defaults, "target": "teacher"}
     params_schema: ClassVar[dict[str, Any]] = {
-        **FeatureMethod.params_schema,
-        "rank": RANK_SCHEMA,
+        **TuckerBase.params_schema,
         "target": {"enum": ["teacher", "student", "both"]},
-        "n_iter": {"type": "integer", "minimum": 0},
     }
     grid: ClassVar[dict[str, str]] = {"targets": "target", "ranks": "rank"}
 
