@@ -131,14 +131,8 @@ class FT(FeatureMethod):
         rate = float(self.params["rate"])
         self.translator = encoder(channels, n_factors(channels, rate))
         paraphraser = Paraphraser(channels, rate)
-        state = io.load_torch(self.assets["paraphraser"])
-        try:
-            paraphraser.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            raise KdbenchError(
-                f"paraphraser {self.assets['paraphraser']} does not fit stage "
-                f"{self.params['stage']} with rate {rate}: {str(exc)[:160]}"
-            ) from None
+        what = f"paraphraser (stage {self.params['stage']}, rate {rate})"
+        models.load_weights(paraphraser, self.assets["paraphraser"], what)
         paraphraser.eval().requires_grad_(False)
         self._paraphraser = [paraphraser]  # frozen: not a trainable submodule
 
