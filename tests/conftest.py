@@ -45,3 +45,38 @@ def job_counts(output: str) -> dict[str, int]:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+OUTPUT_FILES = {
+    "metrics": "metrics.json",
+    "final_weights": "model_final.pt",
+    "best_weights": "model_best.pt",
+    "loss_plot": "Loss.png",
+    "accuracy_plot": "Accuracy.png",
+}
+
+
+def outputs(directory: Path) -> dict[str, str]:
+    """The declared outputs of a training run in ``directory``."""
+    return {k: str(directory / name) for k, name in OUTPUT_FILES.items()}
+
+
+def train_digits(directory: Path, **overrides):
+    """``kdbench.runs.train`` on 8×8 digits with resnet8 on CPU, writing into ``directory``;
+    ``overrides`` replace any argument (role, method, train recipe, teacher, …)."""
+    from kdbench import runs
+
+    kwargs = {
+        "role": "student",
+        "dataset": "digits",
+        "data": {"image_size": 8},
+        "arch": "resnet8",
+        "seed": 0,
+        "method": "vanilla",
+        "variant": "default",
+        "method_params": {},
+        "train": {"epochs": 1, "batch_size": 256, "device": "cpu"},
+        "outputs": outputs(directory),
+        "state": directory / "state.pt",
+    }
+    return runs.train(**{**kwargs, **overrides})

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import train_digits
 
-from kdbench import methods, models, runs
+from kdbench import methods, models
 from kdbench.errors import KdbenchError
 
 BETA = 7.0
@@ -173,47 +174,19 @@ def test_gradients_reach_the_student_and_never_the_teacher(name, params):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     d = tmp_path_factory.mktemp("teacher")
-    runs.train(
-        role="teacher",
-        dataset="digits",
-        data={"image_size": 8},
-        arch="resnet8",
-        seed=0,
-        method="vanilla",
-        variant="teacher",
-        method_params={},
-        train={"epochs": 1, "batch_size": 256, "device": "cpu"},
-        outputs={
-            k: str(d / k)
-            for k in ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
-        },
-        state=d / "state.pt",
-    )
-    return d / "best_weights"
+    train_digits(d, role="teacher", variant="teacher")
+    return d / "model_best.pt"
 
 
 @pytest.mark.parametrize(("name", "params"), ALL)
 def test_one_epoch_of_training(tmp_path, teacher, name, params):
-    out = {
-        k: str(tmp_path / k)
-        for k in ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
-    }
-    doc = runs.train(
-        role="student",
-        dataset="digits",
-        data={"image_size": 8},
-        arch="resnet8",
-        seed=0,
+    doc = train_digits(
+        tmp_path,
         method=name,
         variant="v",
         method_params=params,
-        train={
-            "epochs": 1,
-            "batch_size": 200,
-            "device": "cpu",
-        },  # 1168 = 5×200 + 168: a short last batch
-        outputs=out,
-        state=tmp_path / "s.pt",
+        # 1168 = 5×200 + 168: a short last batch
+        train={"epochs": 1, "batch_size": 200, "device": "cpu"},
         teacher="resnet8",
         teacher_weights=teacher,
     )
@@ -276,41 +249,10 @@ def test_ft_gradients_reach_student_and_translator_only(paraphraser):
 
 
 def test_ft_one_epoch(tmp_path, teacher, paraphraser):
-    out = {
-        k: str(tmp_path / k)
-        for k in ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
-    }
-    doc = runs.train(
-        role="student",
-        dataset="digits",
-        data={"image_size": 8},
-        arch="resnet8",
-        seed=0,
-        method="ft",
-        variant="default",
-        method_params={},
-        train={"epochs": 1, "batch_size": 200, "device": "cpu"},
-        outputs=out,
-        state=tmp_path / "s.pt",
-        teacher="resnet8",
-        teacher_weights=teacher,
-        assets={"paraphraser": str(paraphraser)},
-    )
+    ft = {"method": "ft", "train": {"epochs": 1, "batch_size": 200, "device": "cpu"}}
+    ft |= {"teacher": "resnet8", "teacher_weights": teacher}
+    doc = train_digits(tmp_path, **ft, assets={"paraphraser": str(paraphraser)})
     assert doc["epochs"][0]["train_loss_parts"]["feature"] > 0
     assert len(doc["config"]["assets"]["paraphraser"]["sha256"]) == 64
     with pytest.raises(KdbenchError, match="needs paraphraser"):
-        runs.train(
-            role="student",
-            dataset="digits",
-            data={"image_size": 8},
-            arch="resnet8",
-            seed=0,
-            method="ft",
-            variant="default",
-            method_params={},
-            train={"epochs": 1, "batch_size": 200},
-            outputs=out,
-            state=tmp_path / "s.pt",
-            teacher="resnet8",
-            teacher_weights=teacher,
-        )
+        train_digits(tmp_path, **ft)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import outputs, train_digits
 
 from kdbench import data, io, methods, models, runs
 from kdbench.errors import KdbenchError
@@ -9,30 +10,12 @@ from kdbench.train import RunOutputs, TrainConfig, fit
 
 TRAIN = {"epochs": 2, "batch_size": 128, "optimizer": {"lr": 0.05}, "device": "cpu"}
 DATA = {"image_size": 8}
-FILES = ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
-
-
-def outputs(directory):
-    names = ("metrics.json", "model_final.pt", "model_best.pt", "Loss.png", "Accuracy.png")
-    return {k: str(directory / n) for k, n in zip(FILES, names, strict=True)}
 
 
 @pytest.fixture(scope="module")
 def teacher_weights(tmp_path_factory):
     d = tmp_path_factory.mktemp("teacher")
-    runs.train(
-        role="teacher",
-        dataset="digits",
-        data=DATA,
-        arch="resnet8",
-        seed=0,
-        method="vanilla",
-        variant="teacher",
-        method_params={},
-        train=TRAIN,
-        outputs=outputs(d),
-        state=d / "state.pt",
-    )
+    train_digits(d, role="teacher", variant="teacher", data=DATA, train=TRAIN)
     return d / "model_best.pt"
 
 
@@ -163,45 +146,21 @@ def test_students_of_one_seed_start_from_the_same_weights(tmp_path, teacher_weig
         ("kd", {"teacher": "resnet8", "teacher_weights": teacher_weights}),
     ):
         d = tmp_path / method
-        runs.train(
-            role="student",
-            dataset="digits",
-            data=DATA,
-            arch="resnet8",
-            seed=3,
-            method=method,
-            variant="default",
-            method_params={},
-            train={**TRAIN, "epochs": 1, "optimizer": {"lr": 1e-12}},
-            outputs=outputs(d),
-            state=d / "s.pt",
-            **extra,
-        )
+        recipe = {**TRAIN, "epochs": 1, "optimizer": {"lr": 1e-12}}
+        train_digits(d, data=DATA, seed=3, method=method, train=recipe, **extra)
         firsts.append(io.load_torch(d / "model_final.pt"))
     weights = [k for k in firsts[0] if k.endswith("weight")]
     assert all(torch.allclose(firsts[0][k], firsts[1][k], atol=1e-9) for k in weights)
 
 
 def test_bad_teacher_checkpoint_is_one_clear_error(tmp_path, teacher_weights):
-    kwargs = dict(
-        role="student",
-        dataset="digits",
-        data=DATA,
-        arch="resnet8",
-        seed=0,
-        method="kd",
-        variant="default",
-        method_params={},
-        train=TRAIN,
-        outputs=outputs(tmp_path),
-        state=tmp_path / "s.pt",
-    )
+    kwargs = {"data": DATA, "method": "kd", "train": TRAIN}
     with pytest.raises(KdbenchError, match="do not fit the model"):
-        runs.train(**kwargs, teacher="resnet20", teacher_weights=teacher_weights)
+        train_digits(tmp_path, **kwargs, teacher="resnet20", teacher_weights=teacher_weights)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 10)
     with pytest.raises(KdbenchError, match="cannot load teacher"):
-        runs.train(**kwargs, teacher="resnet8", teacher_weights=garbage)
+        train_digits(tmp_path, **kwargs, teacher="resnet8", teacher_weights=garbage)
     assert not (tmp_path / "metrics.json").exists()
 
 
