@@ -132,15 +132,22 @@ def test_constant_map_has_all_power_at_zero_frequency():
     assert m["lowpass_residual"] == pytest.approx(0.0, abs=1e-20)
 
 
-def test_per_channel_table():
+@pytest.mark.parametrize("definition", ["corrected", "legacy"])
+def test_per_channel_table_is_feature_metrics_of_each_channel(definition):
     g = torch.Generator().manual_seed(3)
-    x = torch.rand(2, 3, 4, 4, generator=g)
-    table = metrics.per_channel_metrics(x)
+    x = torch.relu(torch.randn(3, 4, 5, 6, generator=g))
+    x[:, 2] = 0.0  # a dead channel among live ones
+    x[:, 3] = 0.25  # a constant one
+    table = metrics.per_channel_metrics(x, definition)
     assert list(table.columns) == ["channel", "metric", "value"]
-    assert len(table) == 3 * len(metrics.KEYS)
-    one = metrics.feature_metrics(x[:, 1:2])
-    row = table[(table.channel == 1) & (table.metric == "kurtosis")]
-    assert row.value.item() == pytest.approx(one["kurtosis"])
+    assert len(table) == 4 * len(metrics.KEYS)
+    assert table.channel.tolist() == [c for c in range(4) for _ in metrics.KEYS]
+    for c in range(4):
+        one = metrics.feature_metrics(x[:, c : c + 1], definition)
+        rows = table[table.channel == c]
+        assert rows.metric.tolist() == list(metrics.KEYS)
+        assert rows.value.to_numpy() == pytest.approx(list(one.values()), rel=1e-9, abs=1e-12)
+    assert np.isfinite(table.value).all()
 
 
 def test_bad_input():
@@ -150,3 +157,15 @@ def test_bad_input():
         metrics.feature_metrics(SMALL[0])
     with pytest.raises(KdbenchError, match="non-finite"):
         metrics.feature_metrics(SMALL * float("nan"))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 2, 2, 2), (3, 1, 8, 8)])
+def test_blur_is_torchvision_gaussian_blur(shape):
+    """The legacy residual uses torchvision's GaussianBlur(3, σ=1); kdbench gets it from scipy."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(*shape, generator=g, dtype=torch.float64)
+    expected = torch.linalg.vector_norm(x - gaussian_blur(x, [3, 3], [1.0, 1.0]))
+    m = metrics.feature_metrics(x, "legacy")
+    assert m["lowpass_residual"] == pytest.approx(float(expected), rel=1e-12)

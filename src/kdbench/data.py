@@ -12,6 +12,7 @@ per-sample transforms, no worker processes.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,12 +155,25 @@ def load_dataset(name: str, **overrides: Any) -> Dataset:
 def _stratified_indices(
     labels: np.ndarray, holdout: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(len(labels))`` into (keep, holdout) with ``holdout`` items, stratified."""
-    from sklearn.model_selection import train_test_split
+    """Split ``range(len(labels))`` into (keep, holdout) with ``holdout`` items, stratified.
 
-    idx = np.arange(len(labels))
-    keep, held = train_test_split(idx, test_size=holdout, stratify=labels, random_state=seed)
-    return np.sort(keep), np.sort(held)
+    Each class gives its share of ``holdout`` (largest remainders round), drawn by a generator
+    seeded with ``seed``; both index arrays come back sorted.
+    """
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * holdout / len(labels)
+    take = np.floor(exact).astype(np.int64)
+    take[np.argsort(take - exact, kind="stable")[: holdout - int(take.sum())]] += 1
+    held = np.sort(
+        np.concatenate(
+            [
+                rng.permutation(np.flatnonzero(labels == c))[:k]
+                for c, k in zip(classes, take, strict=True)
+            ]
+        )
+    )
+    return np.setdiff1d(np.arange(len(labels)), held), held
 
 
 def _split(x: Tensor, y: Tensor, idx: np.ndarray) -> Split:
@@ -167,12 +181,22 @@ def _split(x: Tensor, y: Tensor, idx: np.ndarray) -> Split:
     return Split(x[t].contiguous(), y[t].contiguous())
 
 
-def _load_digits(p: dict[str, Any]) -> Dataset:
-    from sklearn.datasets import load_digits
+def _digits_file() -> Path:
+    """scikit-learn's bundled digits table, found without importing scikit-learn (slow)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise KdbenchError("the digits dataset needs scikit-learn (pip install scikit-learn)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise KdbenchError(f"scikit-learn's digits data is missing: {path}")
+    return path
 
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(bunch.target, dtype=torch.int64)
+
+def _load_digits(p: dict[str, Any]) -> Dataset:
+    table = np.loadtxt(_digits_file(), delimiter=",", dtype=np.float32)
+    target = table[:, -1].astype(np.int64)
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 1, 8, 8).copy()) / 16.0
+    labels = torch.from_numpy(target)
     size = int(p["image_size"])
     if size != images.shape[-1]:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
@@ -183,8 +207,8 @@ def _load_digits(p: dict[str, Any]) -> Dataset:
     if n_test < 10 or n_val < 10 or n - n_test - n_val < 10:
         raise KdbenchError("data.digits: val_fraction and test_fraction leave a split too small")
     seed = int(p["split_seed"])
-    rest, test_idx = _stratified_indices(bunch.target, n_test, seed)
-    train_rel, val_rel = _stratified_indices(bunch.target[rest], n_val, seed)
+    rest, test_idx = _stratified_indices(target, n_test, seed)
+    train_rel, val_rel = _stratified_indices(target[rest], n_val, seed)
     train = _split(images, labels, rest[train_rel])
     val = _split(images, labels, rest[val_rel])
     test = _split(images, labels, test_idx)
