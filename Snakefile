@@ -35,6 +35,7 @@ include: "workflow/rules/teacher.smk"
 include: "workflow/rules/paraphraser.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/analysis.smk"
 
 
 rule all:

@@ -55,6 +55,13 @@ BAD = [
     (("methods", "tucker", "basis"), ["student"], "methods.tucker.basis[0]"),
     (("methods", "featuremap", "stage"), 4, "methods.featuremap.stage: 4 is not one of 1, 2, 3"),
     (("methods", "ft", "variants"), {"r25": {"rate": 0.25}}, "rate cannot vary between FT"),
+    (("analysis",), {"seed": 7}, "analysis.seed: 7 is not one of the student seeds [0, 1]"),
+    (("analysis",), {"tau": 0}, "analysis.tau: 0 is less than or equal to the minimum of 0"),
+    (("analysis",), {"images": []}, "analysis.images"),
+    (("analysis",), {"n_images": 0}, "analysis.n_images"),
+    (("analysis",), {"checkpoint": "last"}, "analysis.checkpoint: 'last' is not one of"),
+    (("analysis",), {"imgs": [0]}, "analysis: unknown key 'imgs'"),
+    (("methods", "vanilla"), KeyError, "the analysis compares every distilled student with"),
 ]
 
 
@@ -66,6 +73,15 @@ def test_bad_config_is_one_line_naming_the_key(path, value, message):
         kdconfig.validate(with_change(path, value), SCHEMA)
     text = str(err.value)
     assert message in text and "\n" not in text
+
+
+def test_analysis_defaults_and_pairs():
+    cfg = kdconfig.analysis_config(DEMO)
+    assert cfg["seed"] == 0 and cfg["n_images"] == 1000 and cfg["tau"] == 0.5
+    assert kdconfig.analysis_config({**DEMO, "analysis": {"seed": 1}})["seed"] == 1
+    assert kdconfig.pairs(DEMO) == [("digits", "resnet20", "resnet8")]
+    assert len(kdconfig.pairs(FULL)) == 4  # 2 datasets × 2 pairs
+    assert kdconfig.pairs({**DEMO, "methods": {"vanilla": None}}) == []
 
 
 def test_methods_contribute_their_schema():
@@ -121,6 +137,10 @@ def test_dry_run_of_the_full_benchmark_lists_the_expected_jobs():
         "train_paraphraser": 2,  # one per dataset × teacher × seed, shared by 12 FT students
         "distill": 2 * 2 * 20 * 3,
         "aggregate": 1,
+        "extract_features_metrics": 2 + 2 * 2 * 20 * 3,  # every trained model
+        "analyse_features": 2,  # per dataset
+        "most_affected": 2 * 2,  # per dataset × pair
+        "diagnose": 2 * 2,
         "all": 1,
     }
     assert "students/resnet110-resnet56/tucker/full-teacher-r32/seed0/" in proc.stdout
@@ -135,4 +155,10 @@ def test_a_config_file_replaces_the_demo_rather_than_extending_it(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert job_counts(proc.stdout) == {"distill": 2, "aggregate": 1, "all": 1}
+    assert job_counts(proc.stdout) == {
+        "distill": 2,
+        "aggregate": 1,
+        "extract_features_metrics": 2,
+        "analyse_features": 1,  # no teacher: no pair to rank or diagnose
+        "all": 1,
+    }

@@ -56,6 +56,28 @@ def test_every_output_is_written(demo):
     assert "epoch 1/" in log and "ETA" in log
 
 
+def test_feature_analysis_is_written(demo):
+    results = demo / "results" / "digits"
+    models = sorted(results.glob("*/**/features/channels.parquet"))
+    assert len(models) == 1 + 11 * 2  # every trained model, every seed
+    channels = pd.concat([pd.read_parquet(p) for p in models])
+    assert set(channels.definition) == {"corrected", "legacy"}
+    assert channels.groupby(["label", "seed"]).ngroups == 1 + 11 * 2
+    stages = pd.read_csv(results / "analysis" / "stage_metrics.csv")
+    assert set(stages.stage) == {1, 2, 3} and set(stages[stages.role == "student"].n) == {2}
+    table = pd.read_csv(results / "analysis" / "metric_table.csv")
+    assert "resnet20 teacher" in table.columns and "resnet8 vanilla" in table.columns
+    corr = pd.read_csv(results / "analysis" / "correlations.csv")
+    assert set(corr.n[corr.kind == "metric~accuracy"]) == {22}
+    ranking = pd.read_csv(results / "analysis" / "resnet20-resnet8" / "most_affected.csv")
+    assert set(ranking.method) == {"kd", "featuremap", "ft", "tucker", "tucker_recomp"}
+    pair = results / "analysis" / "resnet20-resnet8"
+    for name in ("affected_stages", "affected_channels"):
+        assert (pair / f"{name}.png").stat().st_size > 10_000
+    for name in ("attention", "spectra", "changed_spectra", "histograms", "channels"):
+        assert (pair / "diagnostics" / f"{name}.png").stat().st_size > 10_000
+
+
 def test_second_run_has_nothing_to_do(demo):
     proc = snakemake("--cores", "2", "--configfile", "demo.yaml", cwd=demo)
     assert proc.returncode == 0
@@ -68,7 +90,15 @@ def test_changing_one_method_setting_reruns_only_that_method(demo):
     (demo / "changed.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "--configfile", "changed.yaml", cwd=demo)
     assert proc.returncode == 0, proc.stderr
-    assert job_counts(proc.stdout) == {"distill": 2, "aggregate": 1, "all": 1}
+    assert job_counts(proc.stdout) == {
+        "distill": 2,
+        "aggregate": 1,
+        "extract_features_metrics": 2,
+        "most_affected": 1,
+        "diagnose": 1,
+        "analyse_features": 1,
+        "all": 1,
+    }
     assert (
         "/kd/default/seed0" in proc.stdout and "/vanilla/" not in proc.stdout.split("Job stats")[0]
     )
@@ -86,8 +116,20 @@ def test_changing_the_teacher_recipe_reruns_the_teacher_and_its_students(demo):
         "train_paraphraser": 1,
         "distill": 10 * 2,  # every student that learns from the teacher, not the vanilla ones
         "aggregate": 1,
+        "extract_features_metrics": 1 + 10 * 2,
+        "most_affected": 1,
+        "diagnose": 1,
+        "analyse_features": 1,
         "all": 1,
     }
+
+
+def test_changing_the_diagnostic_images_reruns_only_the_diagnostics(demo):
+    cfg = yaml.safe_load((demo / "demo.yaml").read_text())
+    cfg["analysis"] = {"images": [3, 4]}
+    (demo / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", "changed.yaml", cwd=demo)
+    assert job_counts(proc.stdout) == {"diagnose": 1, "all": 1}
 
 
 def test_report_is_generated(demo):
@@ -95,3 +137,4 @@ def test_report_is_generated(demo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (demo / "results" / "report.html").read_text()
     assert "Learning curves" in html and "Results" in html and "summary.csv" in html
+    assert "Feature analysis" in html and "attention.png" in html and "metric_table.csv" in html

@@ -31,6 +31,18 @@ TEACHER_DEFAULTS: dict[str, Any] = {
 }
 #: role of teacher runs in paths and tables; vanilla students have no teacher
 NO_TEACHER = "none"
+#: The feature-map analysis stage (config block ``analysis``) and its defaults.
+ANALYSIS_DEFAULTS: dict[str, Any] = {
+    "n_images": 1000,  # the first N test images are measured (all of them if fewer)
+    "checkpoint": "best",  # which weights are analysed: best validation epoch or final
+    "batch_size": 250,
+    "images": [0, 1, 2, 3],  # test images shown in the diagnostics
+    "seed": None,  # student seed shown in the diagnostics (None: the first of `seeds`)
+    "tau": 0.5,  # attention-map temperature
+    "top_k": 8,  # channels shown per method in the most-affected plot
+    "spectra_channels": 3,  # most-affected channels whose spectra the diagnostics show
+    "threads": 1,  # CPU threads of each analysis job
+}
 
 
 def load_schema(path: str | Path) -> dict[str, Any]:
@@ -77,6 +89,7 @@ def validate(config: dict[str, Any], schema_path: str | Path) -> None:
         variants(config, name)
     _check_teacher_methods(config)
     _check_methods(config)
+    analysis_config(config)
 
 
 def _check_methods(config: dict[str, Any]) -> None:
@@ -107,6 +120,32 @@ def _check_teacher_methods(config: dict[str, Any]) -> None:
         return
     if not config.get("pairs"):
         raise KdbenchError("pairs: at least one teacher → student pair is needed")
+
+
+def analysis_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The analysis block with defaults, the diagnostics seed resolved and checked."""
+    cfg = {**ANALYSIS_DEFAULTS, **(config.get("analysis") or {})}
+    seeds = [int(s) for s in config["seeds"]]
+    if cfg["seed"] is None:
+        cfg["seed"] = seeds[0]
+    elif int(cfg["seed"]) not in seeds:
+        raise KdbenchError(f"analysis.seed: {cfg['seed']} is not one of the student seeds {seeds}")
+    if pairs(config) and "vanilla" not in config["methods"]:
+        raise KdbenchError(
+            "methods: the analysis compares every distilled student with the vanilla student; "
+            "add vanilla to methods"
+        )
+    return cfg
+
+
+def pairs(config: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(dataset, teacher, student) of every pair that has distilled students."""
+    found = {
+        (r.dataset, r.teacher, r.student): None
+        for r in student_runs(config)
+        if r.teacher != NO_TEACHER
+    }
+    return list(found)
 
 
 def teacher_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -10,10 +10,15 @@ TEACHER = kdconfig.teacher_config(config)
 TEACHER_RUNS = kdconfig.teacher_runs(config)
 STUDENT_RUNS = kdconfig.student_runs(config)
 TRAIN_THREADS = int(config.get("train_threads", 1))
+ANALYSIS = kdconfig.analysis_config(config)
+PAIRS = kdconfig.pairs(config)
 
 TEACHER_DIR = f"{RESULTS}/{{dataset}}/teachers/{{arch}}/seed{{seed}}"
 STUDENT_DIR = f"{RESULTS}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}/{{variant}}/seed{{seed}}"
 PARAPHRASER_DIR = f"{RESULTS}/{{dataset}}/paraphrasers/{{teacher}}/seed{{seed}}"
+FEATURES_DIR = f"{RESULTS}/{{dataset}}/{{model}}/features"
+ANALYSIS_DIR = f"{RESULTS}/{{dataset}}/analysis"
+PAIR_DIR = f"{ANALYSIS_DIR}/{{teacher}}-{{student}}"
 STATE_DIR = f"{RESULTS}/state"
 LOG_DIR = f"{RESULTS}/logs"
 
@@ -26,6 +31,8 @@ wildcard_constraints:
     method="|".join(kdmethods.available()),
     variant="[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*",
     seed="[0-9]+",
+    # a trained model's directory below the dataset: teachers/… or students/…
+    model="(teachers/[^/]+|students/[^/]+/[^/]+/[^/]+)/seed[0-9]+",
 
 
 def teacher_dir(run):
@@ -45,11 +52,100 @@ def student_metrics():
 
 
 def all_targets():
-    return [
+    targets = [
         f"{RESULTS}/summary/runs.csv",
         f"{RESULTS}/summary/summary.csv",
         f"{RESULTS}/summary/accuracy_by_method.png",
     ]
+    for dataset in config["datasets"]:
+        directory = ANALYSIS_DIR.format(dataset=dataset)
+        targets += [f"{directory}/{name}" for name in ANALYSIS_OUTPUTS]
+    for dataset, teacher, student in PAIRS:
+        directory = PAIR_DIR.format(dataset=dataset, teacher=teacher, student=student)
+        targets += [f"{directory}/{name}" for name in PAIR_OUTPUTS]
+    return targets
+
+
+# What the analysis stage writes per dataset and per teacher → student pair.
+ANALYSIS_OUTPUTS = [
+    "stage_metrics.csv",
+    "metric_table.csv",
+    "correlations.csv",
+    "correlation_accuracy.png",
+    "correlation_metrics.png",
+]
+PAIR_OUTPUTS = [
+    "most_affected.csv",
+    "affected_stages.png",
+    "affected_channels.png",
+    "diagnostics/attention.png",
+    "diagnostics/spectra.png",
+    "diagnostics/changed_spectra.png",
+    "diagnostics/histograms.png",
+    "diagnostics/channels.png",
+]
+
+
+def model_dirs(dataset, keep=lambda run: True):
+    """The directories (below the dataset) of its trained models, teachers first."""
+    dirs = [
+        f"teachers/{r.arch}/seed{r.seed}" for r in TEACHER_RUNS if r.dataset == dataset
+    ]
+    dirs += [
+        f"students/{r.teacher}-{r.student}/{r.method}/{r.variant}/seed{r.seed}"
+        for r in STUDENT_RUNS
+        if r.dataset == dataset and keep(r)
+    ]
+    return dirs
+
+
+def pair_students(wildcards):
+    """Keep the pair's distilled students and the vanilla students of its student arch."""
+    return lambda r: r.student == wildcards.student and r.teacher in (
+        wildcards.teacher,
+        kdconfig.NO_TEACHER,
+    )
+
+
+def analysed_weights(wildcards):
+    name = "model_best.pt" if ANALYSIS["checkpoint"] == "best" else "model_final.pt"
+    return f"{RESULTS}/{wildcards.dataset}/{wildcards.model}/{name}"
+
+
+def dataset_stage_tables(wildcards):
+    features = f"{RESULTS}/{wildcards.dataset}/{{}}/features/stages.csv"
+    return [features.format(d) for d in model_dirs(wildcards.dataset)]
+
+
+def pair_channel_tables(wildcards):
+    """The channel tables of the pair's teacher, vanilla students and distilled students."""
+    teacher = f"teachers/{wildcards.teacher}/"
+    dirs = [
+        d
+        for d in model_dirs(wildcards.dataset, pair_students(wildcards))
+        if d.startswith("students/") or d.startswith(teacher)
+    ]
+    return [
+        f"{RESULTS}/{wildcards.dataset}/{d}/features/channels.parquet" for d in dirs
+    ]
+
+
+def diagnosed_models(wildcards):
+    """Weights and runs of the teacher, then one seed's students (vanilla first)."""
+    seed = ANALYSIS["seed"]
+    teacher = f"teachers/{wildcards.teacher}/seed{TEACHER['seed']}"
+    keep = pair_students(wildcards)
+    students = model_dirs(wildcards.dataset, lambda r: keep(r) and r.seed == seed)
+    students = [d for d in students if d.startswith("students/")]
+    students.sort(
+        key=lambda d: "/vanilla/" not in d
+    )  # vanilla first, then config order
+    name = "model_best.pt" if ANALYSIS["checkpoint"] == "best" else "model_final.pt"
+    dirs = [f"{RESULTS}/{wildcards.dataset}/{d}" for d in [teacher, *students]]
+    return {
+        "weights": [f"{d}/{name}" for d in dirs],
+        "runs": [f"{d}/metrics.json" for d in dirs],
+    }
 
 
 def teacher_checkpoint(wildcards):

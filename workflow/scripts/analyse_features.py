@@ -1,0 +1,16 @@
+"""Tables and correlations of one dataset's feature metrics: snakemake → kdbench.analysis.analyse."""
+
+from kdbench.analysis import analyse
+from kdbench.runs import run_job
+
+run_job(
+    analyse,
+    snakemake.log[0],
+    threads=snakemake.threads,
+    stage_tables=list(snakemake.input.stages),
+    summary_table=snakemake.output.summary,
+    method_table=snakemake.output.table,
+    correlation_table=snakemake.output.correlations,
+    accuracy_plot=snakemake.output.accuracy_plot,
+    metrics_plot=snakemake.output.metrics_plot,
+)
