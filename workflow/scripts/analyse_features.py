@@ -1,4 +1,4 @@
-"""Tables and correlations of one dataset's feature metrics: snakemake → kdbench.analysis.analyse."""
+"""Tables and correlations of a dataset's feature metrics: snakemake → kdbench.analysis."""
 
 from kdbench.analysis import analyse
 from kdbench.runs import run_job
