@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 	$(BIN)/snakemake --lint --configfile config/fashion.yaml
+	$(BIN)/snakemake --lint --configfile config/crd.yaml
 
 test: lint
 	$(BIN)/python -m pytest

@@ -25,6 +25,8 @@ try:
     )
 except KdbenchError as exc:
     sys.exit(f"kdbench: config error: {one_line(exc)}")
+# From here on the config holds its protocol's settings (kdbench.config.PROTOCOLS).
+config.update(kdconfig.resolve(config))
 
 
 report: "workflow/report/workflow.rst"

@@ -25,7 +25,7 @@ def with_change(path, value):
     return cfg
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "config.yaml", "fashion.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "config.yaml", "fashion.yaml", "crd.yaml"])
 def test_shipped_configs_are_valid(name):
     kdconfig.validate(yaml.safe_load((REPO / "config" / name).read_text()), SCHEMA)
 
@@ -40,7 +40,9 @@ BAD = [
     (("methods", "kd", "alpha"), -0.1, "methods.kd.alpha"),
     (("methods", "kd", "T"), 0, "methods.kd.T"),
     (("seeds",), KeyError, "missing key 'seeds'"),
-    (("train", "batch_size"), KeyError, "train: missing key 'batch_size'"),
+    (("protocol",), "cifar", "protocol: 'cifar' is not one of seed, crd"),
+    (("accuracy",), "max", "accuracy: 'max' is not one of best_val, last"),
+    (("anchors",), "", "anchors"),
     (("train", "optimizer", "lr"), "fast", "train.optimizer.lr: 'fast' is not of type 'number'"),
     (("train", "schedule", "name"), "linear", "train.schedule.name: 'linear' is not one of"),
     (("teacher", "checkpoint"), "last", "teacher.checkpoint"),
@@ -141,10 +143,25 @@ def test_dry_run_of_the_full_benchmark_lists_the_expected_jobs():
         "analyse_features": 2,  # per dataset
         "most_affected": 2 * 2,  # per dataset × pair
         "diagnose": 2 * 2,
+        "learning_curves": 2 * 2,
+        "rank_chart": 1,
         "all": 1,
     }
     assert "students/resnet110-resnet56/tucker/full-teacher-r32/seed0/" in proc.stdout
     assert "students/resnet110-resnet20/tucker_recomp/both-r8/seed2/" in proc.stdout
+
+
+def test_dry_run_of_the_crd_protocol():
+    proc = snakemake("-n", "--configfile", "config/crd.yaml")
+    assert proc.returncode == 0, proc.stderr
+    counts = job_counts(proc.stdout)
+    # 3 pairs × 3 seeds × (kd, ft) + vanilla resnet20 and resnet32 × 3 seeds
+    assert counts["distill"] == 3 * 3 * 2 + 2 * 3 and counts["train_teacher"] == 2
+    assert "rank_chart" not in counts  # no Tucker method: no rank chart
+    assert "students/resnet110-resnet32/kd/default/seed0/" in proc.stdout
+    cfg = kdconfig.resolve(yaml.safe_load((REPO / "config" / "crd.yaml").read_text()))
+    assert kdconfig.train_params(cfg, "student")["epochs"] == 240
+    assert kdconfig.variants(cfg, "kd")["default"]["T"] == 4.0
 
 
 def test_a_config_file_replaces_the_demo_rather_than_extending_it(tmp_path):

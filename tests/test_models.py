@@ -10,6 +10,8 @@ COUNTS = {
     "resnet56": (861_620, 855_770),
     "resnet20": (278_324, 272_474),
     "resnet8": (83_892, 78_042),
+    # not in REFERENCE §1: resnet20 plus two blocks per stage, 2 × (4,672 + 18,560 + 73,984)
+    "resnet32": (278_324 + 2 * 97_216, 272_474 + 2 * 97_216),
 }
 
 

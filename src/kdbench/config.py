@@ -9,7 +9,9 @@ per-job dictionaries that the workflow hands to its scripts through ``params:``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,42 @@ TEACHER_DEFAULTS: dict[str, Any] = {
 }
 #: role of teacher runs in paths and tables; vanilla students have no teacher
 NO_TEACHER = "none"
+#: Training protocols (REFERENCE §3): settings a config gets unless it sets them itself.
+#: ``accuracy`` is the headline accuracy of the tables: ``best_val`` (test accuracy at the
+#: best-validation epoch) or ``last`` (at the last epoch, as the CRD protocol reports).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "seed": {
+        "accuracy": "best_val",
+        "teacher": {"label_smoothing": 0.1},
+        "train": {
+            "epochs": 150,
+            "batch_size": 128,
+            "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4},
+            "schedule": {"name": "cosine", "eta_min": 0.0},
+        },
+        "methods": {
+            "vanilla": {"label_smoothing": 0.1},
+            "kd": {"T": 2.0, "alpha": 0.9},
+            "ft": {"beta": 500},
+        },
+    },
+    "crd": {
+        "accuracy": "last",
+        "teacher": {"label_smoothing": 0.0},
+        "train": {
+            "epochs": 240,
+            "batch_size": 64,
+            "optimizer": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5.0e-4},
+            "schedule": {"name": "multistep", "milestones": [150, 180, 210], "gamma": 0.1},
+        },
+        "methods": {
+            "vanilla": {"label_smoothing": 0.0},
+            "kd": {"T": 4.0, "alpha": 0.9},
+            "ft": {"beta": 200},
+        },
+    },
+}
+DEFAULT_ANCHORS = "config/anchors.yaml"
 #: The feature-map analysis stage (config block ``analysis``) and its defaults.
 ANALYSIS_DEFAULTS: dict[str, Any] = {
     "n_images": 1000,  # the first N test images are measured (all of them if fewer)
@@ -72,8 +110,42 @@ def _message(err: jsonschema.ValidationError) -> str:
     return f"{where}: {err.message}"
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, nested dictionaries merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its protocol's settings (``protocol``, default ``seed``) filled in where
+    it leaves them out; protocol settings of methods the config does not run are not added."""
+    name = config.get("protocol", "seed")
+    if name not in PROTOCOLS:
+        raise KdbenchError(f"protocol: {name!r} is not one of {', '.join(PROTOCOLS)}")
+    preset = PROTOCOLS[name]
+    out = copy.deepcopy(config)
+    out["protocol"] = name
+    out.setdefault("accuracy", preset["accuracy"])
+    for key in ("train", "teacher"):
+        if key in preset:
+            out[key] = _merge(preset[key], out.get(key) or {})
+    methods_cfg = out.get("methods")
+    if isinstance(methods_cfg, dict):
+        for method, params in preset.get("methods", {}).items():
+            if method in methods_cfg:
+                methods_cfg[method] = _merge(params, methods_cfg[method] or {})
+    return out
+
+
 def validate(config: dict[str, Any], schema_path: str | Path) -> None:
-    """Check ``config`` against the schema and the registry; raise KdbenchError with one line."""
+    """Check ``config`` (its protocol resolved) against the schema and the registry; raise
+    KdbenchError with one line."""
+    config = resolve(config)
     validator = jsonschema.Draft202012Validator(load_schema(schema_path))
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if errors:
@@ -120,6 +192,11 @@ def _check_teacher_methods(config: dict[str, Any]) -> None:
         return
     if not config.get("pairs"):
         raise KdbenchError("pairs: at least one teacher → student pair is needed")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """md5 of the config, keys sorted: equal configs give equal hashes."""
+    return hashlib.md5(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def analysis_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """CIFAR ResNets (BasicBlock, option-B shortcuts) returning every stage's features.
 
 ``build(arch, num_classes, in_channels)`` gives resnet8/20/56/110 exactly as the original projects
-defined them; ``forward(x)`` returns ``[stage1, stage2, stage3, logits]``.
+defined them, and resnet32 (5 blocks per stage, a student of the CRD protocol) alike;
+``forward(x)`` returns ``[stage1, stage2, stage3, logits]``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from kdbench import io
 from kdbench.errors import KdbenchError, one_line
 
 #: Blocks per stage for each architecture.
-DEPTHS: dict[str, int] = {"resnet8": 1, "resnet20": 3, "resnet56": 9, "resnet110": 18}
+DEPTHS: dict[str, int] = {
+    "resnet8": 1,
+    "resnet20": 3,
+    "resnet32": 5,
+    "resnet56": 9,
+    "resnet110": 18,
+}
 #: Names the original projects used.
 ALIASES: dict[str, str] = {"resnetbaby": "resnet8", "resnet112": "resnet110"}
 WIDTHS = (16, 32, 64)

@@ -1,16 +1,26 @@
-"""Aggregation of finished runs: a tidy table of every run, a summary over seeds, a bar chart."""
+"""Aggregation of finished runs: every run, statistics over seeds, paired differences, cost,
+provenance, and their figures.
+
+The headline accuracy (``accuracy``: ``best_val``, the test accuracy at the best-validation
+epoch, or ``last``, at the last epoch) is the protocol's; the tables always carry both.
+Differences to the vanilla student and to logit KD are paired by seed: the same seed means the
+same initial weights and data order, so the difference removes most of the seed-to-seed noise.
+"""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from kdbench import io, plots
+from kdbench import io
 from kdbench.errors import KdbenchError
+from kdbench.stats import describe, paired_difference
 
 RUN_COLUMNS = [
     "role",
@@ -26,12 +36,39 @@ RUN_COLUMNS = [
     "test_acc_last",
     "test_acc_best_val",
     "val_acc_best",
+    "rank",
+    "batch_size",
+    "lr",
+    "schedule",
+    "label_smoothing",
+    "T",
+    "alpha",
+    "beta",
     "train_seconds",
+    "seconds_per_epoch",
+    "peak_rss_mb",
+    "peak_cuda_mb",
     "device",
+    "host",
     "commit",
     "path",
 ]
-GROUP = ["role", "dataset", "teacher", "arch", "method", "variant"]
+GROUP = ["role", "dataset", "teacher", "student", "arch", "method", "variant"]
+ACCURACY = {"best_val": "test_acc_best_val", "last": "test_acc_last"}
+
+
+def _schedule(train: dict[str, Any]) -> str:
+    if train.get("schedule") == "multistep":
+        steps = "/".join(str(m) for m in train.get("milestones", []))
+        return f"multistep {steps} ×{train.get('gamma')}"
+    return str(train.get("schedule", ""))
+
+
+def _channel_rank(params: dict[str, Any]) -> float:
+    rank = params.get("rank")
+    if isinstance(rank, list):
+        rank = rank[0] if rank else None
+    return float(rank) if rank is not None else math.nan
 
 
 def run_row(path: str | Path) -> dict[str, Any]:
@@ -40,6 +77,8 @@ def run_row(path: str | Path) -> dict[str, Any]:
     if doc.get("status") != "complete" or "final" not in doc:
         raise KdbenchError(f"{path} is not a finished run (status {doc.get('status')!r})")
     run, final, prov = doc["run"], doc["final"], doc.get("provenance", {})
+    cfg = doc.get("config", {})
+    train, params = cfg.get("train", {}), cfg.get("method", {}).get("params", {})
     return {
         "role": run["role"],
         "dataset": run["dataset"],
@@ -54,8 +93,22 @@ def run_row(path: str | Path) -> dict[str, Any]:
         "test_acc_last": final["test_acc_last"],
         "test_acc_best_val": final["test_acc_best_val"],
         "val_acc_best": final["val_acc_best"],
+        "rank": _channel_rank(params),
+        "batch_size": train.get("batch_size"),
+        "lr": train.get("lr"),
+        "schedule": _schedule(train),
+        "label_smoothing": params.get("label_smoothing", 0.0),
+        "T": params.get("T", math.nan),
+        "alpha": params.get("alpha", math.nan),
+        "beta": params.get("beta", math.nan),
         "train_seconds": final["train_seconds"],
+        "seconds_per_epoch": final.get(
+            "seconds_per_epoch", final["train_seconds"] / max(final["epochs"], 1)
+        ),
+        "peak_rss_mb": final.get("peak_rss_mb", math.nan),
+        "peak_cuda_mb": final.get("peak_cuda_mb") or math.nan,
         "device": prov.get("device", {}).get("name", ""),
+        "host": prov.get("host", ""),
         "commit": prov.get("git", {}).get("commit", ""),
         "path": str(path),
     }
@@ -63,87 +116,416 @@ def run_row(path: str | Path) -> dict[str, Any]:
 
 def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
     rows = [run_row(p) for p in paths]
+    if not rows:
+        raise KdbenchError("no finished runs to aggregate")
     return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values(GROUP + ["seed"], ignore_index=True)
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample standard deviation (NaN for one run) and n over seeds of each run group."""
-    agg = runs.groupby(GROUP, sort=True, dropna=False).agg(
-        n=("seed", "nunique"),
-        seeds=("seed", lambda s: " ".join(str(v) for v in sorted(s))),
-        test_acc_last_mean=("test_acc_last", "mean"),
-        test_acc_last_std=("test_acc_last", "std"),
-        test_acc_best_val_mean=("test_acc_best_val", "mean"),
-        test_acc_best_val_std=("test_acc_best_val", "std"),
-        epochs=("epochs", "max"),
-        train_seconds_mean=("train_seconds", "mean"),
-    )
-    return agg.reset_index()
+def _reference(runs: pd.DataFrame, **where: str) -> pd.DataFrame:
+    """The runs of one reference group (its ``default`` variant if it has several)."""
+    mask = np.ones(len(runs), dtype=bool)
+    for key, value in where.items():
+        mask &= (runs[key] == value).to_numpy()
+    ref = runs[mask]
+    if ref.empty:
+        return ref
+    variant = "default" if "default" in set(ref.variant) else sorted(ref.variant)[0]
+    return ref[ref.variant == variant]
+
+
+def _paired(group: pd.DataFrame, ref: pd.DataFrame, column: str) -> dict[str, float]:
+    joined = group[["seed", column]].merge(ref[["seed", column]], on="seed", suffixes=("", "_ref"))
+    return paired_difference(joined[column], joined[f"{column}_ref"])
+
+
+def summarize(runs: pd.DataFrame, accuracy: str = "best_val") -> pd.DataFrame:
+    """Per group: n and seeds; mean, std and 95% CI of the last-epoch and best-validation test
+    accuracy; the teacher's accuracy; paired differences (headline accuracy) to the vanilla
+    student and to logit KD with the paired t-test p-value and the number of pairs."""
+    if accuracy not in ACCURACY:
+        raise KdbenchError(f"accuracy must be best_val or last, got {accuracy!r}")
+    column = ACCURACY[accuracy]
+    teachers = runs[runs.role == "teacher"]
+    rows = []
+    for key, group in runs.groupby(GROUP, sort=False, dropna=False):
+        row: dict[str, Any] = dict(zip(GROUP, key, strict=True))
+        row["n"] = group.seed.nunique()
+        row["seeds"] = " ".join(str(s) for s in sorted(group.seed))
+        row["note"] = "n < 2: no spread" if row["n"] < 2 else ""
+        for name, col in ACCURACY.items():
+            d = describe(group[col])
+            row |= {f"{name}_mean": d["mean"], f"{name}_std": d["std"], f"{name}_ci95": d["ci95"]}
+        row["rank"] = group["rank"].iloc[0]
+        row["epochs"] = int(group.epochs.max())
+        row["seconds_per_epoch"] = float(group.seconds_per_epoch.mean())
+        teacher = teachers[(teachers.dataset == row["dataset"]) & (teachers.arch == row["teacher"])]
+        row["teacher_acc"] = float(teacher[column].mean()) if len(teacher) else math.nan
+        for ref_name, where in (
+            ("vanilla", {"method": "vanilla"}),
+            ("kd", {"method": "kd", "teacher": row["teacher"]}),
+        ):
+            diff = {"n": 0, "diff": math.nan, "ci95": math.nan, "p": math.nan}
+            if row["role"] == "student" and row["method"] != ref_name:
+                ref = _reference(
+                    runs, role="student", dataset=row["dataset"], arch=row["arch"], **where
+                )
+                if len(ref):
+                    diff = _paired(group, ref, column)
+            row |= {
+                f"vs_{ref_name}": diff["diff"],
+                f"vs_{ref_name}_ci95": diff["ci95"],
+                f"vs_{ref_name}_p": diff["p"],
+                f"vs_{ref_name}_n": diff["n"],
+            }
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.insert(len(GROUP), "accuracy", accuracy)
+    return out
+
+
+def _pm(mean: float, half: float, digits: int = 2) -> str:
+    if math.isnan(mean):
+        return ""
+    if math.isnan(half):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def _versus(row: Any, ref: str) -> str:
+    n = row[f"vs_{ref}_n"]
+    if not n or math.isnan(row[f"vs_{ref}"]):
+        return ""
+    text = f"{row[f'vs_{ref}']:+.2f}"
+    if not math.isnan(row[f"vs_{ref}_ci95"]):
+        text += f" ± {row[f'vs_{ref}_ci95']:.2f}"
+    p = row[f"vs_{ref}_p"]
+    return text + (f" (p = {p:.2g}, n = {n})" if not math.isnan(p) else f" (n = {n})")
+
+
+def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The report's first table: one formatted line per model group, headline accuracy first."""
+    accuracy = str(summary.accuracy.iloc[0])
+    other = "last" if accuracy == "best_val" else "best_val"
+    names = {"best_val": "best-val epoch", "last": "last epoch"}
+    rows = []
+    for _, row in summary.iterrows():
+        if row.role == "teacher":
+            model = f"teacher {row.arch}"
+        elif row.teacher in ("", "none"):
+            model = row.arch
+        else:
+            model = f"{row.teacher} → {row.arch}"
+        rows.append(
+            {
+                "dataset": row.dataset,
+                "model": model,
+                "method": "teacher" if row.role == "teacher" else _label(row.method, row.variant),
+                "n": int(row.n),
+                f"test acc. % ({names[accuracy]}, 95% CI)": _pm(
+                    row[f"{accuracy}_mean"], row[f"{accuracy}_ci95"]
+                ),
+                f"{names[other]}": _pm(row[f"{other}_mean"], row[f"{other}_ci95"]),
+                "vs vanilla (paired)": _versus(row, "vanilla"),
+                "vs kd (paired)": _versus(row, "kd"),
+                "note": row.note,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_csv(df: pd.DataFrame, path: str | Path, float_format: str = "%.4f") -> None:
+    with io.atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format=float_format)
+
+
+def _label(method: str, variant: str) -> str:
+    return method if variant == "default" else f"{method} {variant}"
 
 
 def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
-    """Bars of best-validation-epoch test accuracy (mean ± std over seeds) per dataset × student,
-    one bar per method and variant, the teacher's accuracy as a dashed line."""
+    """Methods ranked by headline accuracy (mean with 95% CI over seeds) per dataset × student,
+    the teacher's accuracy as a dashed line and the vanilla student's as a dotted one."""
+    from kdbench import plots
+
     students = summary[summary.role == "student"]
-    teachers = summary[summary.role == "teacher"]
     panels = list(students.groupby(["dataset", "arch"], sort=True))
     if not panels:
         raise KdbenchError("no student runs to aggregate")
-    cols = min(len(panels), 3)
+    accuracy = str(summary.accuracy.iloc[0])
+    height = max(len(g) for _, g in panels)
+    cols = min(len(panels), 2)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plots.plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    fig, axes = plots.plt.subplots(
+        rows, cols, figsize=(6.5 * cols, (1.2 + 0.32 * height) * rows), squeeze=False
+    )
     for ax, ((dataset, arch), group) in zip(axes.flat, panels, strict=False):
+        group = group.sort_values(f"{accuracy}_mean", ascending=True)
+        means = group[f"{accuracy}_mean"].to_numpy()
+        errs = group[f"{accuracy}_ci95"].fillna(0).to_numpy()
         labels = [
-            f"{m}" + (f"\n{v}" if v != "default" else "") + (f"\n← {t}" if t != "none" else "")
-            for m, v, t in zip(group.method, group.variant, group.teacher, strict=True)
+            f"{_label(m, v)}{'' if t in ('', 'none') else f' ← {t}'}  (n={n})"
+            for m, v, t, n in zip(group.method, group.variant, group.teacher, group.n, strict=True)
         ]
-        means = group.test_acc_best_val_mean.to_numpy()
-        errs = group.test_acc_best_val_std.fillna(0).to_numpy()
-        lo = max(0.0, float((means - errs).min()) - 10)
-        bars = ax.bar(range(len(group)), means, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
-        for bar, n in zip(bars, group.n, strict=True):
-            x = bar.get_x() + bar.get_width() / 2
-            ax.annotate(
-                f"n={n}",
-                (x, lo),
-                xytext=(0, 3),
-                textcoords="offset points",
-                ha="center",
-                fontsize=8,
-                color="white",
-            )
-        for _, t in teachers[teachers.dataset == dataset].iterrows():
-            ax.axhline(
-                t.test_acc_best_val_mean,
-                ls="--",
-                color="tab:red",
-                lw=1,
-                label=f"teacher {t.arch}: {t.test_acc_best_val_mean:.2f}%",
-            )
-        ax.set_xticks(range(len(group)), labels, fontsize=8)
+        colours = ["tab:gray" if m == "vanilla" else "tab:blue" for m in group.method]
+        ax.barh(range(len(group)), means, xerr=errs, capsize=3, color=colours, alpha=0.85)
+        ax.set_yticks(range(len(group)), labels, fontsize=7)
+        lo = max(0.0, float(np.nanmin(means - errs)) - 5)
+        for t, acc in (
+            summary[(summary.role == "teacher") & (summary.dataset == dataset)]
+            .set_index("arch")[f"{accuracy}_mean"]
+            .items()
+        ):
+            ax.axvline(acc, ls="--", color="tab:red", lw=1, label=f"teacher {t}: {acc:.2f}%")
         ax.set(
-            title=f"{dataset}: {arch}", ylabel="test accuracy (%) at best val epoch", ylim=(lo, 100)
+            title=f"{dataset}: {arch}",
+            xlabel=f"test accuracy (%), {'best-validation' if accuracy == 'best_val' else 'last'}"
+            " epoch; bars: 95% CI over seeds",
+            xlim=(lo, 100),
         )
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="center", fontsize=8)
+            ax.legend(loc="lower right", fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     plots.save(fig, path)
 
 
-def write_csv(df: pd.DataFrame, path: str | Path) -> None:
-    with io.atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.4f")
+def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
+    """Headline accuracy against the Tucker channel rank, one line per method and variant family
+    (the variant name without its rank), 95% CI error bars; the vanilla student dotted."""
+    from kdbench import plots
+
+    accuracy = str(summary.accuracy.iloc[0])
+    ranked = summary[(summary.role == "student") & summary["rank"].notna()]
+    if ranked.empty:
+        raise KdbenchError("no run has a Tucker rank: nothing to plot against the rank")
+    panels = list(ranked.groupby(["dataset", "teacher", "arch"], sort=True))
+    fig, axes = plots.plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, ((dataset, teacher, arch), group) in zip(axes.flat, panels, strict=True):
+        family = group.variant.str.replace(r"-?r[0-9x]+$", "", regex=True)
+        for (method, fam), g in group.groupby([group.method, family], sort=True):
+            g = g.sort_values("rank")
+            ax.errorbar(
+                g["rank"],
+                g[f"{accuracy}_mean"],
+                yerr=g[f"{accuracy}_ci95"].fillna(0),
+                marker="o",
+                capsize=3,
+                label=f"{method} {fam}".strip(),
+            )
+        vanilla = summary[
+            (summary.dataset == dataset) & (summary.method == "vanilla") & (summary.arch == arch)
+        ]
+        for acc in vanilla[f"{accuracy}_mean"]:
+            ax.axhline(acc, ls=":", color="0.4", label=f"vanilla {arch}: {acc:.2f}%")
+        ax.set(
+            title=f"{dataset}: {teacher} → {arch}",
+            xlabel="Tucker channel rank r",
+            ylabel=f"test accuracy (%), {accuracy} (95% CI)",
+        )
+        ax.set_xticks(sorted(set(group["rank"])))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    plots.save(fig, path)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A runs or summary CSV as written here (empty text fields stay empty strings)."""
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise KdbenchError(f"cannot read {path}: {exc}") from None
+    for column in ("teacher", "student", "note", "seeds", "commit", "host", "device"):
+        if column in df:
+            df[column] = df[column].fillna("").astype(str)
+    return df
+
+
+def rank_chart_from_csv(summary_csv: str | Path, path: str | Path) -> None:
+    """Rule ``rank_chart``: :func:`rank_chart` of the aggregated summary."""
+    rank_chart(read_table(summary_csv), path)
+
+
+def learning_curves_overlay(paths: Iterable[str | Path], path: str | Path, title: str) -> None:
+    """Test and validation accuracy and train loss per epoch, one line per method and variant
+    (mean over seeds) with a band from the lowest to the highest seed."""
+    from kdbench import plots
+
+    curves: dict[str, list[pd.DataFrame]] = {}
+    for p in paths:
+        doc = io.read_json(p)
+        run = doc["run"]
+        name = _label(run["method"], run["variant"])
+        curves.setdefault(name, []).append(pd.DataFrame(doc["epochs"]))
+    if not curves:
+        raise KdbenchError("no runs to draw learning curves of")
+    panels = (("test_acc", "test accuracy (%)"), ("val_acc", "validation accuracy (%)"))
+    panels += (("train_loss", "train loss"),)
+    fig, axes = plots.plt.subplots(1, 3, figsize=(16, 5))
+    colours = plots.plt.get_cmap("tab20")
+    for i, (name, runs) in enumerate(curves.items()):
+        epochs = min(len(r) for r in runs)
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            values = np.stack([r[key].to_numpy()[:epochs] for r in runs])
+            x = np.arange(1, epochs + 1)
+            colour = colours(i % 20)
+            ax.plot(x, values.mean(0), color=colour, lw=1.2, label=f"{name} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(x, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
+    for ax, (_, ylabel) in zip(axes, panels, strict=True):
+        ax.set(xlabel="epoch", ylabel=ylabel)
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{title}: mean over seeds, band = lowest to highest seed", fontsize=10)
+    fig.tight_layout()
+    plots.save(fig, path)
+
+
+def cost_table(runs: pd.DataFrame, benchmarks: Sequence[str | Path] = ()) -> pd.DataFrame:
+    """Per dataset × role × arch × method: runs, seconds per epoch, training and job seconds,
+    CPU seconds and peak memory (from metrics.json and Snakemake's ``benchmark:`` files)."""
+    bench = pd.DataFrame(
+        [_benchmark_row(p) for p in benchmarks],
+        columns=["path", "job_seconds", "cpu_seconds", "max_rss_mb"],
+    )
+    runs = runs.assign(bench=[str(Path(p).parent) for p in runs.path])
+    if len(bench):
+        bench["bench"] = bench.pop("path")
+        runs = runs.merge(bench, on="bench", how="left")
+    else:
+        runs = runs.assign(job_seconds=math.nan, cpu_seconds=math.nan, max_rss_mb=math.nan)
+    keys = ["dataset", "role", "arch", "teacher", "method", "device"]
+
+    def total(values: pd.Series) -> float:
+        return float(values.sum(min_count=1))  # NaN, not 0, where nothing was measured
+
+    return runs.groupby(keys, sort=True, as_index=False, dropna=False).agg(
+        runs=("seed", "size"),
+        epochs=("epochs", "max"),
+        seconds_per_epoch=("seconds_per_epoch", "mean"),
+        train_seconds_total=("train_seconds", "sum"),
+        job_seconds_total=("job_seconds", total),
+        cpu_seconds_total=("cpu_seconds", total),
+        peak_rss_mb=("peak_rss_mb", "max"),
+        peak_cuda_mb=("peak_cuda_mb", "max"),
+        test_acc_best_val=("test_acc_best_val", "mean"),
+        test_acc_last=("test_acc_last", "mean"),
+    )
+
+
+def _benchmark_row(path: str | Path) -> dict[str, Any]:
+    """A Snakemake benchmark file (TSV: s, max_rss, cpu_time, …) of a training job; the
+    benchmark lies in the run's directory so it joins the run by that directory."""
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except (OSError, ValueError) as exc:
+        raise KdbenchError(f"cannot read benchmark {path}: {exc}") from None
+    last = table.iloc[-1]
+    return {
+        "path": str(Path(path).parent),
+        "job_seconds": float(last.get("s", math.nan)),
+        "cpu_seconds": float(last.get("cpu_time", math.nan)),
+        "max_rss_mb": float(last.get("max_rss", math.nan)),
+    }
+
+
+def cost_chart(cost: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> None:
+    """Training seconds per epoch against headline accuracy, one point per student group."""
+    from kdbench import plots
+
+    accuracy = str(summary.accuracy.iloc[0])
+    students = summary[summary.role == "student"]
+    panels = list(students.groupby("dataset", sort=True))
+    fig, axes = plots.plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (dataset, group) in zip(axes.flat, panels, strict=True):
+        for method, g in group.groupby("method", sort=True):
+            ax.errorbar(
+                g.seconds_per_epoch,
+                g[f"{accuracy}_mean"],
+                yerr=g[f"{accuracy}_ci95"].fillna(0),
+                fmt="o",
+                capsize=3,
+                label=method,
+            )
+        devices = ", ".join(sorted(set(cost[cost.dataset == dataset].device)))
+        ax.set(
+            title=f"{dataset} ({devices})",
+            xlabel="training seconds per epoch (mean over seeds)",
+            ylabel=f"test accuracy (%), {accuracy}",
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    plots.save(fig, path)
+
+
+def provenance_table(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """What produced the results: versions, git commits, devices and hosts, with run counts,
+    and one md5 over every run's recorded configuration (:func:`kdbench.config.config_hash`)."""
+    from kdbench.config import config_hash
+
+    counts: dict[tuple[str, str], int] = {}
+    configs = []
+
+    def add(item: str, value: Any) -> None:
+        counts[(item, str(value))] = counts.get((item, str(value)), 0) + 1
+
+    for path in paths:
+        doc = io.read_json(path)
+        configs.append({"run": doc.get("run"), "seed": doc.get("seed"), **doc.get("config", {})})
+        prov = doc.get("provenance", {})
+        for package, version in sorted(prov.get("versions", {}).items()):
+            add(f"version: {package}", version)
+        git = prov.get("git", {})
+        dirty = " (uncommitted changes)" if git.get("dirty") else ""
+        add("git commit", f"{git.get('commit') or 'unknown'}{dirty}")
+        add("device", prov.get("device", {}).get("name", "unknown"))
+        add("host", prov.get("host", "unknown"))
+        add("platform", prov.get("platform", "unknown"))
+    digest = config_hash({"runs": sorted(configs, key=lambda c: json.dumps(c, sort_keys=True))})
+    rows = [
+        {"item": "config hash (md5 of the runs' configs)", "value": digest, "runs": len(configs)}
+    ]
+    rows += [{"item": i, "value": v, "runs": n} for (i, v), n in counts.items()]
+    table = pd.DataFrame(rows, columns=["item", "value", "runs"])
+    return table.sort_values("item", kind="stable", ignore_index=True)
 
 
 def aggregate(
-    metrics: Iterable[str | Path], runs_csv: str | Path, summary_csv: str | Path, chart: str | Path
+    metrics: Iterable[str | Path],
+    runs_csv: str | Path,
+    summary_csv: str | Path,
+    chart: str | Path,
+    *,
+    accuracy: str = "best_val",
+    benchmarks: Sequence[str | Path] = (),
+    cost_csv: str | Path | None = None,
+    cost_plot: str | Path | None = None,
+    provenance_csv: str | Path | None = None,
+    anchors_path: str | Path | None = None,
+    anchors_csv: str | Path | None = None,
+    headline_csv: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Write the runs table, the summary over seeds and the accuracy chart; return the summary."""
+    """Write the runs table, the summary over seeds and the ranked chart; with the keyword
+    paths also the report's headline table, the cost table and plot, the provenance table and
+    the published results beside the measured ones (:func:`kdbench.anchors.anchor_table`).
+    Returns the summary."""
+    metrics = list(metrics)
     runs = collect(metrics)
-    summary = summarize(runs)
+    summary = summarize(runs, accuracy)
     write_csv(runs, runs_csv)
     write_csv(summary, summary_csv)
+    if headline_csv is not None:
+        write_csv(headline_table(summary), headline_csv)
     accuracy_chart(summary, chart)
+    if cost_csv is not None:
+        cost = cost_table(runs, benchmarks)
+        write_csv(cost, cost_csv, "%.2f")
+        if cost_plot is not None:
+            cost_chart(cost, summary, cost_plot)
+    if provenance_csv is not None:
+        write_csv(provenance_table(metrics), provenance_csv)
+    if anchors_path is not None and anchors_csv is not None:
+        from kdbench.anchors import anchor_table
+
+        write_csv(anchor_table(anchors_path, summary, runs), anchors_csv, "%.2f")
     return summary

@@ -243,6 +243,17 @@ def cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory (MiB)."""
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    cuda = None
+    if device.type == "cuda":
+        cuda = torch.cuda.max_memory_allocated(device) / 2**20
+    return {"peak_rss_mb": rss_kib / 1024, "peak_cuda_mb": cuda}
+
+
 def fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -414,6 +425,8 @@ def fit(
         "val_acc_best": best_entry["val_acc"],
         "test_acc_best_val": best_entry["test_acc"],
         "train_seconds": sum(e["epoch_seconds"] for e in epochs),
+        "seconds_per_epoch": sum(e["epoch_seconds"] for e in epochs) / len(epochs),
+        **peak_memory(device),
         "resumed_after_epochs": resumed,
     }
     totals: dict[str, float] = {}

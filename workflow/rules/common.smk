@@ -1,6 +1,8 @@
 # Targets, wildcard constraints and the helpers the rules use. Every hyper-parameter a job needs
 # is resolved here from the config and reaches the job through `params:`, so changing one
 # method's setting re-runs only that method's jobs and what aggregates them.
+from pathlib import Path
+
 from kdbench import config as kdconfig
 from kdbench import methods as kdmethods
 from kdbench.data import DATASETS
@@ -11,6 +13,11 @@ TEACHER_RUNS = kdconfig.teacher_runs(config)
 STUDENT_RUNS = kdconfig.student_runs(config)
 TRAIN_THREADS = int(config.get("train_threads", 1))
 ANALYSIS = kdconfig.analysis_config(config)
+ACCURACY = config["accuracy"]
+ANCHORS = config.get("anchors") or str(
+    Path(workflow.basedir) / kdconfig.DEFAULT_ANCHORS
+)
+TUCKER_METHODS = [m for m in ("tucker", "tucker_recomp") if m in config["methods"]]
 PAIRS = kdconfig.pairs(config)
 
 TEACHER_DIR = f"{RESULTS}/{{dataset}}/teachers/{{arch}}/seed{{seed}}"
@@ -51,19 +58,50 @@ def student_metrics():
     return [f"{student_dir(r)}/metrics.json" for r in STUDENT_RUNS]
 
 
-def all_targets():
-    targets = [
-        f"{RESULTS}/summary/runs.csv",
-        f"{RESULTS}/summary/summary.csv",
-        f"{RESULTS}/summary/accuracy_by_method.png",
+def benchmarks():
+    dirs = [teacher_dir(r) for r in TEACHER_RUNS] + [
+        student_dir(r) for r in STUDENT_RUNS
     ]
+    return [f"{d}/benchmark.tsv" for d in dirs]
+
+
+def pair_metrics(wildcards):
+    """metrics.json of the pair's students and of the vanilla students they are compared to."""
+    return [
+        f"{student_dir(r)}/metrics.json"
+        for r in STUDENT_RUNS
+        if r.dataset == wildcards.dataset
+        and r.student == wildcards.student
+        and r.teacher in (wildcards.teacher, kdconfig.NO_TEACHER)
+    ]
+
+
+def all_targets():
+    targets = [f"{RESULTS}/summary/{name}" for name in SUMMARY_OUTPUTS]
+    if TUCKER_METHODS:
+        targets.append(f"{RESULTS}/summary/accuracy_by_rank.png")
     for dataset in config["datasets"]:
         directory = ANALYSIS_DIR.format(dataset=dataset)
         targets += [f"{directory}/{name}" for name in ANALYSIS_OUTPUTS]
     for dataset, teacher, student in PAIRS:
         directory = PAIR_DIR.format(dataset=dataset, teacher=teacher, student=student)
         targets += [f"{directory}/{name}" for name in PAIR_OUTPUTS]
+        targets.append(
+            f"{RESULTS}/summary/{dataset}/{teacher}-{student}/learning_curves.png"
+        )
     return targets
+
+
+SUMMARY_OUTPUTS = [
+    "runs.csv",
+    "summary.csv",
+    "headline.csv",
+    "accuracy_by_method.png",
+    "anchors.csv",
+    "cost.csv",
+    "cost_accuracy.png",
+    "provenance.csv",
+]
 
 
 # What the analysis stage writes per dataset and per teacher → student pair.

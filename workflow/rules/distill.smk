@@ -16,7 +16,8 @@ rule distill:
             category="Learning curves",
             subcategory="{dataset}",
             labels={
-                "model": "{teacher} → {student}",
+                "dataset": "{dataset}",
+                "pair": "{teacher} → {student}",
                 "method": "{method} {variant}",
                 "seed": "{seed}",
             },
@@ -27,13 +28,16 @@ rule distill:
             category="Learning curves",
             subcategory="{dataset}",
             labels={
-                "model": "{teacher} → {student}",
+                "dataset": "{dataset}",
+                "pair": "{teacher} → {student}",
                 "method": "{method} {variant}",
                 "seed": "{seed}",
             },
         ),
     log:
         f"{LOG_DIR}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}-{{variant}}-seed{{seed}}.log",
+    benchmark:
+        f"{STUDENT_DIR}/benchmark.tsv"
     conda:
         "../envs/kdbench.yaml"
     threads: TRAIN_THREADS

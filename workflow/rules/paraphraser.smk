@@ -14,7 +14,8 @@ rule train_paraphraser:
             category="Learning curves",
             subcategory="{dataset}",
             labels={
-                "model": "paraphraser of {teacher}",
+                "dataset": "{dataset}",
+                "pair": "paraphraser of {teacher}",
                 "method": "ft",
                 "seed": "{seed}",
             },

@@ -12,17 +12,29 @@ rule train_teacher:
             caption="../report/loss_curve.rst",
             category="Learning curves",
             subcategory="{dataset}",
-            labels={"model": "teacher {arch}", "method": "teacher", "seed": "{seed}"},
+            labels={
+                "dataset": "{dataset}",
+                "pair": "teacher {arch}",
+                "method": "teacher",
+                "seed": "{seed}",
+            },
         ),
         accuracy_plot=report(
             f"{TEACHER_DIR}/Accuracy.png",
             caption="../report/accuracy_curve.rst",
             category="Learning curves",
             subcategory="{dataset}",
-            labels={"model": "teacher {arch}", "method": "teacher", "seed": "{seed}"},
+            labels={
+                "dataset": "{dataset}",
+                "pair": "teacher {arch}",
+                "method": "teacher",
+                "seed": "{seed}",
+            },
         ),
     log:
         f"{LOG_DIR}/{{dataset}}/teachers/{{arch}}-seed{{seed}}.log",
+    benchmark:
+        f"{TEACHER_DIR}/benchmark.tsv"
     conda:
         "../envs/kdbench.yaml"
     threads: TRAIN_THREADS

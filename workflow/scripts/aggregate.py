@@ -10,4 +10,12 @@ run_job(
     runs_csv=snakemake.output.runs,
     summary_csv=snakemake.output.summary,
     chart=snakemake.output.chart,
+    accuracy=snakemake.params.accuracy,
+    benchmarks=list(snakemake.input.benchmarks),
+    cost_csv=snakemake.output.cost,
+    cost_plot=snakemake.output.cost_plot,
+    provenance_csv=snakemake.output.provenance,
+    anchors_path=snakemake.input.anchors,
+    anchors_csv=snakemake.output.anchors,
+    headline_csv=snakemake.output.headline,
 )

@@ -1,0 +1,274 @@
+"""Statistics over seeds, paired differences, the anchor table, cost and provenance."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import scipy.stats
+import yaml
+from conftest import REPO
+
+from kdbench import anchors, config, stats, summary
+from kdbench.errors import KdbenchError
+
+
+def test_describe_by_hand():
+    d = stats.describe([1.0, 2.0, 3.0, 4.0])
+    sd = math.sqrt(5 / 3)  # squares of deviations 2.25 + 0.25 + 0.25 + 2.25 = 5 over n − 1 = 3
+    assert d["n"] == 4 and d["mean"] == 2.5 and d["std"] == pytest.approx(sd)
+    assert d["ci95"] == pytest.approx(3.182446305284263 * sd / 2)  # t(0.975, 3)
+    one = stats.describe([70.0])
+    assert one["n"] == 1 and one["mean"] == 70.0
+    assert math.isnan(one["std"]) and math.isnan(one["ci95"])
+    same = stats.describe([5.0, 5.0, 5.0])
+    assert same["std"] == 0.0 and same["ci95"] == 0.0
+    assert stats.describe([])["n"] == 0
+
+
+def test_paired_difference_by_hand():
+    d = stats.paired_difference([1.0, 2.0, 4.0], [0.0, 1.0, 1.0])  # differences 1, 1, 3
+    sd = math.sqrt(((1 - 5 / 3) ** 2 * 2 + (3 - 5 / 3) ** 2) / 2)
+    t = (5 / 3) / (sd / math.sqrt(3))
+    assert d["n"] == 3 and d["diff"] == pytest.approx(5 / 3)
+    assert d["ci95"] == pytest.approx(4.302652729911275 * sd / math.sqrt(3))  # t(0.975, 2)
+    assert t == pytest.approx(2.5)
+    assert d["p"] == pytest.approx(2 * scipy.stats.t.sf(2.5, 2))
+    constant = stats.paired_difference([2.0, 3.0], [1.0, 2.0])  # differences do not vary
+    assert constant["diff"] == 1.0 and constant["ci95"] == 0.0 and math.isnan(constant["p"])
+    single = stats.paired_difference([2.0], [1.0])
+    assert single["diff"] == 1.0 and math.isnan(single["ci95"]) and math.isnan(single["p"])
+    with pytest.raises(ValueError, match="differ in length"):
+        stats.paired_difference([1.0], [1.0, 2.0])
+
+
+def run(
+    method, seed, acc, *, role="student", teacher="resnet20", arch="resnet8", variant="default"
+):
+    return {
+        "role": role,
+        "dataset": "digits",
+        "teacher": teacher if role == "student" else "",
+        "student": arch if role == "student" else "",
+        "arch": arch,
+        "method": method,
+        "variant": variant,
+        "seed": seed,
+        "epochs": 4,
+        "best_epoch": 4,
+        "test_acc_last": acc - 1.0,
+        "test_acc_best_val": acc,
+        "val_acc_best": acc,
+        "rank": 16.0 if method == "tucker" else math.nan,
+        "batch_size": 64,
+        "lr": 0.05,
+        "schedule": "cosine",
+        "label_smoothing": 0.0,
+        "T": 2.0 if method == "kd" else math.nan,
+        "alpha": math.nan,
+        "beta": 125.0 if method == "tucker" else math.nan,
+        "train_seconds": 10.0,
+        "seconds_per_epoch": 2.5,
+        "peak_rss_mb": 500.0,
+        "peak_cuda_mb": math.nan,
+        "device": "cpu",
+        "host": "h",
+        "commit": "abc",
+        "path": f"/r/{method}/{variant}/{seed}/metrics.json",
+    }
+
+
+def runs_table():
+    rows = [run("vanilla", "teacher", 97.0, role="teacher", arch="resnet20")]
+    rows[0]["seed"] = 0
+    rows += [run("vanilla", s, a, teacher="none") for s, a in ((2, 90.0), (0, 91.0), (1, 93.0))]
+    rows += [run("kd", s, a) for s, a in ((0, 92.0), (1, 95.0), (2, 90.5))]
+    rows += [run("tucker", 0, 80.0, variant="full-teacher-r16")]
+    return pd.DataFrame(rows, columns=summary.RUN_COLUMNS)
+
+
+def test_summary_pairs_by_seed_and_marks_single_runs():
+    table = summary.summarize(runs_table(), "best_val")
+    kd = table[table.method == "kd"].iloc[0]
+    assert kd.n == 3 and kd.seeds == "0 1 2" and kd.note == ""
+    assert kd.best_val_mean == pytest.approx((92 + 95 + 90.5) / 3)
+    assert kd.last_mean == pytest.approx((92 + 95 + 90.5) / 3 - 1)
+    # differences by seed: 92 − 91, 95 − 93, 90.5 − 90 (not by row order)
+    expected = stats.paired_difference([92, 95, 90.5], [91, 93, 90])
+    assert kd.vs_vanilla == pytest.approx(expected["diff"])
+    assert kd.vs_vanilla_p == pytest.approx(expected["p"])
+    assert kd.vs_vanilla_n == 3 and math.isnan(kd.vs_kd)
+    assert kd.teacher_acc == 97.0
+    tucker = table[table.method == "tucker"].iloc[0]
+    assert tucker.n == 1 and tucker.note.startswith("n < 2") and math.isnan(tucker.best_val_ci95)
+    assert tucker.vs_vanilla == pytest.approx(80 - 91) and tucker.vs_vanilla_n == 1
+    assert tucker.vs_kd == pytest.approx(80 - 92) and math.isnan(tucker.vs_kd_p)
+    vanilla = table[table.method == "vanilla"].iloc[0]
+    assert math.isnan(vanilla.vs_vanilla) and vanilla.vs_kd_n == 0  # vanilla has no teacher
+    last = summary.summarize(runs_table(), "last")
+    assert set(last.accuracy) == {"last"}
+    assert last[last.method == "kd"].vs_vanilla.item() == pytest.approx(expected["diff"])
+    with pytest.raises(KdbenchError, match="best_val or last"):
+        summary.summarize(runs_table(), "max")
+
+
+ANCHORS = {
+    "protocols": {
+        "paper": {
+            "source": "a paper",
+            "epochs": 240,
+            "schedule": "cosine",
+            "batch_size": 64,
+            "lr": 0.05,
+            "T": 4,
+            "beta": None,
+            "selection": "last epoch",
+            "runs": None,
+        },
+    },
+    "rows": [
+        {
+            "protocol": "paper",
+            "dataset": "digits",
+            "teacher": "resnet20",
+            "student": "resnet8",
+            "method": "teacher",
+            "accuracy": 98.0,
+        },
+        {
+            "protocol": "paper",
+            "dataset": "digits",
+            "teacher": "resnet56",
+            "student": "resnet8",
+            "method": "vanilla",
+            "accuracy": 90.0,
+        },
+        {
+            "protocol": "paper",
+            "dataset": "cifar100",
+            "teacher": "resnet56",
+            "student": "resnet20",
+            "method": "kd",
+            "accuracy": 70.66,
+        },
+        {
+            "protocol": "paper",
+            "dataset": "digits",
+            "teacher": "resnet20",
+            "student": "resnet8",
+            "method": "kd",
+            "accuracy": 94.0,
+            "teacher_acc": 99.0,
+        },
+        {
+            "protocol": "paper",
+            "dataset": "digits",
+            "teacher": "resnet20",
+            "student": "resnet8",
+            "method": "tucker",
+            "variant": "full-teacher-r16",
+            "accuracy": 85.0,
+        },
+    ],
+}
+
+
+def test_anchor_table_joins_the_right_rows(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text(yaml.safe_dump(ANCHORS))
+    runs = runs_table()
+    table = anchors.anchor_table(path, summary.summarize(runs, "best_val"), runs)
+    assert list(table.columns) == anchors.COLUMNS
+    assert table.protocol_differences.iloc[-1] == "not run here"  # cifar100 last
+    rows = table[table.dataset == "digits"].set_index(["method", "variant"])
+    teacher = rows.loc[("teacher", "default")]
+    assert teacher.measured == pytest.approx(96.0) and teacher.measured_at == "last epoch"
+    # vanilla is teacher-free: the published resnet56 pair's vanilla row is our vanilla resnet8
+    vanilla = rows.loc[("vanilla", "default")]
+    assert vanilla.measured == pytest.approx((90 + 91 + 93) / 3 - 1) and vanilla.n == 3
+    kd = rows.loc[("kd", "default")]
+    assert kd.difference == pytest.approx(kd.measured - 94.0)
+    assert kd.measured_teacher == pytest.approx(96.0)
+    text = kd.protocol_differences
+    assert "epochs: 240 there, 4 here" in text and "batch_size" not in text  # both 64
+    assert "T: 4 there, 2 here" in text and "runs: not stated there, 3 here" in text
+    assert "teacher accuracy: 99.00 there, 96.00 here" in text and "lr" not in text
+    tucker = rows.loc[("tucker", "full-teacher-r16")]
+    assert tucker.n == 1 and "beta: not stated there, 125 here" in tucker.protocol_differences
+
+
+def test_anchors_file_errors(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    bad = {"protocols": {}, "rows": [{**ANCHORS["rows"][0]}]}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(KdbenchError, match="unknown protocol 'paper'"):
+        anchors.load(path)
+    path.write_text(yaml.safe_dump({"protocols": {}, "rows": [{"method": "kd"}]}))
+    with pytest.raises(KdbenchError, match=r"rows\[0\] lacks accuracy, dataset"):
+        anchors.load(path)
+    with pytest.raises(KdbenchError, match="cannot read the anchors file"):
+        anchors.load(tmp_path / "missing.yaml")
+
+
+def test_shipped_anchors_name_known_protocols_and_variants():
+    protocols, rows = anchors.load(REPO / "config" / "anchors.yaml")
+    assert set(rows.protocol) <= set(protocols)
+    assert len(rows) == 18 + 12 + 4
+    tucker = rows[rows.method == "tucker"]
+    assert set(tucker.variant) == {f"full-teacher-r{r}" for r in (32, 24, 16, 8)}
+
+
+def test_protocols_fill_only_what_the_config_leaves_out():
+    cfg = {"methods": {"kd": {"alpha": 0.5}, "vanilla": None}, "train": {"epochs": 3}}
+    crd = config.resolve({**cfg, "protocol": "crd"})
+    assert crd["train"]["epochs"] == 3 and crd["train"]["batch_size"] == 64
+    assert crd["train"]["schedule"]["milestones"] == [150, 180, 210]
+    assert crd["methods"]["kd"] == {"T": 4.0, "alpha": 0.5}
+    assert crd["methods"]["vanilla"] == {"label_smoothing": 0.0} and "ft" not in crd["methods"]
+    assert crd["accuracy"] == "last" and crd["teacher"]["label_smoothing"] == 0.0
+    seed = config.resolve(cfg)
+    assert seed["protocol"] == "seed" and seed["accuracy"] == "best_val"
+    assert seed["methods"]["kd"]["T"] == 2.0 and seed["train"]["batch_size"] == 128
+    assert config.resolve({**cfg, "accuracy": "last"})["accuracy"] == "last"
+    with pytest.raises(KdbenchError, match="protocol: 'xyz' is not one of seed, crd"):
+        config.resolve({**cfg, "protocol": "xyz"})
+
+
+def test_cost_table_joins_benchmarks(tmp_path):
+    runs = runs_table()
+    directory = tmp_path / "kd"
+    directory.mkdir()
+    runs.loc[runs.method == "kd", "path"] = str(directory / "metrics.json")
+    (directory / "benchmark.tsv").write_text(
+        "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+        "12.5\t0:00:12\t812.3\t900\t800\t805\t0\t1\t95.0\t11.0\n"
+    )
+    cost = summary.cost_table(runs, [directory / "benchmark.tsv"])
+    kd = cost[cost.method == "kd"].iloc[0]
+    assert kd.runs == 3 and kd.seconds_per_epoch == 2.5 and kd.train_seconds_total == 30.0
+    # the three kd rows share one directory here, so each joins the same benchmark
+    assert kd.job_seconds_total == pytest.approx(3 * 12.5) and kd.cpu_seconds_total == 33.0
+    assert kd.peak_rss_mb == 500.0
+    assert math.isnan(cost[cost.method == "tucker"].job_seconds_total.iloc[0])  # no benchmark
+
+
+def test_provenance_table(tmp_path):
+    paths = []
+    for i, dirty in enumerate((False, True)):
+        p = tmp_path / f"m{i}.json"
+        prov = {
+            "versions": {"torch": "2.14.1"},
+            "git": {"commit": "abc", "dirty": dirty},
+            "device": {"name": "AMD EPYC"},
+            "host": "vm",
+        }
+        p.write_text(json.dumps({"provenance": prov, "config": {"train": {"epochs": 3}}}))
+        paths.append(p)
+    table = summary.provenance_table(paths)
+    values = dict(zip(table["item"] + "=" + table["value"], table["runs"], strict=True))
+    assert values["version: torch=2.14.1"] == 2 and values["device=AMD EPYC"] == 2
+    assert values["git commit=abc"] == 1 and values["git commit=abc (uncommitted changes)"] == 1
+    digest = table[table["item"].str.startswith("config hash")]
+    assert digest.runs.item() == 2 and len(digest.value.item()) == 32
+    assert summary.provenance_table(paths[::-1]).value.iloc[0] == digest.value.item()
+    assert config.config_hash({"a": 1, "b": 2}) == config.config_hash({"b": 2, "a": 1})
