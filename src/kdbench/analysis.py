@@ -520,7 +520,11 @@ def correlation_figures(
     fig, ax = plots.plt.subplots(figsize=(6.5, 5.2))
     im = _heatmap(ax, values, list(KEYS), cols, vmin=-1, vmax=1, cmap="RdBu_r")
     fig.colorbar(im, ax=ax, shrink=0.8, label="correlation with test accuracy")
-    ax.set_title(f"{dataset}: stage metrics vs student test accuracy (n = {n} runs)", fontsize=10)
+    note = "" if n >= 3 else ": at least 3 are needed, so every value is undefined"
+    ax.set_title(
+        f"{dataset}: stage metrics vs student test accuracy (n = {n} student runs{note})",
+        fontsize=10,
+    )
     fig.tight_layout()
     plots.save(fig, accuracy_png)
 
