@@ -272,3 +272,13 @@ def test_provenance_table(tmp_path):
     assert digest.runs.item() == 2 and len(digest.value.item()) == 32
     assert summary.provenance_table(paths[::-1]).value.iloc[0] == digest.value.item()
     assert config.config_hash({"a": 1, "b": 2}) == config.config_hash({"b": 2, "a": 1})
+
+
+def test_correlation_against_scipy_and_undefined_cases():
+    x, y = [1.0, 2.0, 3.0, 4.0], [2.0, 4.5, 5.0, 9.0]
+    c = stats.correlation(x, y)
+    assert c["n"] == 4 and c["pearson_r"] == pytest.approx(scipy.stats.pearsonr(x, y)[0])
+    assert c["spearman_r"] == pytest.approx(1.0)
+    assert math.isnan(stats.correlation([1.0, 2.0, 3.0], [5.0, 5.0, 5.0])["pearson_r"])
+    short = stats.correlation([1.0, 2.0, float("nan")], [1.0, 2.0, 3.0])
+    assert short["n"] == 2 and math.isnan(short["spearman_p"])

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +32,8 @@ from kdbench import io, models
 from kdbench.data import Dataset, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.metrics import DEFINITIONS, KEYS, feature_metrics, per_channel_metrics
+from kdbench.stats import correlation
+from kdbench.summary import finished_run, label, write_csv
 
 log = logging.getLogger("kdbench")
 
@@ -45,16 +45,9 @@ STAGE_COLUMNS = [*MODEL, "test_acc", "stage", "definition", "metric", "value"]
 TEACHER_LABEL = "teacher"
 
 
-def label(method: str, variant: str) -> str:
-    """Short name of a model: ``teacher``, ``kd``, ``tucker full-teacher-r16``…"""
-    return method if variant == "default" else f"{method} {variant}"
-
-
 def model_info(run_metrics: str | Path, checkpoint: str = "best") -> dict[str, Any]:
     """Who a trained model is (from its finished run's metrics.json) and its test accuracy."""
-    doc = io.read_json(run_metrics)
-    if doc.get("status") != "complete" or "final" not in doc:
-        raise KdbenchError(f"{run_metrics} is not a finished run (status {doc.get('status')!r})")
+    doc = finished_run(run_metrics)
     run, final = doc["run"], doc["final"]
     teacher_role = run["role"] == "teacher"
     method = TEACHER_LABEL if teacher_role else run["method"]
@@ -108,11 +101,11 @@ def stage_features(
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
     """CSV or Parquet (by suffix), atomically, values at full float precision."""
     path = Path(path)
+    if path.suffix != ".parquet":
+        write_csv(df, path, "%.8g")
+        return
     with io.atomic_path(path) as tmp:
-        if path.suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False, float_format="%.8g")
+        df.to_parquet(tmp, index=False)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -433,26 +426,6 @@ def metric_table(summary: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _corr(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    nan = {"pearson_r": math.nan, "pearson_p": math.nan, "spearman_r": math.nan}
-    nan["spearman_p"] = math.nan
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return {**nan, "n": len(x)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pr = scipy.stats.pearsonr(x, y)
-        sr = scipy.stats.spearmanr(x, y)
-    return {
-        "pearson_r": float(pr.statistic),
-        "pearson_p": float(pr.pvalue),
-        "spearman_r": float(sr.statistic),
-        "spearman_p": float(sr.pvalue),
-        "n": len(x),
-    }
-
-
 def correlations(stages: pd.DataFrame) -> pd.DataFrame:
     """Pearson and Spearman correlations (with p-values and n) of each stage metric with student
     test accuracy (students only: one point per run), and between metrics (every model)."""
@@ -466,6 +439,7 @@ def correlations(stages: pd.DataFrame) -> pd.DataFrame:
             values="value",
         ).reset_index()
         students = wide[wide.role == "student"]
+        accuracy = students.test_acc.to_numpy(float)
         where = {"dataset": dataset, "stage": stage, "definition": definition}
         for metric in KEYS:
             if metric not in wide:
@@ -476,7 +450,7 @@ def correlations(stages: pd.DataFrame) -> pd.DataFrame:
                     "kind": "metric~accuracy",
                     "x": metric,
                     "y": "test_acc",
-                    **_corr(students[metric].to_numpy(float), students.test_acc.to_numpy(float)),
+                    **correlation(students[metric].to_numpy(float), accuracy),
                 }
             )
         for i, a in enumerate(KEYS):
@@ -488,7 +462,7 @@ def correlations(stages: pd.DataFrame) -> pd.DataFrame:
                             "kind": "metric~metric",
                             "x": a,
                             "y": b,
-                            **_corr(wide[a].to_numpy(float), wide[b].to_numpy(float)),
+                            **correlation(wide[a].to_numpy(float), wide[b].to_numpy(float)),
                         }
                     )
     columns = ["dataset", "stage", "definition", "kind", "x", "y", "n"]

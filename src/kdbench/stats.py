@@ -1,4 +1,5 @@
-"""Statistics over seeds: mean, sample std, 95% confidence interval, paired differences.
+"""Statistics over seeds: mean, sample std, 95% confidence interval, paired differences, and
+correlations.
 
 Every function takes plain sequences and returns plain floats; undefined values are NaN, never
 an error: the standard deviation and the interval need n ≥ 2, and a paired test also needs
@@ -41,3 +42,23 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float
             warnings.simplefilter("ignore")
             p = float(scipy.stats.ttest_rel(x, y).pvalue)
     return {"n": d["n"], "diff": d["mean"], "ci95": d["ci95"], "p": p}
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
+    """Pearson and Spearman correlation with p-values over the finite pairs, and their n;
+    NaN where fewer than 3 pairs remain or either side is constant."""
+    a = np.asarray(x, dtype=float)
+    b = np.asarray(y, dtype=float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    out = {"n": len(a), "pearson_r": math.nan, "pearson_p": math.nan}
+    out |= {"spearman_r": math.nan, "spearman_p": math.nan}
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pearson = scipy.stats.pearsonr(a, b)
+        spearman = scipy.stats.spearmanr(a, b)
+    out |= {"pearson_r": float(pearson.statistic), "pearson_p": float(pearson.pvalue)}
+    out |= {"spearman_r": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
+    return out

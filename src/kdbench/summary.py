@@ -71,11 +71,25 @@ def _channel_rank(params: dict[str, Any]) -> float:
     return float(rank) if rank is not None else math.nan
 
 
-def run_row(path: str | Path) -> dict[str, Any]:
-    """One row of the runs table from a finished run's metrics.json."""
-    doc = io.read_json(path)
+def label(method: str, variant: str) -> str:
+    """Short name of a method and variant: ``kd``, ``tucker full-teacher-r16``…"""
+    return method if variant == "default" else f"{method} {variant}"
+
+
+def finished_run(path: str | Path) -> dict[str, Any]:
+    """A finished run's metrics.json; one-line error for a missing or unfinished one."""
+    try:
+        doc = io.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise KdbenchError(f"cannot read {path}: {exc}") from None
     if doc.get("status") != "complete" or "final" not in doc:
         raise KdbenchError(f"{path} is not a finished run (status {doc.get('status')!r})")
+    return doc
+
+
+def run_row(path: str | Path) -> dict[str, Any]:
+    """One row of the runs table from a finished run's metrics.json."""
+    doc = finished_run(path)
     run, final, prov = doc["run"], doc["final"], doc.get("provenance", {})
     cfg = doc.get("config", {})
     train, params = cfg.get("train", {}), cfg.get("method", {}).get("params", {})
@@ -219,7 +233,7 @@ def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
             {
                 "dataset": row.dataset,
                 "model": model,
-                "method": "teacher" if row.role == "teacher" else _label(row.method, row.variant),
+                "method": "teacher" if row.role == "teacher" else label(row.method, row.variant),
                 "n": int(row.n),
                 f"test acc. % ({names[accuracy]}, 95% CI)": _pm(
                     row[f"{accuracy}_mean"], row[f"{accuracy}_ci95"]
@@ -236,10 +250,6 @@ def headline_table(summary: pd.DataFrame) -> pd.DataFrame:
 def write_csv(df: pd.DataFrame, path: str | Path, float_format: str = "%.4f") -> None:
     with io.atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format=float_format)
-
-
-def _label(method: str, variant: str) -> str:
-    return method if variant == "default" else f"{method} {variant}"
 
 
 def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
@@ -263,7 +273,7 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
         means = group[f"{accuracy}_mean"].to_numpy()
         errs = group[f"{accuracy}_ci95"].fillna(0).to_numpy()
         labels = [
-            f"{_label(m, v)}{'' if t in ('', 'none') else f' ← {t}'}  (n={n})"
+            f"{label(m, v)}{'' if t in ('', 'none') else f' ← {t}'}  (n={n})"
             for m, v, t, n in zip(group.method, group.variant, group.teacher, group.n, strict=True)
         ]
         colours = ["tab:gray" if m == "vanilla" else "tab:blue" for m in group.method]
@@ -355,7 +365,7 @@ def learning_curves_overlay(paths: Iterable[str | Path], path: str | Path, title
     for p in paths:
         doc = io.read_json(p)
         run = doc["run"]
-        name = _label(run["method"], run["variant"])
+        name = label(run["method"], run["variant"])
         curves.setdefault(name, []).append(pd.DataFrame(doc["epochs"]))
     if not curves:
         raise KdbenchError("no runs to draw learning curves of")

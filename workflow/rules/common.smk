@@ -145,8 +145,13 @@ def pair_students(wildcards):
     )
 
 
+def weights_name(checkpoint):
+    """The weights file of a run for a checkpoint choice (best validation epoch or final)."""
+    return "model_best.pt" if checkpoint == "best" else "model_final.pt"
+
+
 def analysed_weights(wildcards):
-    name = "model_best.pt" if ANALYSIS["checkpoint"] == "best" else "model_final.pt"
+    name = weights_name(ANALYSIS["checkpoint"])
     return f"{RESULTS}/{wildcards.dataset}/{wildcards.model}/{name}"
 
 
@@ -178,7 +183,7 @@ def diagnosed_models(wildcards):
     students.sort(
         key=lambda d: "/vanilla/" not in d
     )  # vanilla first, then config order
-    name = "model_best.pt" if ANALYSIS["checkpoint"] == "best" else "model_final.pt"
+    name = weights_name(ANALYSIS["checkpoint"])
     dirs = [f"{RESULTS}/{wildcards.dataset}/{d}" for d in [teacher, *students]]
     return {
         "weights": [f"{d}/{name}" for d in dirs],
@@ -190,7 +195,7 @@ def teacher_checkpoint(wildcards):
     """The teacher weights a student learns from (none for teacher-free methods)."""
     if wildcards.teacher == kdconfig.NO_TEACHER:
         return []
-    name = "model_best.pt" if TEACHER["checkpoint"] == "best" else "model_final.pt"
+    name = weights_name(TEACHER["checkpoint"])
     directory = TEACHER_DIR.format(
         dataset=wildcards.dataset, arch=wildcards.teacher, seed=TEACHER["seed"]
     )
