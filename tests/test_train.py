@@ -113,6 +113,10 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path):
     assert (tmp_path / "resumed.state").exists()
     resumed = _fit(tmp_path, "resumed")
     assert resumed["final"]["resumed_after_epochs"] == [1]
+    # the interrupted process is named in the resumed run's provenance
+    (session,) = resumed["provenance"]["previous_sessions"]
+    assert session["epochs"] == 1 and session["host"] == resumed["provenance"]["host"]
+    assert plain["provenance"]["previous_sessions"] == []
     assert _curves(resumed) == _curves(plain)
     measured = ("train_seconds", "seconds_per_epoch", "peak_rss_mb", "peak_cuda_mb")
     skip = (*measured, "resumed_after_epochs")

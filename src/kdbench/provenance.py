@@ -84,6 +84,23 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+SLURM_VARIABLES = {
+    "job_id": "SLURM_JOB_ID",
+    "node": "SLURMD_NODENAME",
+    "partition": "SLURM_JOB_PARTITION",
+    "restart_count": "SLURM_RESTART_COUNT",
+    "cpus_per_task": "SLURM_CPUS_PER_TASK",
+    "cuda_visible_devices": "CUDA_VISIBLE_DEVICES",
+}
+
+
+def slurm_info() -> dict[str, str | None] | None:
+    """The SLURM job this process runs in (None outside SLURM)."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    return {key: os.environ.get(var) for key, var in SLURM_VARIABLES.items()}
+
+
 def collect(device: torch.device) -> dict[str, Any]:
     """Everything needed to say how and where a run was made."""
     return {
@@ -94,4 +111,5 @@ def collect(device: torch.device) -> dict[str, Any]:
         "git": git_info(),
         "device": device_info(device),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm": slurm_info(),
     }

@@ -50,10 +50,11 @@ def run_job(
     if threads:
         torch.set_num_threads(int(threads))
     log.info(
-        "job %s on %s (SLURM_JOB_ID=%s, CUDA_VISIBLE_DEVICES=%s, %d threads)",
+        "job %s on %s (SLURM_JOB_ID=%s, node %s, CUDA_VISIBLE_DEVICES=%s, %d threads)",
         func.__name__,
         socket.gethostname(),
         os.environ.get("SLURM_JOB_ID", "-"),
+        os.environ.get("SLURMD_NODENAME", "-"),
         os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
         torch.get_num_threads(),
     )

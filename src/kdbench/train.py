@@ -309,6 +309,8 @@ def fit(
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "weights": None}
     resumed: list[int] = []
+    # the earlier processes (SLURM jobs) that trained this run: host, job id, epochs they reached
+    sessions: list[dict[str, Any]] = []
     state = load_state(state_path, fp)
     if state is not None:
         for name, mod in modules.items():
@@ -321,7 +323,16 @@ def fit(
         epochs = list(state["epochs"])
         best = dict(state["best"])
         resumed = list(state.get("resumed", [])) + [len(epochs)]
-        log.info("resuming from %s after epoch %d/%d", state_path, len(epochs), cfg.epochs)
+        sessions = list(state.get("sessions", []))
+        writer = sessions[-1] if sessions else {}
+        log.info(
+            "resuming from %s after epoch %d/%d (saved by job %s on %s)",
+            state_path,
+            len(epochs),
+            cfg.epochs,
+            writer.get("slurm_job_id") or "-",
+            writer.get("host", "?"),
+        )
 
     doc: dict[str, Any] = {
         "status": "running",
@@ -330,8 +341,11 @@ def fit(
         "config": {**record.get("config", {}), "train": asdict(cfg)},
         "data": data.summary(),
         "epochs": epochs,
-        "provenance": provenance.collect(device),
+        "provenance": {**provenance.collect(device), "previous_sessions": sessions},
     }
+    me = {"host": doc["provenance"]["host"], "slurm_job_id": doc["provenance"]["slurm_job_id"]}
+    dev = doc["provenance"]["device"]
+    log.info("device %s: %s, %d threads", device, dev["name"], dev["threads"])
     session_seconds: list[float] = []
     student = method.student
     for epoch in range(len(epochs), cfg.epochs):
@@ -393,6 +407,7 @@ def fit(
                 "epochs": epochs,
                 "best": best,
                 "resumed": resumed,
+                "sessions": [*sessions, {**me, "epochs": epoch + 1}],
             },
         )
         io.write_json(outputs.metrics, doc)
