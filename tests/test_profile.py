@@ -1,0 +1,131 @@
+"""profiles/slurm without a cluster: what it plans and what it asks SLURM for (dry runs)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yte
+from conftest import REPO, job_counts, snakemake
+
+PROFILE = REPO / "profiles" / "slurm"
+SITE_VARIABLES = (
+    "KDBENCH_SLURM_PARTITION",
+    "KDBENCH_SLURM_GPU_PARTITION",
+    "KDBENCH_SLURM_ACCOUNT",
+    "KDBENCH_SLURM_GPU_MODEL",
+    "KDBENCH_SLURM_JOBS",
+)
+
+
+def _profile(monkeypatch, **env: str) -> dict:
+    """The profile as Snakemake reads it, under the given site variables."""
+    for name in SITE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with (PROFILE / "config.yaml").open() as stream:
+        return yte.process_yaml(stream, require_use_yte=True)
+
+
+def _resources(output: str) -> dict[str, set[str]]:
+    """rule → the set of `resources:` lines a dry run printed for its jobs."""
+    found: dict[str, set[str]] = {}
+    rule = None
+    for line in output.splitlines():
+        if m := re.match(r"\s*(?:local)?rule (\w+):", line):
+            rule = m.group(1)
+        elif rule and line.strip().startswith("resources:"):
+            found.setdefault(rule, set()).add(line.strip())
+    return found
+
+
+def _dry_run(tmp_path: Path, configfile: str, env: dict[str, str] | None = None):
+    old = dict(os.environ)
+    for name in SITE_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update(env or {})
+    try:
+        proc = snakemake(
+            "--profile",
+            str(PROFILE),
+            "-n",
+            "--configfile",
+            str(REPO / configfile),
+            cwd=tmp_path,
+            timeout=300,
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_one_profile_file_with_the_required_keys(monkeypatch):
+    assert sorted(p.name for p in PROFILE.iterdir()) == ["config.yaml"]
+    profile = _profile(monkeypatch)
+    assert profile["executor"] == "slurm"
+    for key in ("jobs", "latency-wait", "retries", "rerun-incomplete", "keep-going"):
+        assert profile[key], key
+    assert profile["show-failed-logs"] and profile["slurm-status-command"] == "squeue"
+    assert profile["resources"]["mem_mb"] >= 16000  # one training job fits a grouped job's cap
+    assert "slurm-array-jobs" not in profile  # job arrays deadlock the plugin
+    defaults = profile["default-resources"]
+    assert defaults["slurm_partition"] == "'cpu'" and "attempt" in str(defaults["runtime"])
+    for rule in ("train_teacher", "train_paraphraser", "distill"):
+        res = profile["set-resources"][rule]
+        assert res["gpu"] == 1 and res["slurm_partition"] == "'gpu'" and "gpu_model" not in res
+        assert "attempt" in str(res["runtime"])
+    assert profile["group-components"]["features"] > 1
+
+
+def test_every_profile_key_is_commented():
+    lines = (PROFILE / "config.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"[\w-]+:", line) and not line.startswith("__"):
+            assert lines[i - 1].startswith("#"), f"profile key without a comment: {line}"
+
+
+def test_site_settings_come_from_the_environment(monkeypatch):
+    profile = _profile(
+        monkeypatch,
+        KDBENCH_SLURM_PARTITION="short",
+        KDBENCH_SLURM_GPU_PARTITION="a100",
+        KDBENCH_SLURM_ACCOUNT="kd-lab",
+        KDBENCH_SLURM_GPU_MODEL="a100",
+        KDBENCH_SLURM_JOBS="7",
+        KDBENCH_SLURM_STATUS="sacct",
+    )
+    assert profile["jobs"] == 7 and profile["slurm-status-command"] == "sacct"
+    assert profile["default-resources"]["slurm_partition"] == "'short'"
+    assert profile["default-resources"]["slurm_account"] == "'kd-lab'"
+    teacher = profile["set-resources"]["train_teacher"]
+    assert teacher["slurm_partition"] == "'a100'" and teacher["gpu_model"] == "'a100'"
+
+
+@pytest.mark.slow
+def test_dry_run_plans_the_full_benchmark(tmp_path):
+    """`snakemake --profile profiles/slurm -n` of config/config.yaml, no cluster needed."""
+    output = _dry_run(tmp_path, "config/config.yaml")
+    counts = job_counts(output)
+    assert counts["distill"] == 240 and counts["train_teacher"] == 2
+    assert counts["train_paraphraser"] == 2 and counts["extract_features_metrics"] == 242
+    resources = _resources(output)
+    for rule in ("train_teacher", "train_paraphraser", "distill"):
+        for line in resources[rule]:
+            assert "slurm_partition=gpu" in line and "gpu=1" in line, line
+    (line,) = resources["train_teacher"]
+    assert "runtime=480" in line and "mem_mb=16000" in line
+    for line in resources["most_affected"] | resources["extract_features_metrics"]:
+        assert "slurm_partition=cpu" in line and "gpu" not in line.replace("partition=", "")
+
+
+@pytest.mark.slow
+def test_dry_run_passes_site_settings_to_the_jobs(tmp_path):
+    env = {"KDBENCH_SLURM_GPU_PARTITION": "a100", "KDBENCH_SLURM_ACCOUNT": "kd-lab"}
+    resources = _resources(_dry_run(tmp_path, "config/demo.yaml", env))
+    (line,) = resources["train_teacher"]
+    assert "slurm_partition=a100" in line and "slurm_account=kd-lab" in line
