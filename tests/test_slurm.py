@@ -1,0 +1,227 @@
+"""The production SLURM profile against a real SLURM controller (tests/slurm/cluster.sh).
+
+The demo runs through `snakemake --profile profiles/slurm` on the local single-node cluster; the
+teacher's SLURM job is cancelled with scancel after its first epoch, and the retry must resume
+from the saved state to the same result as an uninterrupted run. Skipped where no cluster
+answers, unless KDBENCH_REQUIRE_SLURM=1 (CI as root), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SNAKEMAKE, snakemake
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+PROFILE = REPO / "profiles" / "slurm"
+TEACHER_STATE = "results/state/digits/teachers/resnet20/seed0.pt"
+TEACHER_RUN = "results/digits/teachers/resnet20/seed0"
+RUN_TIMEOUT = 1500  # seconds for the whole demo on the cluster: a hard kill after that
+
+
+def _cluster_problem() -> str | None:
+    """Why no cluster can be used here, or None."""
+    if shutil.which("sbatch") is None:
+        return "sbatch is not installed"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+        nodes = subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"SLURM does not answer ({exc})"
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        return "slurmctld does not answer"
+    if not re.search(r"^(idle|mix|alloc)", nodes.stdout, re.M):
+        return "no SLURM node is up"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = _cluster_problem()
+    if problem:
+        message = f"no SLURM cluster: {problem} (as root: tests/slurm/cluster.sh up)"
+        if os.environ.get("KDBENCH_REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _profile_run(work: Path) -> list[str]:
+    return [
+        SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(work),
+        "--profile",
+        str(PROFILE),
+        "--configfile",
+        "demo.yaml",
+        # a test-only speed-up: status queries from 2 s after a submission on, not 40 s
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+    ]
+
+
+def _jobs(work: Path) -> list[dict[str, str]]:
+    """The SLURM jobs submitted from ``work`` that slurmctld still knows (MinJobAge)."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o"], capture_output=True, text=True, timeout=30
+    ).stdout
+    jobs = []
+    for line in out.splitlines():
+        fields = dict(re.findall(r"(\S+?)=(\S*)", line))
+        if fields.get("WorkDir") == str(work):
+            jobs.append(fields)
+    return jobs
+
+
+def _submitted(output: str) -> set[str]:
+    """The SLURM job ids that a head process's output says it submitted."""
+    return set(re.findall(r"submitted with SLURM jobid (\d+)", output))
+
+
+def _cancel_all(work: Path) -> None:
+    for job in _jobs(work):
+        if job.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"):
+            subprocess.run(["scancel", job["JobId"]], timeout=30)
+
+
+@pytest.fixture(scope="module")
+def slurm_demo(cluster, tmp_path_factory):
+    """The demo through the profile; the teacher's job is cancelled after epoch 1."""
+    work = tmp_path_factory.mktemp("slurm")
+    shutil.copy(REPO / "config" / "demo.yaml", work / "demo.yaml")
+    log = (work / "head.log").open("w")
+    proc = subprocess.Popen(
+        _profile_run(work),
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    cancelled = None
+    try:
+        deadline = time.monotonic() + 600
+        while cancelled is None and proc.poll() is None and time.monotonic() < deadline:
+            if (work / TEACHER_STATE).exists():
+                teacher = [
+                    j
+                    for j in _jobs(work)
+                    if j.get("Comment", "").startswith("rule_train_teacher")
+                    and j.get("JobState") == "RUNNING"
+                ]
+                if teacher:
+                    cancelled = teacher[0]["JobId"]
+                    subprocess.run(["scancel", cancelled], check=True, timeout=30)
+            time.sleep(0.2)
+        proc.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _cancel_all(work)
+        pytest.fail(f"the SLURM run took over {RUN_TIMEOUT} s: killed")
+    finally:
+        log.close()
+    output = (work / "head.log").read_text()
+    assert proc.returncode == 0, output[-5000:]
+    assert cancelled, "the teacher's job was never seen running with a saved state"
+    return work, output, cancelled
+
+
+def test_every_output_is_written_through_slurm(slurm_demo):
+    work, output, _ = slurm_demo
+    results = work / "results"
+    runs = sorted(results.glob("digits/*/**/metrics.json"))
+    assert len(runs) == 1 + 1 + 9 * 2  # teacher, paraphraser, 9 students × 2 seeds
+    for metrics in runs:
+        assert json.loads(metrics.read_text())["status"] == "complete"
+    assert len(sorted(results.glob("digits/*/**/features/channels.parquet"))) == 1 + 9 * 2
+    for name in ("summary.csv", "headline.csv", "provenance.csv", "accuracy_by_method.png"):
+        assert (results / "summary" / name).stat().st_size > 0
+    for name in ("stage_metrics.csv", "correlations.csv", "resnet20-resnet8/most_affected.csv"):
+        assert (results / "digits" / "analysis" / name).stat().st_size > 0
+    assert not list((results / "state").rglob("*.pt"))
+    assert "steps (100%) done" in output
+
+
+def test_sbatch_requests_gpu_and_partition(slurm_demo):
+    work, output, _ = slurm_demo
+    jobs = [job for job in _jobs(work) if job["JobId"] in _submitted(output)]
+    assert jobs, "slurmctld has no record of this run's jobs"
+    by_rule: dict[str, list[dict[str, str]]] = {}
+    for job in jobs:
+        # "rule_<rule>_wildcards_<values>", or "rule_<group>_<rules>" for a group job
+        rule = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+        if rule.startswith("features_"):
+            rule = "features"
+        by_rule.setdefault(rule, []).append(job)
+    assert {"train_teacher", "train_paraphraser", "distill", "features"} <= set(by_rule)
+    for rule in ("train_teacher", "train_paraphraser", "distill"):
+        for job in by_rule[rule]:
+            assert job["Partition"] == "gpu", job
+            assert job.get("TresPerJob") == "gres:gpu:1", job
+            assert "mem=16000M" in job["TRES"], job
+    for rule in ("features", "most_affected", "diagnose", "analyse_features"):
+        for job in by_rule[rule]:
+            assert job["Partition"] == "cpu", job
+            assert "gpu" not in job.get("TresPerJob", ""), job
+    # the 19 extraction jobs went out as one grouped SLURM job, 4 at a time within 32 GB
+    (group,) = by_rule["features"]
+    assert "cpu=4," in group["TRES"] and "mem=32000M" in group["TRES"], group
+    # local rules never reach SLURM
+    assert not {"aggregate", "learning_curves", "rank_chart"} & set(by_rule)
+
+
+def test_training_log_shows_the_slurm_job(slurm_demo):
+    work, _, _ = slurm_demo
+    log = (work / "results/logs/digits/students/resnet20-resnet8/kd-default-seed0.log").read_text()
+    job = re.search(r"SLURM_JOB_ID=(\d+), node kdnode, CUDA_VISIBLE_DEVICES=(\d+)", log)
+    assert job, log[:2000]
+    assert re.search(r"device cpu: .+, 1 threads", log)
+    run = work / "results/digits/students/resnet20-resnet8/kd/default/seed0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    slurm = metrics["provenance"]["slurm"]
+    assert slurm["job_id"] == job.group(1) and slurm["node"] == "kdnode"
+
+
+def test_cancelled_training_resumes_to_the_uninterrupted_result(slurm_demo, tmp_path):
+    work, _, cancelled = slurm_demo
+    resumed = json.loads((work / TEACHER_RUN / "metrics.json").read_text())
+    assert resumed["final"]["resumed_after_epochs"], "the retry did not resume from the state"
+    assert resumed["provenance"]["slurm"]["job_id"] != cancelled
+    assert resumed["provenance"]["previous_sessions"][-1]["slurm_job_id"] == cancelled
+    # Snakemake starts a retried job's log afresh: the retry's log names the cancelled job
+    log = (work / "results/logs/digits/teachers/resnet20-seed0.log").read_text()
+    assert re.search(rf"resuming from .* \(saved by job {cancelled} on ", log), log[:2000]
+    # the same teacher, uninterrupted, without SLURM
+    shutil.copy(REPO / "config" / "demo.yaml", tmp_path / "demo.yaml")
+    target = f"{TEACHER_RUN}/metrics.json"
+    proc = snakemake("--cores", "1", target, "--configfile", "demo.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = json.loads((tmp_path / target).read_text())
+    assert not plain["final"]["resumed_after_epochs"]
+    for a, b in zip(resumed["epochs"], plain["epochs"], strict=True):
+        a.pop("epoch_seconds")
+        b.pop("epoch_seconds")
+        assert a == b
+    for key in ("test_acc_last", "test_acc_best_val", "best_epoch", "val_acc_best"):
+        assert resumed["final"][key] == plain["final"][key]
+
+
+def test_second_invocation_has_nothing_to_do(slurm_demo):
+    work, _, _ = slurm_demo
+    proc = subprocess.run(_profile_run(work), cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr
