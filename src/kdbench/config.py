@@ -243,7 +243,10 @@ def train_params(config: dict[str, Any], role: str) -> dict[str, Any]:
                 recipe[key] = {**recipe.get(key, {}), **value}
             else:
                 recipe[key] = value
-    return asdict(TrainConfig.from_config(recipe))
+    params = asdict(TrainConfig.from_config(recipe))
+    if params["skip_nonfinite"] == 0:  # the default stays out, so that adding it re-ran nothing
+        del params["skip_nonfinite"]
+    return params
 
 
 def variants(config: dict[str, Any], method: str) -> dict[str, dict[str, Any]]:

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench import io, plots, provenance
+from kdbench import faults, io, plots, provenance
 from kdbench.data import Dataset, Loader
-from kdbench.errors import KdbenchError
+from kdbench.errors import KdbenchError, one_line
 from kdbench.methods.base import Method
 
 log = logging.getLogger("kdbench")
@@ -59,6 +59,9 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     channels_last: bool = True
+    # batches with a non-finite loss or gradient that may be skipped (not stepped on) per run;
+    # 0: the first one stops the run
+    skip_nonfinite: int = 0
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -92,6 +95,8 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise KdbenchError(f"train.optimizer.lr must be positive, got {self.lr}")
+        if self.skip_nonfinite < 0:
+            raise KdbenchError(f"train.skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
 
 
 @dataclass
@@ -107,6 +112,9 @@ class RunOutputs:
     @classmethod
     def from_mapping(cls, paths: dict[str, Any]) -> RunOutputs:
         return cls(**{k: Path(str(paths[k])) for k in cls.__dataclass_fields__})
+
+    def paths(self) -> list[Path]:
+        return [getattr(self, k) for k in self.__dataclass_fields__]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,13 +206,27 @@ def train_step(
     device: torch.device,
     cfg: TrainConfig,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One optimisation step of every trainable module on one batch: (logits, loss parts)."""
+    """One optimisation step of every trainable module on one batch: (logits, loss parts).
+
+    None, with no step taken, if the loss or a gradient is not finite."""
     with autocast(device, cfg):
         logits, parts = method.forward_train(xb, yb)
     loss = torch.stack([p.float() for p in parts.values()]).sum()
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     loss.backward()
+    grads = [
+        p.grad
+        for opt in optimizers.values()
+        for group in opt.param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
+    norms = torch.stack([n.float() for n in torch._foreach_norm(grads)]) if grads else loss
+    if not bool(torch.isfinite(loss) & torch.isfinite(norms).all()):
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        return None
     for opt in optimizers.values():
         opt.step()
     return logits, parts
@@ -260,22 +282,43 @@ def fmt_duration(seconds: float) -> str:
 
 
 def load_state(path: Path, expected: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        state = io.load_torch(path)
-    except Exception as exc:  # a truncated or garbled file: start over rather than load garbage
-        log.warning("ignoring unreadable training state %s (%s); starting from scratch", path, exc)
-        return None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        log.warning("ignoring training state %s of another format; starting from scratch", path)
-        return None
-    if state.get("fingerprint") != expected:
-        log.warning(
-            "ignoring training state %s of a different configuration; starting from scratch", path
+    """The latest good training state of this configuration: ``path``, else the one before it.
+
+    A damaged file (checksum or load failure), another format or another configuration is
+    skipped with a warning; None (start from scratch) when neither is usable."""
+    candidates = [c for c in (path, io.previous_state(path)) if c.exists()]
+    for candidate in candidates:
+        try:
+            state = io.load_state_file(candidate)
+        except Exception as exc:  # never load garbage: skip it
+            log.warning("ignoring damaged training state %s (%s)", candidate, one_line(exc))
+            continue
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            log.warning("ignoring training state %s of another format", candidate)
+        elif state.get("fingerprint") != expected:
+            log.warning("ignoring training state %s of a different configuration", candidate)
+        else:
+            return state
+    if candidates:
+        log.warning("no usable training state in %s; starting from scratch", path.parent)
+    return None
+
+
+def nonfinite_batch(where: str, skipped: int, limit: int, saved: int, state: Path) -> None:
+    """The ``skipped``-th batch with a non-finite loss or gradient: a warning while ``limit``
+    allows skipping it, else a KdbenchError naming ``where`` and the last good state."""
+    if skipped > limit:
+        raise KdbenchError(
+            f"{where}: non-finite loss or gradient; the last good state (epoch {saved}) is "
+            f"kept in {state}"
+            + (f"; {skipped - 1} bad batch(es) were skipped before" if skipped > 1 else "")
         )
-        return None
-    return state
+    log.warning(
+        "%s: non-finite loss or gradient, batch skipped (%d of at most %d, train.skip_nonfinite)",
+        where,
+        skipped,
+        limit,
+    )
 
 
 def fit(
@@ -309,8 +352,10 @@ def fit(
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "weights": None}
     resumed: list[int] = []
+    skipped = 0  # batches skipped for a non-finite loss or gradient (train.skip_nonfinite)
     # the earlier processes (SLURM jobs) that trained this run: host, job id, epochs they reached
     sessions: list[dict[str, Any]] = []
+    io.remove_stale_temps(state_path, *outputs.paths())
     state = load_state(state_path, fp)
     if state is not None:
         for name, mod in modules.items():
@@ -322,6 +367,7 @@ def fit(
         set_rng_state(state["rng"], device)
         epochs = list(state["epochs"])
         best = dict(state["best"])
+        skipped = sum(e.get("skipped_batches", 0) for e in epochs)
         resumed = list(state.get("resumed", [])) + [len(epochs)]
         sessions = list(state.get("sessions", []))
         writer = sessions[-1] if sessions else {}
@@ -354,8 +400,18 @@ def fit(
         part_sums: dict[str, Tensor] = {}
         correct = torch.zeros((), device=device, dtype=torch.int64)
         lr = optimizers["student"].param_groups[0]["lr"]
-        for xb, yb in train_loader.epoch(epoch):
-            logits, parts = train_step(method, optimizers, xb, yb, device, cfg)
+        faults.phase(f"e{epoch + 1}")
+        skipped_now = 0
+        for step, (xb, yb) in enumerate(train_loader.epoch(epoch)):
+            faults.point(f"step{step}")
+            result = train_step(method, optimizers, xb, yb, device, cfg)
+            if result is None:
+                skipped += 1
+                skipped_now += 1
+                where = f"{_describe(record)} epoch {epoch + 1} step {step + 1}"
+                nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
+                continue
+            logits, parts = result
             with torch.no_grad():
                 n = yb.shape[0]
                 for key, value in parts.items():
@@ -386,6 +442,8 @@ def fit(
         }
         if stats:
             entry["method_stats"] = stats
+        if skipped_now:
+            entry["skipped_batches"] = skipped_now
         if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
             raise KdbenchError(
                 f"{_describe(record)}: non-finite loss at epoch {epoch + 1} "
@@ -395,7 +453,7 @@ def fit(
         epochs.append(entry)
         if val_acc > best["val_acc"]:
             best = {"epoch": epoch + 1, "val_acc": val_acc, "weights": cpu_state_dict(student)}
-        io.save_torch(
+        io.save_state(
             state_path,
             {
                 "version": STATE_VERSION,
@@ -430,6 +488,7 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
 
+    faults.phase("final")
     best_entry = epochs[best["epoch"] - 1]
     last = epochs[-1]
     doc["final"] = {
@@ -457,7 +516,7 @@ def fit(
     )
     doc["status"] = "complete"
     io.write_json(outputs.metrics, doc)
-    state_path.unlink(missing_ok=True)
+    io.remove_state(state_path)
     log.info(
         "done: test %.2f%% at the last epoch, %.2f%% at the best validation epoch (%d)",
         last["test_acc"],

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench import io, models, plots, provenance
+from kdbench import faults, io, models, plots, provenance
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.methods import register
@@ -38,6 +38,7 @@ from kdbench.train import (
     make_loaders,
     make_schedule,
     make_sgd,
+    nonfinite_batch,
     resolve_device,
     rng_state,
     set_rng_state,
@@ -198,6 +199,7 @@ def train_paraphraser(
     )
     stage = int(params["stage"])
     channels = models.WIDTHS[stage - 1]
+    io.check_writable(state, *outputs.values())
     ds = load_dataset(dataset, **data)
     device = resolve_device(cfg.device)
     teacher_model = models.build(teacher, ds.num_classes, ds.in_channels)
@@ -221,6 +223,7 @@ def train_paraphraser(
     state_path = Path(state)
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "val_loss": math.inf, "weights": None}
+    io.remove_stale_temps(state_path, *outputs.values())
     saved = load_state(state_path, fp)
     if saved is not None:
         net.load_state_dict(saved["modules"]["paraphraser"])
@@ -242,15 +245,24 @@ def train_paraphraser(
         "epochs": epochs,
         "provenance": provenance.collect(device),
     }
+    skipped = 0
     for epoch in range(len(epochs), cfg.epochs):
         t0 = time.perf_counter()
         net.train()
         total = torch.zeros((), device=device)
         lr = opt.param_groups[0]["lr"]
-        for xb, _ in train_loader.epoch(epoch):
+        faults.phase(f"paraphraser-e{epoch + 1}")
+        for step, (xb, _) in enumerate(train_loader.epoch(epoch)):
+            faults.point(f"step{step}")
             t = features(xb)
             with autocast(device, cfg):
                 loss = F.l1_loss(net(t).float(), t)
+            if not bool(torch.isfinite(loss)):
+                skipped += 1
+                where = f"paraphraser dataset={dataset} teacher={teacher} seed={seed}"
+                where += f" epoch {epoch + 1} step {step + 1}"
+                nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -277,7 +289,7 @@ def train_paraphraser(
         if entry["val_loss"] < best["val_loss"]:
             best = {"epoch": epoch + 1, "val_loss": entry["val_loss"]}
             best["weights"] = cpu_state_dict(net)
-        io.save_torch(
+        io.save_state(
             state_path,
             {
                 "version": 1,
@@ -299,6 +311,7 @@ def train_paraphraser(
             entry["val_loss"],
             entry["epoch_seconds"],
         )
+    faults.phase("paraphraser-final")
     doc["final"] = {
         "selected_epoch": best["epoch"],
         "selected_by": "lowest validation reconstruction L1",
@@ -310,7 +323,7 @@ def train_paraphraser(
     paraphraser_plot(epochs, best["epoch"], outputs["loss_plot"], title)
     doc["status"] = "complete"
     io.write_json(outputs["metrics"], doc)
-    state_path.unlink(missing_ok=True)
+    io.remove_state(state_path)
     return doc
 
 

@@ -1,0 +1,39 @@
+"""Named kill points, for testing that a run killed anywhere loses nothing (tests/faults.py).
+
+Training calls :func:`point` at every batch and every file write, and :func:`phase` when an
+epoch or the final writes begin; a point's id is ``<name>:<phase>``, e.g. ``step3:e2`` (batch 3
+of epoch 2), ``write:seed0.pt:e2`` (the state written after epoch 2, before its rename) or
+``write:metrics.json:final``. Each id occurs once in an uninterrupted run. Two environment
+variables, unset in normal use, act on them:
+
+* ``KDBENCH_FAULT=<id>``: at that point the process group (the job and the Snakemake that
+  started it) is killed with SIGKILL, as a node failure or walltime kill would;
+* ``KDBENCH_FAULT_LOG=<file>``: every id reached is appended to the file, one per line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_phase = "start"
+
+
+def phase(name: str) -> None:
+    """Name the part of the run that follows (``e<epoch>`` or ``final``)."""
+    global _phase
+    _phase = name
+
+
+def point(name: str) -> None:
+    """A place where the run may be killed; does nothing unless the variables above are set."""
+    fault = os.environ.get("KDBENCH_FAULT")
+    record = os.environ.get("KDBENCH_FAULT_LOG")
+    if not fault and not record:
+        return
+    ident = f"{name}:{_phase}"
+    if record:
+        with open(record, "a") as fh:
+            fh.write(ident + "\n")
+    if ident == fault:
+        os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -1,0 +1,195 @@
+"""Damaged training state, non-finite losses and gradients, determinism, safe loading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, outputs
+
+from kdbench import data, io, methods, models
+from kdbench.errors import KdbenchError
+from kdbench.train import RunOutputs, TrainConfig, fit
+
+TRAIN = {"epochs": 3, "batch_size": 128, "optimizer": {"lr": 0.05}, "device": "cpu"}
+RECORD = {"run": {"dataset": "digits", "teacher": "none", "student": "resnet8"}}
+Vanilla = methods.get("vanilla")
+
+
+class Poisoned(Vanilla):
+    """vanilla whose loss (or, with ``grad``, only a gradient) is not finite at given steps."""
+
+    def __init__(self, *args, bad: set[int], grad: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad, self.grad, self.calls = bad, grad, 0
+
+    def forward_train(self, x, y):
+        logits, parts = super().forward_train(x, y)
+        self.calls += 1
+        if self.calls in self.bad:
+            if self.grad:  # d/dw sqrt(|0·w|) is 0·inf: the loss stays finite, the gradient not
+                w = next(self.student.parameters())
+                parts = {**parts, "bad": (w * 0).abs().sqrt().sum()}
+            else:
+                parts = {k: v * float("nan") for k, v in parts.items()}
+        return logits, parts
+
+
+def _fit(tmp_path, name, cls=Vanilla, on_epoch_end=None, train=None, **kwargs):
+    ds = data.load_dataset("digits", image_size=8)
+    torch.manual_seed(5)
+    student = models.build("resnet8", ds.num_classes, ds.in_channels)
+    method = cls(student, None, {}, **kwargs)
+    record = {"run": {**RECORD["run"], "method": "vanilla", "variant": "default", "seed": 5}}
+    return fit(
+        method,
+        ds,
+        TrainConfig.from_config({**TRAIN, **(train or {})}),
+        seed=5,
+        outputs=RunOutputs.from_mapping(outputs(tmp_path / name)),
+        state_path=tmp_path / f"{name}.state",
+        record=record,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def _curves(doc):
+    return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in doc["epochs"]]
+
+
+def _interrupt_after(n):
+    def hook(epoch):
+        if epoch == n:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("plain")
+    return _fit(directory, "plain"), directory / "plain"
+
+
+@pytest.fixture(scope="module")
+def plain(plain_run):
+    return plain_run[0]
+
+
+def test_two_runs_of_one_seed_are_bit_identical(tmp_path, plain_run):
+    plain, plain_dir = plain_run
+    again = _fit(tmp_path, "again")
+    # the curves as metrics.json stores them, to the last digit
+    assert json.dumps(_curves(again)) == json.dumps(_curves(plain))
+    assert (
+        json.loads((tmp_path / "again" / "metrics.json").read_text())["epochs"][-1]["train_loss"]
+        == json.loads((plain_dir / "metrics.json").read_text())["epochs"][-1]["train_loss"]
+    )
+    for name in ("model_final.pt", "model_best.pt"):
+        a = io.load_torch(tmp_path / "again" / name)
+        b = io.load_torch(plain_dir / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_damaged_state_falls_back_to_the_one_before(tmp_path, plain, damage, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "run", on_epoch_end=_interrupt_after(2))
+    state = tmp_path / "run.state"
+    assert state.exists() and io.previous_state(state).exists()
+    blob = state.read_bytes()
+    state.write_bytes(
+        {
+            "truncate": blob[: len(blob) // 2],
+            "flip": blob[:-100] + bytes([blob[-100] ^ 1]) + blob[-99:],
+            "garbage": b"\x00garbage" * 100,
+            "empty": b"",
+        }[damage]
+    )
+    with caplog.at_level(logging.WARNING, logger="kdbench"):
+        doc = _fit(tmp_path, "run")
+    assert "ignoring damaged training state" in caplog.text
+    assert doc["final"]["resumed_after_epochs"] == [1]  # from the state of epoch 1
+    assert _curves(doc) == _curves(plain)
+    assert not state.exists() and not io.previous_state(state).exists()
+
+
+def test_no_usable_state_restarts_from_scratch_with_a_warning(tmp_path, plain, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "run", on_epoch_end=_interrupt_after(2))
+    for path in (tmp_path / "run.state", io.previous_state(tmp_path / "run.state")):
+        path.write_bytes(path.read_bytes()[:-1])
+    with caplog.at_level(logging.WARNING, logger="kdbench"):
+        doc = _fit(tmp_path, "run")
+    assert "starting from scratch" in caplog.text
+    assert doc["final"]["resumed_after_epochs"] == [] and _curves(doc) == _curves(plain)
+
+
+def test_a_run_killed_between_the_two_renames_resumes_from_the_previous_state(tmp_path, plain):
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "run", on_epoch_end=_interrupt_after(2))
+    state = tmp_path / "run.state"
+    state.replace(io.previous_state(state))  # as if killed after "rotate", before the rename
+    (tmp_path / "run" / ".metrics.json.x1y2.tmp").write_text("{")  # and a writer's leftover
+    doc = _fit(tmp_path, "run")
+    assert doc["final"]["resumed_after_epochs"] == [2] and _curves(doc) == _curves(plain)
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["loss", "gradient"])
+def test_non_finite_step_stops_the_run_naming_it_and_keeps_the_state(tmp_path, grad):
+    # 8×8 digits, batch 128: 10 steps per epoch; call 12 is epoch 2, step 2 (from 1)
+    with pytest.raises(KdbenchError) as err:
+        _fit(tmp_path, "run", Poisoned, bad={12}, grad=grad)
+    message = str(err.value)
+    for part in ("dataset=digits", "teacher=none", "student=resnet8", "method=vanilla"):
+        assert part in message
+    assert "variant=default seed=5 epoch 2 step 2: non-finite loss or gradient" in message
+    assert "\n" not in message and "(epoch 1)" in message
+    state = io.load_state_file(tmp_path / "run.state")
+    assert len(state["epochs"]) == 1
+    assert all(torch.isfinite(v).all() for v in state["modules"]["student"].values())
+
+
+def test_non_finite_batches_can_be_skipped_up_to_a_limit(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="kdbench"):
+        doc = _fit(tmp_path, "run", Poisoned, bad={3, 12}, train={"skip_nonfinite": 2})
+    assert doc["status"] == "complete"
+    assert [e.get("skipped_batches", 0) for e in doc["epochs"]] == [1, 1, 0]
+    assert "batch skipped (2 of at most 2" in caplog.text
+    with pytest.raises(KdbenchError, match="1 bad batch"):
+        _fit(tmp_path, "again", Poisoned, bad={3, 12}, train={"skip_nonfinite": 1})
+
+
+def test_skip_nonfinite_is_validated():
+    with pytest.raises(KdbenchError, match="skip_nonfinite"):
+        TrainConfig.from_config({**TRAIN, "skip_nonfinite": -1})
+
+
+def test_every_torch_load_is_weights_only_and_nothing_pickles():
+    sources = [
+        p
+        for d in ("src", "workflow", "tests")
+        for p in (REPO / d).rglob("*")
+        if p.suffix in (".py", ".smk") and p.name != Path(__file__).name
+    ]
+    sources.append(REPO / "Snakefile")
+    offenders = []
+    for path in sources:
+        text = path.read_text()
+        for call in re.finditer(r"torch\.load\(", text):
+            depth, end = 1, call.end()
+            while depth:  # to the parenthesis that closes the call
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            if "weights_only=True" not in text[call.end() : end]:
+                offenders.append(f"{path.relative_to(REPO)}: torch.load without weights_only=True")
+        if re.search(r"^\s*(import|from) (pickle|dill|joblib|cloudpickle)\b", text, re.M):
+            offenders.append(f"{path.relative_to(REPO)}: imports a pickle module")
+        if re.search(r"\.to_pickle\(|\.pkl\b|allow_pickle=True", text):
+            offenders.append(f"{path.relative_to(REPO)}: writes or reads pickle")
+    assert not offenders, "\n".join(offenders)
