@@ -114,6 +114,15 @@ def load_weights(model: nn.Module, path: str | Path, what: str) -> None:
         state = io.load_torch(path)
     except Exception as exc:
         raise KdbenchError(f"cannot load {what} weights {path}: {one_line(exc)}") from None
+    if not isinstance(state, dict):
+        raise KdbenchError(f"{what} weights {path} hold no state dict")
+    saved, expected = state.get("linear.weight"), model.state_dict().get("linear.weight")
+    if isinstance(saved, torch.Tensor) and expected is not None and saved.shape != expected.shape:
+        raise KdbenchError(
+            f"{what} weights {path} are for {saved.shape[0]} classes and {saved.shape[1]} "
+            f"features; the dataset and model here have {expected.shape[0]} and "
+            f"{expected.shape[1]}"
+        )
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kdbench import methods, models
+from kdbench import io, methods, models
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError, one_line
 from kdbench.train import RunOutputs, TrainConfig, file_sha256, fit
@@ -92,6 +92,7 @@ def train(
 
     ``assets`` are the extra files a method requires (e.g. ft's ``paraphraser``)."""
     cfg = TrainConfig.from_config(train)
+    io.check_writable(state, *outputs.values())
     ds = load_dataset(dataset, **data)
     method_cls = methods.get(method)
     log.info("data %s: %s", dataset, ds.summary()["sizes"])

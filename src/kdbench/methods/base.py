@@ -191,6 +191,12 @@ class FeatureMethod(Method):
         "stage": {"enum": [1, 2, 3]},
     }
 
+    @classmethod
+    def check(cls, params: dict[str, Any], stage_shape: Any) -> None:
+        """The chosen stage must have one shape in teacher and student (else stage_shape
+        raises)."""
+        stage_shape(int(params["stage"]))
+
     def feature_loss(self, a: Tensor, b: Tensor) -> Tensor:
         na, nb = normalise(a), normalise(b)
         dist = F.l1_loss(na, nb) if self.params["distance"] == "l1" else F.mse_loss(na, nb)
