@@ -2,13 +2,11 @@
 # Run:    snakemake --cores all                       (the embedded demo, config/demo.yaml)
 #         snakemake --cores all --configfile config/config.yaml   (the full CIFAR benchmark)
 # Report: snakemake --report results/report.html
-import sys
 from pathlib import Path
 
 from snakemake.utils import min_version
 
 from kdbench import config as kdconfig
-from kdbench.errors import KdbenchError, one_line
 
 min_version("9.0")
 
@@ -19,12 +17,9 @@ if not config:
     configfile: "config/demo.yaml"
 
 
-try:
-    kdconfig.validate(
-        config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
-    )
-except KdbenchError as exc:
-    sys.exit(f"kdbench: config error: {one_line(exc)}")
+kdconfig.check_or_exit(
+    config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
+)
 # From here on the config holds its protocol's settings (kdbench.config.PROTOCOLS).
 config.update(kdconfig.resolve(config))
 

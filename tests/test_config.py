@@ -5,7 +5,6 @@ import yaml
 from conftest import REPO, job_counts, snakemake
 
 from kdbench import config as kdconfig
-from kdbench.errors import KdbenchError
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
@@ -70,11 +69,15 @@ BAD = [
 @pytest.mark.parametrize(
     ("path", "value", "message"), BAD, ids=[".".join(map(str, b[0])) for b in BAD]
 )
-def test_bad_config_is_one_line_naming_the_key(path, value, message):
-    with pytest.raises(KdbenchError) as err:
-        kdconfig.validate(with_change(path, value), SCHEMA)
-    text = str(err.value)
-    assert message in text and "\n" not in text
+def test_bad_config_is_one_line_naming_the_key(path, value, message, tmp_path, monkeypatch):
+    """What the Snakefile does first: exit status 1 (SystemExit with a message), one line,
+    nothing written (run in an empty directory)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        kdconfig.check_or_exit(with_change(path, value), SCHEMA)
+    text = str(exit_.value.code)
+    assert text.startswith("kdbench: config error: ") and message in text and "\n" not in text
+    assert not list(tmp_path.iterdir())
 
 
 def test_analysis_defaults_and_pairs():

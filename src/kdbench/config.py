@@ -21,7 +21,7 @@ import yaml
 
 from kdbench import methods, models
 from kdbench.data import dataset_params, image_shape
-from kdbench.errors import KdbenchError
+from kdbench.errors import KdbenchError, one_line
 from kdbench.models import canonical_arch
 from kdbench.train import TrainConfig
 
@@ -140,6 +140,15 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
             if method in methods_cfg:
                 methods_cfg[method] = _merge(params, methods_cfg[method] or {})
     return out
+
+
+def check_or_exit(config: dict[str, Any], schema_path: str | Path) -> None:
+    """What the Snakefile runs first: :func:`validate`, a problem being one line on stderr
+    (``kdbench: config error: ...``) and exit status 1, before any job or output exists."""
+    try:
+        validate(config, schema_path)
+    except KdbenchError as exc:
+        raise SystemExit(f"kdbench: config error: {one_line(exc)}") from None
 
 
 def validate(config: dict[str, Any], schema_path: str | Path) -> None:
