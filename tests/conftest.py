@@ -80,3 +80,46 @@ def train_digits(directory: Path, **overrides):
         "state": directory / "state.pt",
     }
     return runs.train(**{**kwargs, **overrides})
+
+
+TINY_TRAIN = {"epochs": 2, "batch_size": 128, "optimizer": {"lr": 0.05}, "device": "cpu"}
+
+
+def fit_digits(directory: Path, name: str, method_cls=None, train=None, **kwargs):
+    """``kdbench.train.fit`` of a vanilla-like resnet8 (seed 5) on 8×8 digits into
+    ``directory / name``, its state at ``directory / f"{name}.state"``; ``kwargs`` go to
+    ``fit`` (``on_epoch_end``) or, the rest, to ``method_cls``."""
+    import torch
+
+    from kdbench import data, methods, models
+    from kdbench.train import RunOutputs, TrainConfig, fit
+
+    ds = data.load_dataset("digits", image_size=8)
+    torch.manual_seed(5)
+    student = models.build("resnet8", ds.num_classes, ds.in_channels)
+    on_epoch_end = kwargs.pop("on_epoch_end", None)
+    method = (method_cls or methods.get("vanilla"))(student, None, {}, **kwargs)
+    run = {"dataset": "digits", "teacher": "none", "student": "resnet8", "method": "vanilla"}
+    return fit(
+        method,
+        ds,
+        TrainConfig.from_config({**TINY_TRAIN, **(train or {})}),
+        seed=5,
+        outputs=RunOutputs.from_mapping(outputs(directory / name)),
+        state_path=directory / f"{name}.state",
+        record={"run": {**run, "variant": "default", "seed": 5}},
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def curves(doc: dict) -> list[dict]:
+    """A metrics document's per-epoch entries without their timings."""
+    return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in doc["epochs"]]
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """Best weights of a resnet8 teacher trained for 2 epochs on 8×8 digits."""
+    d = tmp_path_factory.mktemp("digits_teacher")
+    train_digits(d, role="teacher", variant="teacher", train=TINY_TRAIN)
+    return d / "model_best.pt"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, outputs, train_digits
+from conftest import REPO, outputs
 
 from kdbench import config as kdconfig
 from kdbench import models, runs
@@ -22,10 +22,8 @@ DATA = {"image_size": 8}
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    train_digits(d, role="teacher", variant="teacher", data=DATA, train=TRAIN)
-    return d / "model_best.pt"
+def teacher(digits_teacher):
+    return digits_teacher
 
 
 def job_error(tmp_path: Path, capsys, **overrides) -> str:

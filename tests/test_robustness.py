@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, outputs
+from conftest import REPO, TINY_TRAIN, curves, fit_digits
 
-from kdbench import data, io, methods, models
+from kdbench import io, methods
 from kdbench.errors import KdbenchError
-from kdbench.train import RunOutputs, TrainConfig, fit
+from kdbench.train import TrainConfig
 
-TRAIN = {"epochs": 3, "batch_size": 128, "optimizer": {"lr": 0.05}, "device": "cpu"}
-RECORD = {"run": {"dataset": "digits", "teacher": "none", "student": "resnet8"}}
 Vanilla = methods.get("vanilla")
 
 
@@ -39,26 +37,13 @@ class Poisoned(Vanilla):
         return logits, parts
 
 
-def _fit(tmp_path, name, cls=Vanilla, on_epoch_end=None, train=None, **kwargs):
-    ds = data.load_dataset("digits", image_size=8)
-    torch.manual_seed(5)
-    student = models.build("resnet8", ds.num_classes, ds.in_channels)
-    method = cls(student, None, {}, **kwargs)
-    record = {"run": {**RECORD["run"], "method": "vanilla", "variant": "default", "seed": 5}}
-    return fit(
-        method,
-        ds,
-        TrainConfig.from_config({**TRAIN, **(train or {})}),
-        seed=5,
-        outputs=RunOutputs.from_mapping(outputs(tmp_path / name)),
-        state_path=tmp_path / f"{name}.state",
-        record=record,
-        on_epoch_end=on_epoch_end,
+def _fit(tmp_path, name, cls=None, on_epoch_end=None, train=None, **kwargs):
+    return fit_digits(
+        tmp_path, name, cls, {"epochs": 3, **(train or {})}, on_epoch_end=on_epoch_end, **kwargs
     )
 
 
-def _curves(doc):
-    return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in doc["epochs"]]
+_curves = curves
 
 
 def _interrupt_after(n):
@@ -167,7 +152,7 @@ def test_non_finite_batches_can_be_skipped_up_to_a_limit(tmp_path, caplog):
 
 def test_skip_nonfinite_is_validated():
     with pytest.raises(KdbenchError, match="skip_nonfinite"):
-        TrainConfig.from_config({**TRAIN, "skip_nonfinite": -1})
+        TrainConfig.from_config({**TINY_TRAIN, "skip_nonfinite": -1})
 
 
 def test_every_torch_load_is_weights_only_and_nothing_pickles():

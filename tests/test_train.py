@@ -2,21 +2,19 @@ import json
 
 import pytest
 import torch
-from conftest import outputs, train_digits
+from conftest import curves, fit_digits, outputs, train_digits
 
-from kdbench import data, io, methods, models, runs
+from kdbench import io, models, runs
 from kdbench.errors import KdbenchError
-from kdbench.train import RunOutputs, TrainConfig, fit
+from kdbench.train import TrainConfig
 
 TRAIN = {"epochs": 2, "batch_size": 128, "optimizer": {"lr": 0.05}, "device": "cpu"}
 DATA = {"image_size": 8}
 
 
 @pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    train_digits(d, role="teacher", variant="teacher", data=DATA, train=TRAIN)
-    return d / "model_best.pt"
+def teacher_weights(digits_teacher):
+    return digits_teacher
 
 
 def test_two_epoch_training_writes_every_output(tmp_path, teacher_weights):
@@ -75,27 +73,10 @@ def test_two_epoch_training_writes_every_output(tmp_path, teacher_weights):
 
 
 def _fit(tmp_path, name, on_epoch_end=None, epochs=3):
-    ds = data.load_dataset("digits", image_size=8)
-    torch.manual_seed(5)
-    student = models.build("resnet8", ds.num_classes, ds.in_channels)
-    method = methods.get("vanilla")(student, None, {})
-    cfg = TrainConfig.from_config({**TRAIN, "epochs": epochs})
-    out = RunOutputs.from_mapping(outputs(tmp_path / name))
-    record = {"run": {"dataset": "digits", "method": "vanilla", "seed": 5}}
-    return fit(
-        method,
-        ds,
-        cfg,
-        seed=5,
-        outputs=out,
-        state_path=tmp_path / f"{name}.state",
-        record=record,
-        on_epoch_end=on_epoch_end,
-    )
+    return fit_digits(tmp_path, name, train={"epochs": epochs}, on_epoch_end=on_epoch_end)
 
 
-def _curves(doc):
-    return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in doc["epochs"]]
+_curves = curves
 
 
 def test_resume_after_interruption_gives_the_same_result(tmp_path):
