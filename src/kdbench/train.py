@@ -205,7 +205,7 @@ def train_step(
     yb: Tensor,
     device: torch.device,
     cfg: TrainConfig,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor]] | None:
     """One optimisation step of every trainable module on one batch: (logits, loss parts).
 
     None, with no step taken, if the loss or a gradient is not finite."""
