@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from conftest import curves
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -46,7 +47,6 @@ FAMILIES = {
     ],
     "tucker": [f"{STUDENTS}/resnet20-resnet8/tucker/full-teacher-r16/seed0"],
 }
-TIMED = ("epoch_seconds",)
 UNTIMED_FINAL = ("train_seconds", "seconds_per_epoch", "peak_rss_mb", "peak_cuda_mb")
 
 
@@ -92,10 +92,6 @@ def whole(path: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def curves(doc: dict) -> list[dict]:
-    return [{k: v for k, v in e.items() if k not in TIMED} for e in doc["epochs"]]
 
 
 def final(doc: dict) -> dict:

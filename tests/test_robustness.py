@@ -43,9 +43,6 @@ def _fit(tmp_path, name, cls=None, on_epoch_end=None, train=None, **kwargs):
     )
 
 
-_curves = curves
-
-
 def _interrupt_after(n):
     def hook(epoch):
         if epoch == n:
@@ -69,7 +66,7 @@ def test_two_runs_of_one_seed_are_bit_identical(tmp_path, plain_run):
     plain, plain_dir = plain_run
     again = _fit(tmp_path, "again")
     # the curves as metrics.json stores them, to the last digit
-    assert json.dumps(_curves(again)) == json.dumps(_curves(plain))
+    assert json.dumps(curves(again)) == json.dumps(curves(plain))
     assert (
         json.loads((tmp_path / "again" / "metrics.json").read_text())["epochs"][-1]["train_loss"]
         == json.loads((plain_dir / "metrics.json").read_text())["epochs"][-1]["train_loss"]
@@ -99,7 +96,7 @@ def test_damaged_state_falls_back_to_the_one_before(tmp_path, plain, damage, cap
         doc = _fit(tmp_path, "run")
     assert "ignoring damaged training state" in caplog.text
     assert doc["final"]["resumed_after_epochs"] == [1]  # from the state of epoch 1
-    assert _curves(doc) == _curves(plain)
+    assert curves(doc) == curves(plain)
     assert not state.exists() and not io.previous_state(state).exists()
 
 
@@ -111,7 +108,7 @@ def test_no_usable_state_restarts_from_scratch_with_a_warning(tmp_path, plain, c
     with caplog.at_level(logging.WARNING, logger="kdbench"):
         doc = _fit(tmp_path, "run")
     assert "starting from scratch" in caplog.text
-    assert doc["final"]["resumed_after_epochs"] == [] and _curves(doc) == _curves(plain)
+    assert doc["final"]["resumed_after_epochs"] == [] and curves(doc) == curves(plain)
 
 
 def test_a_run_killed_between_the_two_renames_resumes_from_the_previous_state(tmp_path, plain):
@@ -121,7 +118,7 @@ def test_a_run_killed_between_the_two_renames_resumes_from_the_previous_state(tm
     state.replace(io.previous_state(state))  # as if killed after "rotate", before the rename
     (tmp_path / "run" / ".metrics.json.x1y2.tmp").write_text("{")  # and a writer's leftover
     doc = _fit(tmp_path, "run")
-    assert doc["final"]["resumed_after_epochs"] == [2] and _curves(doc) == _curves(plain)
+    assert doc["final"]["resumed_after_epochs"] == [2] and curves(doc) == curves(plain)
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 

@@ -76,9 +76,6 @@ def _fit(tmp_path, name, on_epoch_end=None, epochs=3):
     return fit_digits(tmp_path, name, train={"epochs": epochs}, on_epoch_end=on_epoch_end)
 
 
-_curves = curves
-
-
 def test_resume_after_interruption_gives_the_same_result(tmp_path):
     plain = _fit(tmp_path, "plain")
 
@@ -98,7 +95,7 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path):
     (session,) = resumed["provenance"]["previous_sessions"]
     assert session["epochs"] == 1 and session["host"] == resumed["provenance"]["host"]
     assert plain["provenance"]["previous_sessions"] == []
-    assert _curves(resumed) == _curves(plain)
+    assert curves(resumed) == curves(plain)
     measured = ("train_seconds", "seconds_per_epoch", "peak_rss_mb", "peak_cuda_mb")
     skip = (*measured, "resumed_after_epochs")
     assert {k: v for k, v in resumed["final"].items() if k not in skip} == {

@@ -32,6 +32,10 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+# read once: os.umask can only be read by setting it, which would race with other threads
+FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(
     path: str | os.PathLike[str], keep_previous: str | os.PathLike[str] | None = None
@@ -51,7 +55,7 @@ def atomic_path(
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp_path, _file_mode())
+        os.chmod(tmp_path, FILE_MODE)
         faults.point(f"write:{path.name}")
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
