@@ -1,5 +1,8 @@
 import json
 
+import pytest
+from conftest import REPO
+
 from kdbench import bench
 
 
@@ -40,3 +43,73 @@ def test_bench_methods_runs_on_cpu_and_saves_json(tmp_path, capsys):
     assert d["shape"] == [128, 64, 8, 8] and d["ranks"] == [128, 32, 8, 8]
     assert d["reconstruction_relative_difference"] < 1e-4
     assert "faster" in capsys.readouterr().out
+
+
+def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsys):
+    out = tmp_path / "epochs.json"
+    args = ["epochs", "--device", "cpu", "--dataset", "digits", "--train-size", "48"]
+    args += ["--batch", "16", "--pair", "resnet20:resnet8", "--epochs", "1", "--warmup", "0"]
+    args += ["--teachers", "--ablation", "--reference-steps", "1", "--reference-warmup", "0"]
+    assert bench.main([*args, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {(r["method"], r["setting"]): r for r in doc["epochs"]}
+    assert ("teacher", "teacher") in rows and ("kd", "plain") in rows
+    assert ("kd", "+ no host sync per step") in rows
+    plain = rows[("kd", "plain")]["train_config"]
+    assert plain["fused"] is False and plain["check_every_step"] is True
+    assert rows[("featuremap", "default")]["ratio_to_featuremap"] == 1.0
+    for method in ("kd", "ft", "tucker full-teacher-r32", "tucker sample-teacher-r32"):
+        r = rows[(method, "default")]
+        assert r["train_seconds"] > 0 and r["images_per_second"] > 0 and r["train_images"] == 48
+        assert r["reference"]["train_seconds"] > 0
+        assert r["speedup_vs_reference"] == pytest.approx(
+            r["reference"]["train_seconds"] / r["train_seconds"]
+        )
+    assert "faster" in capsys.readouterr().out
+    # the grid of the demo, from these epoch times
+    grid = tmp_path / "grid.json"
+    demo = str(REPO / "config" / "demo.yaml")
+    argv = ["grid", str(out), "--config", demo, "--dataset", "digits", "--json", str(grid)]
+    assert bench.main(argv) == 0
+    g = json.loads(grid.read_text())["grid"]
+    assert g["runs"] == {"teachers": 1, "paraphrasers": 2, "students": 18}
+    # the demo: teacher 10 epochs, paraphrasers 4, students 4 (config/demo.yaml)
+    sec = {k: r["epoch_seconds"] for k, r in rows.items()}
+    students = (
+        2
+        * 4
+        * sum(
+            sec[(m, "default")]
+            for m in ("vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32")
+            + ("tucker sample-teacher-r32", "tucker_recomp teacher-r32")
+            + ("tucker_recomp student-r32", "tucker_recomp both-r32")
+        )
+    )
+    assert g["gpu_hours"]["students"] == pytest.approx(students / 3600)
+    assert g["gpu_hours"]["teachers"] == pytest.approx(10 * sec[("teacher", "teacher")] / 3600)
+
+
+def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
+    out = tmp_path / "concurrent.json"
+    args = ["concurrent", "--device", "cpu", "--dataset", "digits", "--train-size", "32"]
+    args += ["--pair", "resnet8:resnet8", "--runs", "1", "2", "--epochs", "1", "--warmup", "0"]
+    assert bench.main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["concurrent"]
+    assert [r["runs"] for r in rows] == [1, 2] and rows[0]["throughput_vs_one"] == 1.0
+    assert all(r["images_per_second"] > 0 for r in rows)
+    out = tmp_path / "spread.json"
+    argv = ["spread", "--device", "cpu", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "2"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    spread = json.loads(out.read_text())["spread"]
+    assert set(spread) == {"fast", "plain", "deterministic"}
+    for row in spread.values():  # on CPU every setting repeats bit for bit
+        assert row["repeat_weights_identical"] and row["repeat_max_abs_diff"]["test_acc"] == 0
+        assert len(row["test_acc_last_per_seed"]) == 2
+
+
+def test_bench_bad_arguments_are_one_line(capsys):
+    assert bench.main(["epochs", "--device", "cpu", "--pair", "resnet20"]) == 1
+    assert bench.main(["epochs", "--device", "cpu", "--methods", "kdd"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "kdbench bench: bench: --pair wants TEACHER:STUDENT, got 'resnet20'"
+    assert err[1].startswith("kdbench bench: bench: unknown method(s) kdd")

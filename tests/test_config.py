@@ -5,6 +5,7 @@ import yaml
 from conftest import REPO, job_counts, snakemake
 
 from kdbench import config as kdconfig
+from kdbench.train import TrainConfig
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
@@ -48,6 +49,9 @@ BAD = [
     (("data", "digits", "image_sise"), 8, "data.digits: unknown key 'image_sise'"),
     (("seeds",), [0, 0], "seeds"),
     (("train", "device"), "tpu", "train.device"),
+    (("train", "compile"), "fast", "train.compile: 'fast' is not one of none, default"),
+    (("train", "optimizer", "fused"), "yes", "train.optimizer.fused: 'yes' is not one of"),
+    (("train", "deterministic"), 1, "train.deterministic: 1 is not of type 'boolean'"),
     (("methods", "tucker", "ranks"), [65], "Tucker rank 65 of mode 0 exceeds that mode's size 64"),
     (("methods", "tucker", "ranks"), [[8, 3, 4]], "rank 4 of mode 2 exceeds that mode's size 3"),
     (("methods", "tucker", "ranks"), [0], "methods.tucker.ranks[0]"),
@@ -104,6 +108,18 @@ def test_run_grid_of_the_full_config():
     vanilla = [s for s in students if s.method == "vanilla"]
     assert {s.teacher for s in vanilla} == {"none"}
     assert kdconfig.train_params(FULL, "teacher")["epochs"] == 150
+
+
+def test_speed_switches_reach_the_jobs_only_when_set():
+    """Settings added after the first release stay out of the jobs' params at their defaults,
+    so adding them re-ran nothing; set, they are params like any other (and re-run)."""
+    params = kdconfig.train_params(FULL, "student")
+    assert not set(kdconfig.LATER_TRAIN_SETTINGS) & set(params)
+    cfg = with_change(("train", "compile"), "default")
+    cfg["train"]["optimizer"] = {**cfg["train"].get("optimizer", {}), "fused": False}
+    params = kdconfig.train_params(cfg, "student")
+    assert params["compile"] == "default" and params["fused"] is False
+    assert TrainConfig.from_config(params).compile == "default"
 
 
 def test_aliases_are_canonical_in_the_grid():

@@ -77,9 +77,15 @@ def test_one_profile_file_with_the_required_keys(monkeypatch):
     assert defaults["slurm_partition"] == "'cpu'" and "attempt" in str(defaults["runtime"])
     for rule in ("train_teacher", "train_paraphraser", "distill"):
         res = profile["set-resources"][rule]
-        assert res["gpu"] == 1 and res["slurm_partition"] == "'gpu'" and "gpu_model" not in res
+        assert res["slurm_partition"] == "'gpu'" and "gpu_model" not in res
         assert "attempt" in str(res["runtime"])
-    assert profile["group-components"]["features"] > 1
+    for rule in ("train_teacher", "train_paraphraser"):
+        assert profile["set-resources"][rule]["gpu"] == 1
+    # students share a GPU: groups of 4, one GPU per group as a string (numbers are summed)
+    distill = profile["set-resources"]["distill"]
+    assert distill["gres"] == "'gpu:1'" and "gpu" not in distill
+    assert profile["group-components"] == {"features": 20, "students": 4}
+    assert profile["resources"]["mem_mb"] >= 4 * distill["mem_mb"]
 
 
 def test_every_profile_key_is_commented():
@@ -98,8 +104,12 @@ def test_site_settings_come_from_the_environment(monkeypatch):
         KDBENCH_SLURM_GPU_MODEL="a100",
         KDBENCH_SLURM_JOBS="7",
         KDBENCH_SLURM_STATUS="sacct",
+        KDBENCH_SLURM_RUNS_PER_GPU="8",
     )
     assert profile["jobs"] == 7 and profile["slurm-status-command"] == "sacct"
+    assert profile["group-components"]["students"] == 8
+    assert profile["resources"]["mem_mb"] == 8 * 8000
+    assert profile["set-resources"]["distill"]["gres"] == "'gpu:a100:1'"
     assert profile["default-resources"]["slurm_partition"] == "'short'"
     assert profile["default-resources"]["slurm_account"] == "'kd-lab'"
     teacher = profile["set-resources"]["train_teacher"]
@@ -114,9 +124,13 @@ def test_dry_run_plans_the_full_benchmark(tmp_path):
     assert counts["distill"] == 240 and counts["train_teacher"] == 2
     assert counts["train_paraphraser"] == 2 and counts["extract_features_metrics"] == 242
     resources = _resources(output)
-    for rule in ("train_teacher", "train_paraphraser", "distill"):
+    for rule in ("train_teacher", "train_paraphraser"):
         for line in resources[rule]:
             assert "slurm_partition=gpu" in line and "gpu=1" in line, line
+    for rule in ("train_teacher", "train_paraphraser", "distill"):  # `--resources gpu_runs=N`
+        assert all("gpu_runs=1" in line for line in resources[rule])
+    for line in resources["distill"]:
+        assert "slurm_partition=gpu" in line and "gres=gpu:1" in line and "mem_mb=8000" in line
     (line,) = resources["train_teacher"]
     assert "runtime=480" in line and "mem_mb=16000" in line
     for line in resources["most_affected"] | resources["extract_features_metrics"]:

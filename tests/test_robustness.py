@@ -122,11 +122,22 @@ def test_a_run_killed_between_the_two_renames_resumes_from_the_previous_state(tm
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+#: how a step's finite check is read: on the device once per epoch with an unfused optimizer
+#: (the step is taken, the run stops at the epoch's end), on the device with fused SGD (the step
+#: is skipped there), or on the host at every step
+CHECKS = {
+    "device": {},
+    "device-fused": {"fused": True},
+    "host": {"check_every_step": True},
+}
+
+
+@pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize("grad", [False, True], ids=["loss", "gradient"])
-def test_non_finite_step_stops_the_run_naming_it_and_keeps_the_state(tmp_path, grad):
+def test_non_finite_step_stops_the_run_naming_it_and_keeps_the_state(tmp_path, grad, check):
     # 8×8 digits, batch 128: 10 steps per epoch; call 12 is epoch 2, step 2 (from 1)
     with pytest.raises(KdbenchError) as err:
-        _fit(tmp_path, "run", Poisoned, bad={12}, grad=grad)
+        _fit(tmp_path, "run", Poisoned, bad={12}, grad=grad, train=CHECKS[check])
     message = str(err.value)
     for part in ("dataset=digits", "teacher=none", "student=resnet8", "method=vanilla"):
         assert part in message
@@ -137,14 +148,34 @@ def test_non_finite_step_stops_the_run_naming_it_and_keeps_the_state(tmp_path, g
     assert all(torch.isfinite(v).all() for v in state["modules"]["student"].values())
 
 
-def test_non_finite_batches_can_be_skipped_up_to_a_limit(tmp_path, caplog):
+@pytest.mark.parametrize("check", CHECKS)
+def test_non_finite_batches_can_be_skipped_up_to_a_limit(tmp_path, caplog, check):
+    train = {"skip_nonfinite": 2, **CHECKS[check]}
     with caplog.at_level(logging.WARNING, logger="kdbench"):
-        doc = _fit(tmp_path, "run", Poisoned, bad={3, 12}, train={"skip_nonfinite": 2})
+        doc = _fit(tmp_path, "run", Poisoned, bad={3, 12}, train=train)
     assert doc["status"] == "complete"
     assert [e.get("skipped_batches", 0) for e in doc["epochs"]] == [1, 1, 0]
-    assert "batch skipped (2 of at most 2" in caplog.text
-    with pytest.raises(KdbenchError, match="1 bad batch"):
-        _fit(tmp_path, "again", Poisoned, bad={3, 12}, train={"skip_nonfinite": 1})
+    assert "epoch 1 step 3: non-finite loss or gradient, batch skipped (1 of at most 2" in (
+        caplog.text
+    )
+    assert "epoch 2 step 2: non-finite loss or gradient, batch skipped (2 of at most 2" in (
+        caplog.text
+    )
+    with pytest.raises(KdbenchError, match="epoch 2 step 2: .* 1 bad batch"):
+        _fit(tmp_path, "again", Poisoned, bad={3, 12}, train={**train, "skip_nonfinite": 1})
+
+
+def test_a_batch_skipped_on_the_device_equals_one_skipped_by_the_host(tmp_path):
+    """Fused SGD skips a non-finite step on the device; the host check skips the same step."""
+    runs = [
+        _fit(tmp_path, name, Poisoned, bad={3, 12}, grad=True, train={"skip_nonfinite": 2, **t})
+        for name, t in (
+            ("device", {"fused": True}),
+            ("host", {"fused": True, "check_every_step": True}),
+        )
+    ]
+    assert curves(runs[0]) == curves(runs[1])
+    assert all(torch.isfinite(torch.tensor(e["train_loss"])) for e in runs[0]["epochs"])
 
 
 def test_skip_nonfinite_is_validated():

@@ -164,15 +164,33 @@ def test_sbatch_requests_gpu_and_partition(slurm_demo):
     for job in jobs:
         # "rule_<rule>_wildcards_<values>", or "rule_<group>_<rules>" for a group job
         rule = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
-        if rule.startswith("features_"):
-            rule = "features"
+        for group in ("features", "students"):
+            if rule.startswith(f"{group}_"):
+                rule = group
         by_rule.setdefault(rule, []).append(job)
-    assert {"train_teacher", "train_paraphraser", "distill", "features"} <= set(by_rule)
-    for rule in ("train_teacher", "train_paraphraser", "distill"):
+    assert {"train_teacher", "train_paraphraser", "students", "features"} <= set(by_rule)
+    for rule in ("train_teacher", "train_paraphraser", "students"):
         for job in by_rule[rule]:
             assert job["Partition"] == "gpu", job
             assert job.get("TresPerJob") == "gres:gpu:1", job
+    for rule in ("train_teacher", "train_paraphraser"):
+        for job in by_rule[rule]:
             assert "mem=16000M" in job["TRES"], job
+    # the 18 students went out 4 to a job holding one GPU, all 4 at once (4 × 8 GB, 4 × 1 CPU)
+    sizes = sorted(
+        int(re.search(r"mem=(\d+)M", job["TRES"]).group(1)) // 8000 for job in by_rule["students"]
+    )
+    assert sizes == [2, 4, 4, 4, 4], by_rule["students"]
+    assert all(
+        f"cpu={n}," in job["TRES"]
+        for n, job in zip(
+            sizes,
+            sorted(
+                by_rule["students"], key=lambda j: int(re.search(r"mem=(\d+)M", j["TRES"]).group(1))
+            ),
+            strict=True,
+        )
+    )
     for rule in ("features", "most_affected", "diagnose", "analyse_features"):
         for job in by_rule[rule]:
             assert job["Partition"] == "cpu", job

@@ -1,4 +1,18 @@
-"""Benchmarks: ``python -m kdbench.bench methods [options]``.
+"""Benchmarks: ``python -m kdbench.bench {epochs,concurrent,methods} [options]``.
+
+``epochs`` times whole training epochs of kdbench's trainer (``kdbench.train.train_epoch``, the
+loop ``fit`` runs; warm-up epochs excluded) for a dataset shape, an architecture pair and a list
+of methods, and reports images/s, seconds per epoch (training, and evaluation of the validation
+and test splits), and peak memory. In the same run it times the reference loop of
+:mod:`kdbench.reference` (the originals' way of training) and prints every figure also as a ratio
+to it. ``--ablation`` switches the speed options on one at a time.
+
+``grid`` estimates the GPU-hours of a config's whole grid from the epoch times of ``epochs``
+JSON files. ``spread`` trains real runs (digits) to measure run-to-run and seed spread of the
+fast, plain and deterministic settings.
+
+``concurrent`` runs N copies of ``epochs`` on one device at once (N = 1, 2, 4, 8 by default) and
+reports their total throughput.
 
 ``methods`` times one training step (``kdbench.train.train_step``: forward, losses, backward, the
 optimizer steps) of every method on the same student, teacher and batch, and prints each as a
@@ -11,9 +25,13 @@ Warm-up steps are excluded; CUDA timings are synchronised. ``--json`` saves ever
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,9 +40,19 @@ from typing import Any
 
 import torch
 
-from kdbench import io, methods, models, provenance, tucker
+from kdbench import io, methods, models, provenance, reference, tucker
+from kdbench.data import Loader, Split
+from kdbench.errors import KdbenchError
 from kdbench.methods.ft import Paraphraser
-from kdbench.train import TrainConfig, make_sgd, resolve_device, train_step
+from kdbench.train import (
+    TrainConfig,
+    evaluate,
+    make_sgd,
+    prepare,
+    resolve_device,
+    train_epoch,
+    train_step,
+)
 
 #: (method, parameters) timed by ``methods``: every method, the Tucker variants included
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -148,18 +176,665 @@ def bench_decomposition(device: torch.device, args: argparse.Namespace) -> dict[
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+#: dataset shapes for ``epochs``: (channels, image size, classes, train, validation, test size)
+SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
+    "cifar100": (3, 32, 100, 45000, 5000, 10000),
+    "cifar10": (3, 32, 10, 45000, 5000, 10000),
+    "fashion_mnist": (1, 28, 10, 55000, 5000, 10000),
+    "digits": (1, 16, 10, 1150, 270, 360),
+}
+
+#: ``--ablation``: the speed switches, switched on one at a time from the plain path
+LADDER: list[tuple[str, dict[str, Any]]] = [
+    (
+        "plain",
+        {
+            "data_on_device": False,
+            "bf16": False,
+            "channels_last": False,
+            "fused": False,
+            "check_every_step": True,
+            "compile": "none",
+        },
+    ),
+    ("+ data on device", {"data_on_device": True}),
+    ("+ bf16 autocast", {"bf16": True}),
+    ("+ channels_last", {"channels_last": True}),
+    ("+ fused SGD", {"fused": True}),
+    ("+ no host sync per step", {"check_every_step": False}),
+]
+
+
+def _cases(selected: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    if not selected:
+        return CASES
+    cases = [c for c in CASES if c[0] in selected or _label(*c) in selected]
+    unknown = set(selected) - {c[0] for c in cases} - {_label(*c) for c in cases}
+    if unknown:
+        known = ", ".join(dict.fromkeys([c[0] for c in CASES] + [_label(*c) for c in CASES]))
+        raise KdbenchError(f"bench: unknown method(s) {', '.join(sorted(unknown))} ({known})")
+    return cases
+
+
+def _synthetic(n: int, shape: tuple[int, ...], classes: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8).float() / 255
+    return Split(x, torch.randint(0, classes, (n,), generator=g))
+
+
+def _build(
+    case: tuple[str, dict[str, Any]],
+    teacher: torch.nn.Module,
+    student_arch: str,
+    classes: int,
+    channels: int,
+    paraphraser: Path,
+) -> methods.Method:
+    name, params = case
+    torch.manual_seed(0)
+    student = models.build(student_arch, classes, channels)
+    cls = methods.get(name)
+    assets = {"paraphraser": paraphraser} if "paraphraser" in cls.requires else {}
+    return cls(student, teacher if cls.needs_teacher else None, params, assets)
+
+
+def time_epochs(
+    method: methods.Method,
+    cfg: TrainConfig,
+    splits: tuple[Split, Split, Split],
+    device: torch.device,
+    epochs: int,
+    warmup: int,
+    before_timing: Any = None,
+) -> dict[str, Any]:
+    """Median training and evaluation seconds per epoch of ``method`` under ``cfg``."""
+    mean, std = (0.5,) * splits[0].x.shape[1], (0.25,) * splits[0].x.shape[1]
+    channels_last = device.type == "cuda" and cfg.channels_last
+    train = Loader(
+        splits[0],
+        cfg.batch_size,
+        device,
+        mean,
+        std,
+        train=True,
+        seed=0,
+        crop_padding=4,
+        flip=True,
+        channels_last=channels_last,
+        resident=cfg.data_on_device,
+    )
+    evals = [
+        Loader(
+            s,
+            cfg.eval_batch_size,
+            device,
+            mean,
+            std,
+            channels_last=channels_last,
+            resident=cfg.data_on_device,
+        )
+        for s in splits[1:]
+    ]
+    prepare(method, cfg, device)
+    optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
+    train_times: list[float] = []
+    eval_times: list[float] = []
+    for epoch in range(warmup + epochs):
+        if epoch == warmup:
+            if before_timing is not None:
+                before_timing()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.time()
+        _sync(device)
+        t0 = time.perf_counter()
+        train_epoch(method, optimizers, train, epoch, device, cfg)
+        _sync(device)
+        t1 = time.perf_counter()
+        for loader in evals:
+            evaluate(method.student, loader, device, cfg)
+        t2 = time.perf_counter()
+        if epoch >= warmup:
+            train_times.append(t1 - t0)
+            eval_times.append(t2 - t1)
+    seconds = statistics.median(train_times)
+    return {
+        "train_seconds": seconds,
+        "eval_seconds": statistics.median(eval_times),
+        "epoch_seconds": seconds + statistics.median(eval_times),
+        "images_per_second": train.num_samples / seconds,
+        "train_images": train.num_samples,
+        "timed_epochs": epochs,
+        "started": started,
+        "ended": time.time(),
+        "peak_cuda_mb": (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        ),
+    }
+
+
+def time_reference(
+    case: tuple[str, dict[str, Any]],
+    teacher: torch.nn.Module,
+    args: argparse.Namespace,
+    student_arch: str,
+    train: Split,
+    paraphraser: Path,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Seconds per epoch of the reference loop (median step time × steps per epoch)."""
+    channels, _, classes = args.shape[:3]
+    method = _build(case, copy.deepcopy(teacher), student_arch, classes, channels, paraphraser)
+    method.to(device)
+    extras = {}
+    if case[0] == "ft":
+        extras = {"paraphraser": method._paraphraser[0], "translator": method.translator}
+    images = (train.x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    loader = reference.make_loader(
+        images,
+        train.y.numpy(),
+        args.batch,
+        (0.5,) * channels,
+        (0.25,) * channels,
+        args.reference_workers,
+        device.type == "cuda",
+    )
+    teacher_model = method.teacher if method.needs_teacher else None
+    steps, warmup = args.reference_steps, args.reference_warmup
+    if case[1].get("decomposition") == "sample":  # one tensorly call per sample: fewer steps
+        steps, warmup = max(1, steps // 10), min(warmup, 1)
+    out = reference.time_steps(
+        case[0],
+        method.params,
+        method.student,
+        teacher_model,
+        extras,
+        loader,
+        device,
+        warmup,
+        steps,
+    )
+    out["train_seconds"] = out["step_seconds"] * -(-len(train) // args.batch)
+    out["images_per_second"] = len(train) / out["train_seconds"]
+    return out
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise KdbenchError(f"bench: --set wants KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _train_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
+    return TrainConfig.from_config(
+        {
+            "epochs": 1,
+            "batch_size": args.batch,
+            "device": args.device,
+            **_parse_sets(args.set),
+            **(extra or {}),
+        }
+    )
+
+
+def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    channels, size, classes, n_train, n_val, n_test = args.shape
+    if args.train_size:
+        n_train, n_val, n_test = args.train_size, args.train_size // 9, args.train_size // 5
+    splits = tuple(
+        _synthetic(n, (channels, size, size), classes, seed)
+        for seed, n in enumerate((n_train, n_val, n_test))
+    )
+    cfg = _train_config(args)
+    cases = _cases(args.methods)
+    results: list[dict[str, Any]] = []
+    barrier = _barrier(args.barrier) if args.barrier else None
+    with tempfile.TemporaryDirectory() as tmp:
+        paraphraser = Path(tmp) / "paraphraser.pt"
+        io.save_torch(paraphraser, Paraphraser(64, 0.5).state_dict())
+        for pair in args.pairs:
+            teacher_arch, student_arch = pair.split(":")
+            torch.manual_seed(1)
+            teacher = models.build(teacher_arch, classes, channels)
+            rows = [(c, student_arch, cfg, "") for c in cases]
+            if args.teachers:
+                rows.insert(0, (("vanilla", {}), teacher_arch, cfg, "teacher"))
+            if args.ablation:
+                base = asdict_cfg(cfg)
+                steps = list(LADDER)
+                if args.ablation_compile != "none":
+                    steps.append(
+                        (f"+ compile {args.ablation_compile}", {"compile": args.ablation_compile})
+                    )
+                acc: dict[str, Any] = {}
+                first = next((c for c in cases if c[0] == "kd"), cases[0])
+                for label, change in steps:
+                    acc.update(change)
+                    rows.append(
+                        (first, student_arch, TrainConfig.from_config({**base, **acc}), label)
+                    )
+            for case, arch, row_cfg, tag in rows:
+                method = _build(case, teacher, arch, classes, channels, paraphraser)
+                r = time_epochs(method, row_cfg, splits, device, args.epochs, args.warmup, barrier)
+                r.update(
+                    pair=f"{teacher_arch}:{arch}" if tag != "teacher" else f"none:{arch}",
+                    method=_label(*case) if tag != "teacher" else "teacher",
+                    setting=tag or "default",
+                    train_config=asdict_cfg(row_cfg),
+                )
+                if args.reference and not tag:
+                    ref = time_reference(case, teacher, args, arch, splits[0], paraphraser, device)
+                    r["reference"] = ref
+                    r["speedup_vs_reference"] = ref["train_seconds"] / r["train_seconds"]
+                _print_row(r)
+                results.append(r)
+                del method
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    doc: dict[str, Any] = {"epochs": results}
+    for pair in args.pairs:
+        same = [r for r in results if r["pair"] == pair and r["setting"] == "default"]
+        base = next((r for r in same if r["method"] == "featuremap"), None)
+        if base:
+            for r in same:
+                r["ratio_to_featuremap"] = r["train_seconds"] / base["train_seconds"]
+    return doc
+
+
+def asdict_cfg(cfg: TrainConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    name = r["method"] if r["setting"] == "default" else f"{r['method']} [{r['setting']}]"
+    mem = f"{r['peak_cuda_mb']:.0f} MiB" if r["peak_cuda_mb"] is not None else "-"
+    line = (
+        f"  {r['pair']:<20} {name:<40} train {r['train_seconds']:7.3f} s/epoch "
+        f"({r['images_per_second']:8.0f} img/s), eval {r['eval_seconds']:6.3f} s, peak {mem}"
+    )
+    if "reference" in r:
+        line += (
+            f"; reference {r['reference']['train_seconds']:8.2f} s/epoch → "
+            f"{r['speedup_vs_reference']:.1f}× faster"
+        )
+    print(line, flush=True)
+
+
+def _barrier(directory: str) -> Any:
+    """A file barrier for ``concurrent``: ``N/ID`` waits until N workers reached it."""
+    root, count, me = Path(directory), int(Path(directory).name.split("-")[0]), os.getpid()
+
+    def wait() -> None:
+        (root / f"ready-{me}").touch()
+        deadline = time.time() + 900
+        while len(list(root.glob("ready-*"))) < count:
+            if time.time() > deadline:
+                raise KdbenchError(f"bench: barrier {root}: the other workers never arrived")
+            time.sleep(0.05)
+
+    return wait
+
+
+def bench_concurrent(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Total throughput of N simultaneous ``epochs`` runs on one device, for each N."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.runs:
+            barrier = Path(tmp) / f"{n}-runs"
+            barrier.mkdir()
+            cmd = [
+                sys.executable,
+                "-m",
+                "kdbench.bench",
+                "epochs",
+                "--no-reference",
+                "--device",
+                str(device),
+                "--methods",
+                args.method,
+                "--pair",
+                args.pair,
+                "--dataset",
+                args.dataset,
+                "--batch",
+                str(args.batch),
+                "--epochs",
+                str(args.epochs),
+                "--warmup",
+                str(args.warmup),
+                "--barrier",
+                str(barrier),
+                *(["--train-size", str(args.train_size)] if args.train_size else []),
+                *(x for kv in args.set for x in ("--set", kv)),
+            ]
+            procs = [
+                subprocess.Popen(
+                    [*cmd, "--json", str(barrier / f"run{i}.json")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for i in range(n)
+            ]
+            errors = [p.communicate()[1] for p in procs]
+            if any(p.returncode for p in procs):
+                bad = next(e for p, e in zip(procs, errors, strict=True) if p.returncode)
+                raise KdbenchError(f"bench concurrent: a worker failed: {bad.strip()[-500:]}")
+            runs = [
+                json.loads((barrier / f"run{i}.json").read_text())["epochs"][0] for i in range(n)
+            ]
+            wall = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
+            images = sum(r["train_images"] * r["timed_epochs"] for r in runs)
+            row = {
+                "runs": n,
+                "wall_seconds": wall,
+                "images_per_second": images / wall,
+                "epoch_seconds_per_run": statistics.median(r["epoch_seconds"] for r in runs),
+                "peak_cuda_mb_per_run": max(r["peak_cuda_mb"] or 0 for r in runs) or None,
+            }
+            row["throughput_vs_one"] = (
+                row["images_per_second"] / rows[0]["images_per_second"] if rows else 1.0
+            )
+            print(
+                f"  {n} concurrent: {row['images_per_second']:8.0f} img/s in total "
+                f"({row['throughput_vs_one']:.2f}× one run), "
+                f"{row['epoch_seconds_per_run']:.2f} s per epoch per run",
+                flush=True,
+            )
+            rows.append(row)
+    return {"concurrent": rows}
+
+
+def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str) -> float:
+    import re
+
+    if (pair, label) in measured:
+        return measured[(pair, label)]
+    stem = re.sub(r"r\d+(x\d+)*$", "", label)  # the rank does not change the cost materially
+    for (p, lab), sec in measured.items():
+        if p == pair and re.sub(r"r\d+(x\d+)*$", "", lab) == stem:
+            return sec
+    raise KdbenchError(
+        f"bench grid: no measurement of {label} for {pair} "
+        "(time it with epochs --pair/--methods/--teachers)"
+    )
+
+
+def grid_estimate(
+    config_path: Path, dataset: str, results: list[dict[str, Any]], concurrency: Path | None
+) -> dict[str, Any]:
+    """GPU-hours of ``dataset``'s whole grid in ``config_path`` from measured epoch seconds
+    (training + evaluation): teachers, FT paraphrasers (costed as a featuremap epoch of the
+    pair, an upper bound: the paraphraser is far smaller than a student) and every student."""
+    import yaml
+
+    from kdbench import config as kdconfig
+
+    cfg = kdconfig.resolve(yaml.safe_load(Path(config_path).read_text()))
+    measured = {
+        (r["pair"], r["method"]): r["epoch_seconds"]
+        for r in results
+        if r["setting"] in ("default", "teacher")
+    }
+    student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
+    teacher_epochs = int(kdconfig.train_params(cfg, "teacher")["epochs"])
+    seconds = {"teachers": 0.0, "paraphrasers": 0.0, "students": 0.0}
+    counts = {"teachers": 0, "paraphrasers": 0, "students": 0}
+    for t in kdconfig.teacher_runs(cfg):
+        if t.dataset == dataset:
+            seconds["teachers"] += teacher_epochs * _variant_cost(
+                measured, f"none:{t.arch}", "teacher"
+            )
+            counts["teachers"] += 1
+    ft = (cfg["methods"].get("ft") or {}) if "ft" in cfg["methods"] else None
+    para_pairs = set()
+    for r in kdconfig.student_runs(cfg):
+        if r.dataset != dataset:
+            continue
+        label = f"{r.method} {r.variant}" if methods.get(r.method).grid else r.method
+        pair = f"{r.teacher}:{r.student}" if r.teacher != "none" else None
+        if pair is None:
+            pair = next(
+                p for p, _ in measured if p.endswith(f":{r.student}") and not p.startswith("none")
+            )
+        seconds["students"] += student_epochs * _variant_cost(measured, pair, label)
+        counts["students"] += 1
+        if r.method == "ft" and (r.teacher, r.seed) not in para_pairs:
+            para_pairs.add((r.teacher, r.seed))
+            epochs = int(((ft or {}).get("paraphraser") or {}).get("epochs", 25))
+            seconds["paraphrasers"] += epochs * _variant_cost(measured, pair, "featuremap")
+            counts["paraphrasers"] += 1
+    total = sum(seconds.values())
+    out: dict[str, Any] = {
+        "config": str(config_path),
+        "dataset": dataset,
+        "runs": counts,
+        "gpu_hours": {k: v / 3600 for k, v in seconds.items()},
+        "gpu_hours_total": total / 3600,
+    }
+    if concurrency:
+        rows = json.loads(Path(concurrency).read_text())["concurrent"]
+        best = max(rows, key=lambda r: r["throughput_vs_one"])
+        out["runs_per_gpu"] = best["runs"]
+        out["gpu_hours_total_concurrent"] = total / 3600 / best["throughput_vs_one"]
+    print(
+        f"\n{dataset} grid of {config_path}: {counts['students']} students, "
+        f"{counts['teachers']} teacher(s), {counts['paraphrasers']} paraphraser(s): "
+        f"{out['gpu_hours_total']:.2f} GPU-hours one run at a time"
+        + (
+            f", {out['gpu_hours_total_concurrent']:.2f} with {out['runs_per_gpu']} per GPU"
+            if concurrency
+            else ""
+        ),
+        flush=True,
+    )
+    return out
+
+
+#: ``spread``: the settings compared (changes to the train defaults)
+SPREAD_SETTINGS: dict[str, dict[str, Any]] = {
+    "fast": {},
+    "plain": dict(LADDER[0][1]),
+    "deterministic": {**LADDER[0][1], "deterministic": True},
+}
+
+
+def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Run-to-run and seed spread of real training on digits: a teacher, then KD students.
+
+    Per setting, seed 0 runs twice (run-to-run difference of the curves and weights) and the
+    other seeds once (seed spread of the final accuracies)."""
+    from kdbench import runs
+
+    rows: dict[str, Any] = {}
+    data = {"image_size": 16}
+    recipe = {"batch_size": 64, "device": str(device), "lr": 0.05}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+
+        def run(
+            name: str,
+            method: str,
+            arch: str,
+            seed: int,
+            epochs: int,
+            change: dict,
+            teacher: Path | None = None,
+        ) -> dict[str, Any]:
+            d = root / name
+            outputs = {
+                "metrics": d / "metrics.json",
+                "final_weights": d / "final.pt",
+                "best_weights": d / "best.pt",
+                "loss_plot": d / "Loss.png",
+                "accuracy_plot": d / "Accuracy.png",
+            }
+            doc = runs.train(
+                role="student" if teacher else "teacher",
+                dataset="digits",
+                data=data,
+                arch=arch,
+                seed=seed,
+                method=method,
+                variant="default",
+                method_params={},
+                train={**recipe, "epochs": epochs, **change},
+                outputs=outputs,
+                state=root / f"{name}.state",
+                teacher="resnet20" if teacher else None,
+                teacher_weights=teacher,
+            )
+            doc["weights"] = torch.load(outputs["final_weights"], weights_only=True)
+            return doc
+
+        run("teacher", "vanilla", "resnet20", 0, args.teacher_epochs, {})
+        teacher = root / "teacher" / "final.pt"
+        for setting, change in SPREAD_SETTINGS.items():
+            t0 = time.perf_counter()
+            docs = [
+                run(f"{setting}-s{s}", "kd", "resnet8", s, args.epochs, change, teacher)
+                for s in range(args.seeds)
+            ]
+            again = run(f"{setting}-s0-again", "kd", "resnet8", 0, args.epochs, change, teacher)
+            a, b = docs[0]["epochs"], again["epochs"]
+            finals = [d["final"]["test_acc_last"] for d in docs]
+            row = {
+                "train_config": {k: v for k, v in docs[0]["config"]["train"].items()},
+                "test_acc_last_per_seed": finals,
+                "test_acc_last_mean": statistics.mean(finals),
+                "test_acc_last_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "repeat_max_abs_diff": {
+                    key: max(abs(x[key] - y[key]) for x, y in zip(a, b, strict=True))
+                    for key in ("train_loss", "test_loss", "test_acc", "val_acc")
+                },
+                "repeat_weights_identical": all(
+                    torch.equal(docs[0]["weights"][k], again["weights"][k])
+                    for k in docs[0]["weights"]
+                ),
+                "seconds": time.perf_counter() - t0,
+            }
+            rows[setting] = row
+            diff = row["repeat_max_abs_diff"]
+            print(
+                f"  {setting:<14} test acc {row['test_acc_last_mean']:.2f} ± "
+                f"{row['test_acc_last_std']:.2f} % over {args.seeds} seeds; same seed twice: "
+                f"max |Δ test acc| {diff['test_acc']:.3f} pts, |Δ train loss| "
+                f"{diff['train_loss']:.2e}, weights identical: "
+                f"{row['repeat_weights_identical']}",
+                flush=True,
+            )
+    torch.use_deterministic_algorithms(False)
+    return {"spread": rows}
+
+
+def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
+    results = [r for f in args.files for r in json.loads(Path(f).read_text())["epochs"]]
+    return {"grid": grid_estimate(args.config, args.dataset, results, args.concurrency)}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
+
+
+def _epoch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="cifar100", choices=sorted(SHAPES), help="the data's shape")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="training images (default: the dataset's; validation and test scale with it)",
+    )
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs (default 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed epochs first (default 1)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a train setting, e.g. compile=default or bf16=false (repeatable)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kdbench.bench", description=__doc__.split("\n\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("epochs", help="time training epochs against the reference loop")
+    _common(e)
+    _epoch_args(e)
+    e.add_argument(
+        "--pair",
+        dest="pairs",
+        action="append",
+        default=None,
+        metavar="TEACHER:STUDENT",
+        help="default resnet110:resnet56 on CUDA, resnet20:resnet8 on CPU (repeatable)",
+    )
+    e.add_argument("--methods", nargs="+", default=None, help="method names or labels")
+    e.add_argument("--no-reference", dest="reference", action="store_false")
+    e.add_argument(
+        "--reference-steps",
+        type=int,
+        default=None,
+        help="timed reference steps (default 40 on CUDA, 3 on CPU)",
+    )
+    e.add_argument("--reference-warmup", type=int, default=3)
+    e.add_argument(
+        "--reference-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers of the reference (default 4 on CUDA, 0 on CPU)",
+    )
+    e.add_argument(
+        "--teachers", action="store_true", help="also time training each pair's teacher (vanilla)"
+    )
+    e.add_argument(
+        "--ablation",
+        action="store_true",
+        help="switch the speed options on one by one (for kd, else the first method)",
+    )
+    e.add_argument(
+        "--ablation-compile",
+        default="none",
+        help="last ablation step: this train.compile mode (default none: no step)",
+    )
+    e.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
+    c = sub.add_parser("concurrent", help="total throughput of N runs sharing one device")
+    _common(c)
+    _epoch_args(c)
+    c.add_argument("--runs", type=int, nargs="+", default=[1, 2, 4, 8])
+    c.add_argument("--method", default="kd")
+    c.add_argument("--pair", default=None, help="default as for epochs")
+    sp = sub.add_parser("spread", help="run-to-run and seed spread of real training (digits)")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--epochs", type=int, default=30, help="student epochs (default 30)")
+    sp.add_argument("--teacher-epochs", type=int, default=30)
+    sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument("--json", type=Path, default=None)
+    g = sub.add_parser("grid", help="GPU-hours of a config's grid from `epochs` JSON files")
+    g.add_argument("files", nargs="+", type=Path, help="`epochs --teachers --json` outputs")
+    g.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    g.add_argument("--dataset", default="cifar100")
+    g.add_argument("--concurrency", type=Path, default=None, help="a `concurrent` JSON")
+    g.add_argument("--json", type=Path, default=None)
+    g.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     m = sub.add_parser(
         "methods", help="time a training step of every method, and Tucker vs tensorly"
     )
-    m.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    _common(m)
     m.add_argument("--teacher", default=None, help="default resnet110 on CUDA, resnet20 on CPU")
     m.add_argument("--student", default=None, help="default resnet56 on CUDA, resnet8 on CPU")
-    m.add_argument("--batch", type=int, default=128)
     m.add_argument("--image-size", type=int, default=32)
     m.add_argument("--channels", type=int, default=3)
     m.add_argument("--classes", type=int, default=100)
@@ -169,14 +844,68 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--warmup", type=int, default=5)
     m.add_argument("--decomp-repeats", type=int, default=50)
     m.add_argument("--tensorly-repeats", type=int, default=5)
-    m.add_argument("--json", type=Path, default=None, help="write every figure to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KdbenchError as exc:
+        print(f"kdbench bench: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    info = provenance.device_info(device)
+    if args.command in ("epochs", "concurrent"):
+        default_pair = "resnet110:resnet56" if cuda else "resnet20:resnet8"
+        if args.command == "epochs":
+            args.pairs = args.pairs or [default_pair]
+            args.reference_steps = args.reference_steps or (40 if cuda else 3)
+            if args.reference_workers is None:
+                args.reference_workers = 4 if cuda else 0
+        else:
+            args.pair = args.pair or default_pair
+        args.shape = SHAPES[args.dataset]
+        for pair in [*(getattr(args, "pairs", None) or []), getattr(args, "pair", None)]:
+            if pair is not None and (pair.count(":") != 1 or not all(pair.split(":"))):
+                raise KdbenchError(f"bench: --pair wants TEACHER:STUDENT, got {pair!r}")
+        if args.command == "concurrent" or not args.barrier:
+            print(
+                f"kdbench bench {args.command}: {args.dataset} shape, batch {args.batch}, "
+                f"on {info['name']} ({info['threads']} threads), torch {torch.__version__}",
+                flush=True,
+            )
+        result = (bench_epochs if args.command == "epochs" else bench_concurrent)(args, device)
+    elif args.command == "spread":
+        result = bench_spread(args, device)
+    elif args.command == "grid":
+        result = _grid_from_files(args)
+    else:
+        result = _run_methods(args, device, info)
+    if args.json:
+        doc = {
+            "command": args.command,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "device": info,
+            "date": time.strftime("%Y-%m-%d"),
+            "platform": platform.platform(),
+            "versions": provenance.package_versions(),
+            **result,
+        }
+        with io.atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return 0
+
+
+def _run_methods(args: argparse.Namespace, device: torch.device, info: dict[str, Any]) -> dict:
     cuda = device.type == "cuda"
     args.teacher = args.teacher or ("resnet110" if cuda else "resnet20")
     args.student = args.student or ("resnet56" if cuda else "resnet8")
     args.steps = args.steps or (50 if cuda else 20)
-    info = provenance.device_info(device)
     print(
         f"kdbench bench methods: {args.teacher} → {args.student}, "
         f"batch {args.batch}×{args.channels}×{args.image_size}×{args.image_size}, "
@@ -196,18 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         f"reconstructions differ by {d['reconstruction_relative_difference']:.1e} (relative), "
         f"errors {d['kdbench_relative_error']:.5f} vs {d['tensorly_relative_error']:.5f}"
     )
-    if args.json:
-        doc = {
-            "command": "methods",
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "device": info,
-            "platform": platform.platform(),
-            "versions": provenance.package_versions(),
-            **result,
-        }
-        with io.atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -243,6 +243,17 @@ def data_params(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     return dataset_params(dataset, (config.get("data") or {}).get(dataset))
 
 
+#: ``train`` settings left out of a job's params while at their defaults (see train_params)
+LATER_TRAIN_SETTINGS = (
+    "skip_nonfinite",
+    "data_on_device",
+    "fused",
+    "compile",
+    "check_every_step",
+    "deterministic",
+)
+
+
 def train_params(config: dict[str, Any], role: str) -> dict[str, Any]:
     """The complete training recipe of a teacher (``role="teacher"``) or a student."""
     recipe = copy.deepcopy(config.get("train") or {})
@@ -253,8 +264,11 @@ def train_params(config: dict[str, Any], role: str) -> dict[str, Any]:
             else:
                 recipe[key] = value
     params = asdict(TrainConfig.from_config(recipe))
-    if params["skip_nonfinite"] == 0:  # the default stays out, so that adding it re-ran nothing
-        del params["skip_nonfinite"]
+    # Settings added after the first release stay out while at their defaults, so that their
+    # arrival re-ran nothing.
+    for key in LATER_TRAIN_SETTINGS:
+        if params[key] == TrainConfig.__dataclass_fields__[key].default:
+            del params[key]
     return params
 
 

@@ -374,16 +374,20 @@ class Loader:
         flip: bool = False,
         drop_last: bool = False,
         channels_last: bool = False,
+        resident: bool = True,
     ) -> None:
         if batch_size < 1:
             raise KdbenchError(f"batch size must be positive, got {batch_size}")
         self.device = torch.device(device)
+        #: where the split lives and is augmented: the training device (``resident``), else the
+        #: host, each batch then copied to the device
+        self.storage = self.device if resident else torch.device("cpu")
         m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.x = ((split.x - m) / s).to(self.device)
-        self.y = split.y.to(self.device)
+        self.x = ((split.x - m) / s).to(self.storage)
+        self.y = split.y.to(self.storage)
         #: the value of a black (zero) pixel after normalisation: what padding fills in
-        self.fill = (-m / s).flatten().to(self.device)
+        self.fill = (-m / s).flatten().to(self.storage)
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
@@ -412,7 +416,7 @@ class Loader:
             flips = (
                 torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
             )
-            order, dy, dx, flips = (t.to(self.device) for t in (order, dy, dx, flips))
+            order, dy, dx, flips = (t.to(self.storage) for t in (order, dy, dx, flips))
         for b in range(len(self)):
             sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
             if self.train:
@@ -423,4 +427,7 @@ class Loader:
                 yb = self.y[idx]
             else:
                 xb, yb = self.x[sl], self.y[sl]
+            if self.storage != self.device:
+                xb = xb.to(self.device, non_blocking=True)
+                yb = yb.to(self.device, non_blocking=True)
             yield xb.contiguous(memory_format=self.memory_format), yb

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,10 @@ from kdbench.methods.base import Method
 log = logging.getLogger("kdbench")
 
 STATE_VERSION = 1
+
+#: ``train.compile`` values: ``none`` (eager) or a ``torch.compile`` mode (``reduce-overhead``
+#: adds CUDA graphs)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
 @dataclass
@@ -62,6 +67,22 @@ class TrainConfig:
     # batches with a non-finite loss or gradient that may be skipped (not stepped on) per run;
     # 0: the first one stops the run
     skip_nonfinite: int = 0
+    # Speed switches. None changes the recipe, the data order or the augmentation.
+    #: keep each split on the training device and augment it there (else: on the host, each
+    #: batch copied over)
+    data_on_device: bool = True
+    #: fused SGD (one kernel per step; skips a non-finite step on the device): true, false
+    #: (foreach), or auto: fused on CUDA, foreach on CPU (bit-identical to the plain loop there)
+    fused: bool | str = "auto"
+    #: ``torch.compile`` mode for student and teacher (:data:`COMPILE_MODES`); ``none``: eager
+    compile: str = "none"
+    #: read every step's finite check on the host (one synchronisation per step; the run stops
+    #: at the bad step itself); false: the checks stay on the device and are read once per epoch
+    check_every_step: bool = False
+    #: deterministic kernels on CUDA (``torch.use_deterministic_algorithms``, no cuDNN
+    #: autotuning, a fixed cuBLAS workspace); slower, and bit-reproducible only with ``bf16``
+    #: off as well (see README, Determinism). CPU runs are deterministic either way.
+    deterministic: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -97,6 +118,14 @@ class TrainConfig:
             raise KdbenchError(f"train.optimizer.lr must be positive, got {self.lr}")
         if self.skip_nonfinite < 0:
             raise KdbenchError(f"train.skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
+        if self.fused not in (True, False, "auto"):
+            raise KdbenchError(
+                f"train.optimizer.fused must be true, false or auto, got {self.fused!r}"
+            )
+        if self.compile not in COMPILE_MODES:
+            raise KdbenchError(
+                f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"
+            )
 
 
 @dataclass
@@ -153,13 +182,52 @@ def make_schedule(
 
 
 def make_sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        module.parameters(),
+    """SGD over ``module``'s parameters (build it after moving the module to its device).
+
+    Fused SGD starts from zero momentum buffers: the first step then gives the same buffer
+    (0·m + g = g) as an unfused first step, and a first step skipped on the device (non-finite)
+    leaves no uninitialised buffer behind.
+    """
+    params = list(module.parameters())
+    fused = cfg.fused is True or (
+        cfg.fused == "auto" and bool(params) and params[0].device.type == "cuda"
+    )
+    opt = torch.optim.SGD(
+        params,
         lr=cfg.lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov,
+        **({"fused": True} if fused else {"foreach": True}),
     )
+    if fused and cfg.momentum:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt
+
+
+def compile_models(method: Method, cfg: TrainConfig) -> None:
+    """``torch.compile`` the student and the teacher in place (``train.compile``; state-dict
+    keys unchanged). The compiled code is cached in ``TORCHINDUCTOR_CACHE_DIR``."""
+    if cfg.compile == "none":
+        return
+    method.student.compile(mode=cfg.compile)
+    if method.needs_teacher:
+        method.teacher.compile(mode=cfg.compile)
+
+
+def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
+    """Move ``method`` to ``device`` (channels_last on CUDA) and compile it per ``cfg``; set
+    the process's deterministic-algorithms switch from ``cfg.deterministic``."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.benchmark = False
+    method.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    compile_models(method, cfg)
 
 
 def make_loaders(
@@ -179,6 +247,7 @@ def make_loaders(
         flip=data.flip,
         drop_last=cfg.drop_last,
         channels_last=channels_last,
+        resident=cfg.data_on_device,
     )
     if len(train) == 0:
         raise KdbenchError(
@@ -186,7 +255,15 @@ def make_loaders(
             f"of {len(data.train)} samples"
         )
     val, test = (
-        Loader(s, cfg.eval_batch_size, device, data.mean, data.std, channels_last=channels_last)
+        Loader(
+            s,
+            cfg.eval_batch_size,
+            device,
+            data.mean,
+            data.std,
+            channels_last=channels_last,
+            resident=cfg.data_on_device,
+        )
         for s in (data.val, data.test)
     )
     return train, val, test
@@ -198,17 +275,27 @@ def autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractConte
     return contextlib.nullcontext()
 
 
-def train_step(
+def _fused(optimizers: dict[str, torch.optim.Optimizer]) -> bool:
+    return all(g.get("fused") for o in optimizers.values() for g in o.param_groups)
+
+
+def train_step_async(
     method: Method,
     optimizers: dict[str, torch.optim.Optimizer],
     xb: Tensor,
     yb: Tensor,
     device: torch.device,
     cfg: TrainConfig,
-) -> tuple[Tensor, dict[str, Tensor]] | None:
-    """One optimisation step of every trainable module on one batch: (logits, loss parts).
+    *,
+    host_check: bool = False,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """One optimisation step of every trainable module on one batch, without a host
+    synchronisation: (logits, loss parts, ok).
 
-    None, with no step taken, if the loss or a gradient is not finite."""
+    ``ok`` (a bool tensor on the device) is False when the loss or a gradient is not finite;
+    the step is then not taken. Fused optimizers skip it on the device; others need the host to
+    read ``ok`` first, which ``host_check`` asks for (else they take the step).
+    """
     with autocast(device, cfg):
         logits, parts = method.forward_train(xb, yb)
     loss = torch.stack([p.float() for p in parts.values()]).sum()
@@ -223,13 +310,87 @@ def train_step(
         if p.grad is not None
     ]
     norms = torch.stack([n.float() for n in torch._foreach_norm(grads)]) if grads else loss
-    if not bool(torch.isfinite(loss) & torch.isfinite(norms).all()):
+    ok = torch.isfinite(loss) & torch.isfinite(norms).all()
+    if _fused(optimizers):
+        found_inf = (~ok).float()
+        for opt in optimizers.values():
+            opt.found_inf = found_inf  # type: ignore[attr-defined]  # read by fused SGD
+    elif host_check and not bool(ok):
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        return None
+        return logits, parts, ok
     for opt in optimizers.values():
         opt.step()
-    return logits, parts
+    return logits, parts, ok
+
+
+def train_step(
+    method: Method,
+    optimizers: dict[str, torch.optim.Optimizer],
+    xb: Tensor,
+    yb: Tensor,
+    device: torch.device,
+    cfg: TrainConfig,
+) -> tuple[Tensor, dict[str, Tensor]] | None:
+    """One optimisation step of every trainable module on one batch: (logits, loss parts).
+
+    None, with no step taken, if the loss or a gradient is not finite (one host sync)."""
+    logits, parts, ok = train_step_async(method, optimizers, xb, yb, device, cfg, host_check=True)
+    return (logits, parts) if bool(ok) else None
+
+
+@dataclass
+class EpochTotals:
+    """What one training epoch accumulated on the device, read once at its end."""
+
+    #: loss part → its sum over the epoch's samples (skipped batches excluded)
+    parts: dict[str, float]
+    #: correctly classified training samples (skipped batches excluded)
+    correct: int
+    #: steps (from 0) whose loss or gradient was not finite, in order
+    bad_steps: list[int]
+
+
+def train_epoch(
+    method: Method,
+    optimizers: dict[str, torch.optim.Optimizer],
+    loader: Loader,
+    epoch: int,
+    device: torch.device,
+    cfg: TrainConfig,
+    on_bad_step: Callable[[int], None] | None = None,
+) -> EpochTotals:
+    """Train one epoch; metrics accumulate on the device and are read once, at the end.
+
+    ``on_bad_step(step)`` is called for every step whose loss or gradient was not finite, in
+    order: at that step when the host checks every step (``cfg.check_every_step``, or skipping
+    allowed with an unfused optimizer), else after the last step. It may raise to stop the run.
+    """
+    host_check = cfg.check_every_step or (cfg.skip_nonfinite > 0 and not _fused(optimizers))
+    method.train()
+    sums: dict[str, Tensor] = {}
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    bad = torch.zeros(max(len(loader), 1), device=device, dtype=torch.bool)
+    for step, (xb, yb) in enumerate(loader.epoch(epoch)):
+        faults.point(f"step{step}")
+        logits, parts, ok = train_step_async(
+            method, optimizers, xb, yb, device, cfg, host_check=host_check
+        )
+        if host_check and not bool(ok) and on_bad_step is not None:
+            on_bad_step(step)
+        with torch.no_grad():
+            bad[step] = ~ok
+            n = yb.shape[0]
+            for key, value in parts.items():
+                term = torch.where(ok, value.detach().float() * n, 0.0)
+                acc = sums.get(key)
+                sums[key] = term if acc is None else acc + term
+            correct += torch.where(ok, (logits.detach().argmax(1) == yb).sum(), 0)
+    bad_steps = bad.nonzero().flatten().tolist()  # the epoch's one host synchronisation
+    if not host_check and on_bad_step is not None:
+        for step in bad_steps:
+            on_bad_step(step)
+    return EpochTotals({k: float(v) for k, v in sums.items()}, int(correct), bad_steps)
 
 
 def evaluate(
@@ -341,9 +502,7 @@ def fit(
     state_path = Path(state_path)
     device = resolve_device(cfg.device)
     fp = fingerprint({"record": record, "seed": seed, "train": asdict(cfg)})
-    method.to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        method.to(memory_format=torch.channels_last)
+    prepare(method, cfg, device)
     modules = method.trainable()
     optimizers = {name: make_sgd(mod, cfg) for name, mod in modules.items()}
     schedules = {name: make_schedule(opt, cfg) for name, opt in optimizers.items()}
@@ -396,34 +555,23 @@ def fit(
     student = method.student
     for epoch in range(len(epochs), cfg.epochs):
         t0 = time.perf_counter()
-        method.train()
-        part_sums: dict[str, Tensor] = {}
-        correct = torch.zeros((), device=device, dtype=torch.int64)
         lr = optimizers["student"].param_groups[0]["lr"]
         faults.phase(f"e{epoch + 1}")
-        skipped_now = 0
-        for step, (xb, yb) in enumerate(train_loader.epoch(epoch)):
-            faults.point(f"step{step}")
-            result = train_step(method, optimizers, xb, yb, device, cfg)
-            if result is None:
-                skipped += 1
-                skipped_now += 1
-                where = f"{_describe(record)} epoch {epoch + 1} step {step + 1}"
-                nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
-                continue
-            logits, parts = result
-            with torch.no_grad():
-                n = yb.shape[0]
-                for key, value in parts.items():
-                    acc = part_sums.get(key)
-                    term = value.detach().float() * n
-                    part_sums[key] = term if acc is None else acc + term
-                correct += (logits.detach().argmax(1) == yb).sum()
+
+        def on_bad_step(step: int, epoch: int = epoch) -> None:
+            nonlocal skipped
+            skipped += 1
+            where = f"{_describe(record)} epoch {epoch + 1} step {step + 1}"
+            nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
+
+        totals = train_epoch(
+            method, optimizers, train_loader, epoch, device, cfg, on_bad_step=on_bad_step
+        )
         for sched in schedules.values():
             sched.step()
         n_train = train_loader.num_samples
-        parts_mean = {k: float(v) / n_train for k, v in part_sums.items()}
-        train_acc = 100.0 * float(correct) / n_train
+        parts_mean = {k: v / n_train for k, v in totals.parts.items()}
+        train_acc = 100.0 * totals.correct / n_train
         val_loss, val_acc = evaluate(student, val_loader, device, cfg)
         test_loss, test_acc = evaluate(student, test_loader, device, cfg)
         stats = {k: float(v) for k, v in method.pop_stats().items()}
@@ -442,8 +590,8 @@ def fit(
         }
         if stats:
             entry["method_stats"] = stats
-        if skipped_now:
-            entry["skipped_batches"] = skipped_now
+        if totals.bad_steps:
+            entry["skipped_batches"] = len(totals.bad_steps)
         if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
             raise KdbenchError(
                 f"{_describe(record)}: non-finite loss at epoch {epoch + 1} "

@@ -38,9 +38,15 @@ rule distill:
         f"{LOG_DIR}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}-{{variant}}-seed{{seed}}.log",
     benchmark:
         f"{STUDENT_DIR}/benchmark.tsv"
+    # several students share one GPU: a SLURM run submits them in groups (profiles/slurm)
+    group:
+        "students"
     conda:
         "../envs/kdbench.yaml"
     threads: TRAIN_THREADS
+    # one training run's share of a GPU: `--resources gpu_runs=N` lets N run at once
+    resources:
+        gpu_runs=1,
     params:
         data=data_params,
         train=kdconfig.train_params(config, "student"),

@@ -25,6 +25,9 @@ rule train_paraphraser:
     conda:
         "../envs/kdbench.yaml"
     threads: TRAIN_THREADS
+    # one training run's share of a GPU: `--resources gpu_runs=N` lets N run at once
+    resources:
+        gpu_runs=1,
     params:
         data=data_params,
         train=kdconfig.train_params(config, "student"),
