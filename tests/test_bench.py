@@ -65,7 +65,7 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
         assert r["speedup_vs_reference"] == pytest.approx(
             r["reference"]["train_seconds"] / r["train_seconds"]
         )
-    assert "faster" in capsys.readouterr().out
+    assert "speed-up" in capsys.readouterr().out
     # the grid of the demo, from these epoch times
     grid = tmp_path / "grid.json"
     demo = str(REPO / "config" / "demo.yaml")

@@ -171,11 +171,12 @@ def test_sbatch_requests_gpu_and_partition(slurm_demo):
     assert {"train_teacher", "train_paraphraser", "students", "features"} <= set(by_rule)
     for rule in ("train_teacher", "train_paraphraser", "students"):
         for job in by_rule[rule]:
-            assert job["Partition"] == "gpu", job
-            assert job.get("TresPerJob") == "gres:gpu:1", job
-    for rule in ("train_teacher", "train_paraphraser"):
+            assert job["Partition"] == "gpu" and "gres/gpu=1" in job["TRES"], job
+    for rule in ("train_teacher", "train_paraphraser"):  # --gpus=1 (resource gpu: 1)
         for job in by_rule[rule]:
-            assert "mem=16000M" in job["TRES"], job
+            assert job.get("TresPerJob") == "gres:gpu:1" and "mem=16000M" in job["TRES"], job
+    for job in by_rule["students"]:  # --gres=gpu:1 (resource gres: "gpu:1")
+        assert job.get("TresPerNode") == "gres:gpu:1", job
     # the 18 students went out 4 to a job holding one GPU, all 4 at once (4 × 8 GB, 4 × 1 CPU)
     sizes = sorted(
         int(re.search(r"mem=(\d+)M", job["TRES"]).group(1)) // 8000 for job in by_rule["students"]

@@ -249,6 +249,7 @@ LATER_TRAIN_SETTINGS = (
     "data_on_device",
     "fused",
     "compile",
+    "cuda_graphs",
     "check_every_step",
     "deterministic",
 )

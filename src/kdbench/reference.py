@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -161,7 +162,6 @@ def time_steps(
     """Median seconds of ``steps`` reference steps (loading included) after ``warmup`` ones."""
     import tensorly as tl
 
-    tl.set_backend("pytorch")
     trainable = [student, *(m for k, m in extras.items() if k == "translator")]
     opt = torch.optim.SGD(
         [p for m in trainable for p in m.parameters()],
@@ -177,28 +177,32 @@ def time_steps(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        batches = iter(loader)
-        sync()
-        t0 = time.perf_counter()
-        for i in range(warmup + steps):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                x, y = next(batches)
-            x, y = x.to(device), y.to(device)
-            loss = step_loss(name, params, student, teacher, extras, x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            loss.detach().item()  # the originals logged loss.item() every step
+    tl.set_backend("pytorch")
+    with warnings.catch_warnings():
+        # tensorly warns about autograd tensors and ranks above a mode's size: not ours to fix
+        warnings.filterwarnings("ignore", module="tensorly")
+        try:
+            batches = iter(loader)
             sync()
-            t1 = time.perf_counter()
-            if i >= warmup:
-                times.append(t1 - t0)
-            t0 = t1
-    finally:
-        tl.set_backend("numpy")
+            t0 = time.perf_counter()
+            for i in range(warmup + steps):
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    batches = iter(loader)
+                    x, y = next(batches)
+                x, y = x.to(device), y.to(device)
+                loss = step_loss(name, params, student, teacher, extras, x, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                loss.detach().item()  # the originals logged loss.item() every step
+                sync()
+                t1 = time.perf_counter()
+                if i >= warmup:
+                    times.append(t1 - t0)
+                t0 = t1
+        finally:
+            tl.set_backend("numpy")
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"step_seconds": statistics.median(times), "steps": steps, "peak_cuda_mb": peak}

@@ -76,6 +76,8 @@ class TrainConfig:
     fused: bool | str = "auto"
     #: ``torch.compile`` mode for student and teacher (:data:`COMPILE_MODES`); ``none``: eager
     compile: str = "none"
+    #: capture the whole training step as one CUDA graph and replay it (:mod:`kdbench.graphs`)
+    cuda_graphs: bool = False
     #: read every step's finite check on the host (one synchronisation per step; the run stops
     #: at the bad step itself); false: the checks stay on the device and are read once per epoch
     check_every_step: bool = False
@@ -270,8 +272,10 @@ def make_loaders(
 
 
 def autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA per ``cfg.bf16``. Its weight-cast cache is off: every weight is
+    cast once per forward pass anyway, and CUDA graph capture requires it off."""
     if device.type == "cuda" and cfg.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -339,6 +343,36 @@ def train_step(
     return (logits, parts) if bool(ok) else None
 
 
+Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor], Tensor]]
+
+
+def _host_check(optimizers: dict[str, torch.optim.Optimizer], cfg: TrainConfig) -> bool:
+    return cfg.check_every_step or (cfg.skip_nonfinite > 0 and not _fused(optimizers))
+
+
+def make_step(
+    method: Method,
+    optimizers: dict[str, torch.optim.Optimizer],
+    device: torch.device,
+    cfg: TrainConfig,
+) -> Step:
+    """The training step ``(xb, yb) -> (logits, loss parts, ok)`` of a run: eager, or replayed
+    from a CUDA graph (``cfg.cuda_graphs`` on CUDA). Make it once per run: a graphed step keeps
+    its capture from epoch to epoch."""
+    host_check = _host_check(optimizers, cfg)
+
+    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        return train_step_async(method, optimizers, xb, yb, device, cfg, host_check=host_check)
+
+    # compile modes that bring CUDA graphs of their own capture the step's pieces already
+    own_graphs = cfg.compile in ("reduce-overhead", "max-autotune")
+    if cfg.cuda_graphs and device.type == "cuda" and not own_graphs:
+        from kdbench.graphs import GraphedStep
+
+        return GraphedStep(step, method, optimizers)
+    return step
+
+
 @dataclass
 class EpochTotals:
     """What one training epoch accumulated on the device, read once at its end."""
@@ -359,23 +393,24 @@ def train_epoch(
     device: torch.device,
     cfg: TrainConfig,
     on_bad_step: Callable[[int], None] | None = None,
+    step_fn: Step | None = None,
 ) -> EpochTotals:
     """Train one epoch; metrics accumulate on the device and are read once, at the end.
 
     ``on_bad_step(step)`` is called for every step whose loss or gradient was not finite, in
     order: at that step when the host checks every step (``cfg.check_every_step``, or skipping
     allowed with an unfused optimizer), else after the last step. It may raise to stop the run.
+    ``step_fn`` is the run's :func:`make_step` (made here if not given).
     """
-    host_check = cfg.check_every_step or (cfg.skip_nonfinite > 0 and not _fused(optimizers))
+    host_check = _host_check(optimizers, cfg)
+    step_fn = step_fn or make_step(method, optimizers, device, cfg)
     method.train()
     sums: dict[str, Tensor] = {}
     correct = torch.zeros((), device=device, dtype=torch.int64)
     bad = torch.zeros(max(len(loader), 1), device=device, dtype=torch.bool)
     for step, (xb, yb) in enumerate(loader.epoch(epoch)):
         faults.point(f"step{step}")
-        logits, parts, ok = train_step_async(
-            method, optimizers, xb, yb, device, cfg, host_check=host_check
-        )
+        logits, parts, ok = step_fn(xb, yb)
         if host_check and not bool(ok) and on_bad_step is not None:
             on_bad_step(step)
         with torch.no_grad():
@@ -507,6 +542,7 @@ def fit(
     optimizers = {name: make_sgd(mod, cfg) for name, mod in modules.items()}
     schedules = {name: make_schedule(opt, cfg) for name, opt in optimizers.items()}
     train_loader, val_loader, test_loader = make_loaders(data, cfg, device, seed)
+    step_fn = make_step(method, optimizers, device, cfg)
 
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "weights": None}
@@ -565,7 +601,14 @@ def fit(
             nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
 
         totals = train_epoch(
-            method, optimizers, train_loader, epoch, device, cfg, on_bad_step=on_bad_step
+            method,
+            optimizers,
+            train_loader,
+            epoch,
+            device,
+            cfg,
+            on_bad_step=on_bad_step,
+            step_fn=step_fn,
         )
         for sched in schedules.values():
             sched.step()

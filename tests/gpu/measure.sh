@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
-#   OUT=gpu-results bash tests/gpu/measure.sh
-# Each step has its own time limit and writes its JSON to $OUT; a failed step does not stop the
-# others. Everything printed goes to $OUT/log.txt as well.
+#   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
+# STEPs (default: all, in this order): epochs56 spread concurrent epochs20 compile. Each step
+# has its own time limit and writes its JSON to $OUT; a failed or cut-off step does not stop
+# the others. Everything printed goes to $OUT/log.txt as well. SET adds `--set KEY=VALUE`
+# settings to every epochs/concurrent step (default: cuda_graphs=true).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -10,25 +12,36 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/kdbench-inductor}
 log="$OUT/log.txt"
+sets=()
+for kv in ${SET-cuda_graphs=true}; do sets+=(--set "$kv"); done
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
     echo "== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$log"
-    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | grep -v -i "warning\|warnings.warn\|triton_mm\|autotune" |
+        tee -a "$log"
     echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$log"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$log"
 B="$PY -m kdbench.bench"
-# 1. resnet110 → resnet56: every method and the teacher against the reference loop; ablation
-step epochs56 150 $B epochs --teachers --ablation --reference-steps ${REF_STEPS:-20} \
-    --json "$OUT/epochs56.json"
-# 2. run-to-run and seed spread (fast, plain, deterministic), digits, KD resnet20 → resnet8
-step spread 90 $B spread --json "$OUT/spread.json"
-# 3. resnet110 → resnet20 (the grid's second pair), no reference
-step epochs20 50 $B epochs --pair resnet110:resnet20 --no-reference --json "$OUT/epochs20.json"
-# 4. 1, 2, 4, 8 concurrent KD runs on the GPU
-step concurrent 100 $B concurrent --train-size 20000 --json "$OUT/concurrent.json"
-# 5. torch.compile of student and teacher (first epoch compiles; cache in TORCHINDUCTOR_CACHE_DIR)
-step compile 90 $B epochs --methods kd tucker --no-reference --set compile=default \
-    --json "$OUT/compile.json"
+M56=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32")
+for s in ${*:-epochs56 spread concurrent epochs20 compile}; do
+    case $s in
+    # resnet110 → resnet56: the teacher, the methods against the reference loop, the ablation
+    epochs56) step epochs56 240 $B epochs --teachers --ablation --epochs 1 --warmup 1 \
+        --reference-steps 10 --methods "${M56[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
+    # run-to-run and seed spread (default, plain, deterministic), digits, KD resnet20 → resnet8
+    spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 --json "$OUT/spread.json" ;;
+    # 1, 2, 4, 8 concurrent KD runs on the GPU
+    concurrent) step concurrent 120 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
+        --json "$OUT/concurrent.json" ;;
+    # resnet110 → resnet20 (the grid's second pair) and the teacher, no reference
+    epochs20) step epochs20 90 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
+        --epochs 1 "${sets[@]}" --json "$OUT/epochs20.json" ;;
+    # torch.compile of student and teacher (first epoch compiles; cache in TORCHINDUCTOR_CACHE_DIR)
+    compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
+        --epochs 1 --set compile=default --json "$OUT/compile.json" ;;
+    *) echo "measure.sh: unknown step $s" >&2 ;;
+    esac
+done

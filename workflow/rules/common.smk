@@ -1,6 +1,7 @@
 # Targets, wildcard constraints and the helpers the rules use. Every hyper-parameter a job needs
 # is resolved here from the config and reaches the job through `params:`, so changing one
 # method's setting re-runs only that method's jobs and what aggregates them.
+import os
 from pathlib import Path
 
 from kdbench import config as kdconfig
@@ -28,6 +29,10 @@ ANALYSIS_DIR = f"{RESULTS}/{{dataset}}/analysis"
 PAIR_DIR = f"{ANALYSIS_DIR}/{{teacher}}-{{student}}"
 STATE_DIR = f"{RESULTS}/state"
 LOG_DIR = f"{RESULTS}/logs"
+# torch.compile's cache (train.compile): one for every training job of the workflow
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", str(Path(STATE_DIR, "torchinductor").resolve())
+)
 
 
 wildcard_constraints:

@@ -37,6 +37,9 @@ class Method(nn.Module):
     grid: ClassVar[dict[str, str]] = {}
     #: files the method needs from the workflow besides the teacher (passed as ``assets``)
     requires: ClassVar[tuple[str, ...]] = ()
+    #: whether a training step can be captured as a CUDA graph (no host synchronisation in
+    #: ``forward_train``; see kdbench.graphs)
+    capturable: ClassVar[bool] = True
 
     def __init__(
         self,

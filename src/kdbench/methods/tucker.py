@@ -52,6 +52,9 @@ def sample_ranks(rank: int | list[int], shape: tuple[int, ...]) -> tuple[int, ..
 class TuckerBase(FeatureMethod):
     """Shared decomposition of the teacher stage; subclasses turn it into a loss."""
 
+    # torch.linalg.eigh checks its result on the host (a synchronisation): no CUDA graph
+    capturable = False
+
     defaults: ClassVar[dict[str, Any]] = {**FeatureMethod.defaults, "rank": 32, "n_iter": 0}
     params_schema: ClassVar[dict[str, Any]] = {
         **FeatureMethod.params_schema,
