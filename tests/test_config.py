@@ -5,7 +5,7 @@ import yaml
 from conftest import REPO, job_counts, snakemake
 
 from kdbench import config as kdconfig
-from kdbench.train import TrainConfig
+from kdbench.train import LATER_SETTINGS, TrainConfig
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 DEMO = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
@@ -114,7 +114,7 @@ def test_speed_switches_reach_the_jobs_only_when_set():
     """Settings added after the first release stay out of the jobs' params at their defaults,
     so adding them re-ran nothing; set, they are params like any other (and re-run)."""
     params = kdconfig.train_params(FULL, "student")
-    assert not set(kdconfig.LATER_TRAIN_SETTINGS) & set(params)
+    assert not set(LATER_SETTINGS) & set(params)
     cfg = with_change(("train", "compile"), "default")
     cfg["train"]["optimizer"] = {**cfg["train"].get("optimizer", {}), "fused": False}
     params = kdconfig.train_params(cfg, "student")

@@ -152,3 +152,20 @@ def test_train_config_validation():
         TrainConfig.from_config({"epochs": 0})
     with pytest.raises(KdbenchError, match="unknown setting"):
         TrainConfig.from_config({"epoch": 3})
+
+
+def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():
+    """A state saved before a setting existed still matches its run's fingerprint, and the
+    jobs' params do not change: at their defaults, later settings are not in the record."""
+    from kdbench.train import TrainConfig
+
+    first_release = {
+        "epochs", "batch_size", "eval_batch_size", "lr", "momentum", "weight_decay",
+        "nesterov", "schedule", "eta_min", "milestones", "gamma", "drop_last", "device",
+        "bf16", "channels_last",
+    }  # fmt: skip
+    assert set(TrainConfig().record()) == first_release
+    # the state's fingerprint has covered skip_nonfinite since it arrived
+    assert set(TrainConfig().state_record()) == first_release | {"skip_nonfinite"}
+    changed = TrainConfig(cuda_graphs=True, fused=False, skip_nonfinite=3).record()
+    assert set(changed) - first_release == {"cuda_graphs", "fused", "skip_nonfinite"}

@@ -12,7 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -243,18 +243,6 @@ def data_params(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     return dataset_params(dataset, (config.get("data") or {}).get(dataset))
 
 
-#: ``train`` settings left out of a job's params while at their defaults (see train_params)
-LATER_TRAIN_SETTINGS = (
-    "skip_nonfinite",
-    "data_on_device",
-    "fused",
-    "compile",
-    "cuda_graphs",
-    "check_every_step",
-    "deterministic",
-)
-
-
 def train_params(config: dict[str, Any], role: str) -> dict[str, Any]:
     """The complete training recipe of a teacher (``role="teacher"``) or a student."""
     recipe = copy.deepcopy(config.get("train") or {})
@@ -264,13 +252,9 @@ def train_params(config: dict[str, Any], role: str) -> dict[str, Any]:
                 recipe[key] = {**recipe.get(key, {}), **value}
             else:
                 recipe[key] = value
-    params = asdict(TrainConfig.from_config(recipe))
-    # Settings added after the first release stay out while at their defaults, so that their
-    # arrival re-ran nothing.
-    for key in LATER_TRAIN_SETTINGS:
-        if params[key] == TrainConfig.__dataclass_fields__[key].default:
-            del params[key]
-    return params
+    # settings added after the first release stay out while at their defaults, so that their
+    # arrival re-ran nothing
+    return TrainConfig.from_config(recipe).record()
 
 
 def variants(config: dict[str, Any], method: str) -> dict[str, dict[str, Any]]:

@@ -45,6 +45,18 @@ STATE_VERSION = 1
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
+#: ``TrainConfig`` settings added after the first release (see :meth:`TrainConfig.record`)
+LATER_SETTINGS = (
+    "skip_nonfinite",
+    "data_on_device",
+    "fused",
+    "compile",
+    "cuda_graphs",
+    "check_every_step",
+    "deterministic",
+)
+
+
 @dataclass
 class TrainConfig:
     """The training recipe; the defaults are the original projects' "seed protocol"."""
@@ -82,8 +94,8 @@ class TrainConfig:
     #: at the bad step itself); false: the checks stay on the device and are read once per epoch
     check_every_step: bool = False
     #: deterministic kernels on CUDA (``torch.use_deterministic_algorithms``, no cuDNN
-    #: autotuning, a fixed cuBLAS workspace); slower, and bit-reproducible only with ``bf16``
-    #: off as well (see README, Determinism). CPU runs are deterministic either way.
+    #: autotuning, a fixed cuBLAS workspace); slower (see README, Determinism). CPU runs are
+    #: deterministic either way.
     deterministic: bool = False
 
     @classmethod
@@ -128,6 +140,23 @@ class TrainConfig:
             raise KdbenchError(
                 f"train.compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"
             )
+
+    def state_record(self) -> dict[str, Any]:
+        """What a training state's fingerprint covers: :meth:`record`, plus ``skip_nonfinite``,
+        which the fingerprint has covered since that setting arrived (states saved since then
+        stay valid)."""
+        return {**self.record(), "skip_nonfinite": self.skip_nonfinite}
+
+    def record(self) -> dict[str, Any]:
+        """The settings as a flat dict, without the :data:`LATER_SETTINGS` that are at their
+        defaults: what identifies a recipe (job params, the state's fingerprint), so that
+        settings added in a later release change neither while they are not used."""
+        fields = self.__dataclass_fields__
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if not (k in LATER_SETTINGS and v == fields[k].default)
+        }
 
 
 @dataclass
@@ -536,7 +565,7 @@ def fit(
     """
     state_path = Path(state_path)
     device = resolve_device(cfg.device)
-    fp = fingerprint({"record": record, "seed": seed, "train": asdict(cfg)})
+    fp = fingerprint({"record": record, "seed": seed, "train": cfg.state_record()})
     prepare(method, cfg, device)
     modules = method.trainable()
     optimizers = {name: make_sgd(mod, cfg) for name, mod in modules.items()}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -216,7 +215,7 @@ def train_paraphraser(
         "teacher": teacher,
         "teacher_sha256": file_sha256(teacher_weights),
         "params": params,
-        "train": asdict(cfg),
+        "train": cfg.state_record(),
         "seed": int(seed),
     }
     fp = fingerprint(record)
