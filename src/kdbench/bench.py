@@ -25,7 +25,6 @@ Warm-up steps are excluded; CUDA timings are synchronised. ``--json`` saves ever
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +320,7 @@ def time_epochs(
 def time_reference(
     case: tuple[str, dict[str, Any]],
     teacher: torch.nn.Module,
+    teacher_arch: str,
     args: argparse.Namespace,
     student_arch: str,
     train: Split,
@@ -328,7 +329,10 @@ def time_reference(
 ) -> dict[str, Any]:
     """Seconds per epoch of the reference loop (median step time × steps per epoch)."""
     channels, _, classes = args.shape[:3]
-    method = _build(case, copy.deepcopy(teacher), student_arch, classes, channels, paraphraser)
+    # a fresh copy of the teacher's weights: fp32, contiguous, never compiled
+    plain = models.build(teacher_arch, classes, channels)
+    plain.load_state_dict({k: v.detach().cpu() for k, v in teacher.state_dict().items()})
+    method = _build(case, plain, student_arch, classes, channels, paraphraser)
     method.to(device)
     extras = {}
     if case[0] == "ft":
@@ -375,16 +379,9 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _train_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrainConfig:
-    return TrainConfig.from_config(
-        {
-            "epochs": 1,
-            "batch_size": args.batch,
-            "device": args.device,
-            **_parse_sets(args.set),
-            **(extra or {}),
-        }
-    )
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    base = {"epochs": 1, "batch_size": args.batch, "device": args.device}
+    return TrainConfig.from_config({**base, **_parse_sets(args.set)})
 
 
 def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -410,7 +407,7 @@ def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, An
             if args.teachers:
                 rows.insert(0, (("vanilla", {}), teacher_arch, cfg, "teacher"))
             if args.ablation:
-                base = asdict_cfg(cfg)
+                base = asdict(cfg)
                 steps = list(LADDER)
                 if args.ablation_compile != "none":
                     steps.append(
@@ -430,10 +427,12 @@ def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, An
                     pair=f"{teacher_arch}:{arch}" if tag != "teacher" else f"none:{arch}",
                     method=_label(*case) if tag != "teacher" else "teacher",
                     setting=tag or "default",
-                    train_config=asdict_cfg(row_cfg),
+                    train_config=asdict(row_cfg),
                 )
                 if args.reference and not tag:
-                    ref = time_reference(case, teacher, args, arch, splits[0], paraphraser, device)
+                    ref = time_reference(
+                        case, teacher, teacher_arch, args, arch, splits[0], paraphraser, device
+                    )
                     r["reference"] = ref
                     r["speedup_vs_reference"] = ref["train_seconds"] / r["train_seconds"]
                 _print_row(r)
@@ -449,12 +448,6 @@ def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, An
             for r in same:
                 r["ratio_to_featuremap"] = r["train_seconds"] / base["train_seconds"]
     return doc
-
-
-def asdict_cfg(cfg: TrainConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(cfg)
 
 
 def _print_row(r: dict[str, Any]) -> None:

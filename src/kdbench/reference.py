@@ -133,7 +133,7 @@ def step_loss(
         return F.cross_entropy(logits, y)
     touts = teacher(x)  # with autograd, as the originals ran it
     if name == "kd":
-        return kd_loss(logits, touts[-1], y, float(params.get("T", 2.0)), 0.9)
+        return kd_loss(logits, touts[-1], y, float(params["T"]), float(params["alpha"]))
     stage = int(params.get("stage", 3)) - 1
     t, s = touts[stage], outs[stage]
     if name == "ft":

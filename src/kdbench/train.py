@@ -256,8 +256,8 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.benchmark = False
     method.to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        method.to(memory_format=torch.channels_last)
+    channels_last = device.type == "cuda" and cfg.channels_last
+    method.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     compile_models(method, cfg)
 
 
