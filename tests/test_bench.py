@@ -72,7 +72,7 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     argv = ["grid", str(out), "--config", demo, "--dataset", "digits", "--json", str(grid)]
     assert bench.main(argv) == 0
     g = json.loads(grid.read_text())["grid"]
-    assert g["runs"] == {"teachers": 1, "paraphrasers": 2, "students": 18}
+    assert g["runs"] == {"teachers": 1, "paraphrasers": 1, "students": 18}
     # the demo: teacher 10 epochs, paraphrasers 4, students 4 (config/demo.yaml)
     sec = {k: r["epoch_seconds"] for k, r in rows.items()}
     students = (
@@ -87,6 +87,9 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     )
     assert g["gpu_hours"]["students"] == pytest.approx(students / 3600)
     assert g["gpu_hours"]["teachers"] == pytest.approx(10 * sec[("teacher", "teacher")] / 3600)
+    assert g["gpu_hours"]["paraphrasers"] == pytest.approx(
+        4 * sec[("featuremap", "default")] / 3600
+    )
 
 
 def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):

@@ -604,8 +604,8 @@ def grid_estimate(
             )
         seconds["students"] += student_epochs * _variant_cost(measured, pair, label)
         counts["students"] += 1
-        if r.method == "ft" and (r.teacher, r.seed) not in para_pairs:
-            para_pairs.add((r.teacher, r.seed))
+        if r.method == "ft" and r.teacher not in para_pairs:  # one per teacher (its seed)
+            para_pairs.add(r.teacher)
             epochs = int(((ft or {}).get("paraphraser") or {}).get("epochs", 25))
             seconds["paraphrasers"] += epochs * _variant_cost(measured, pair, "featuremap")
             counts["paraphrasers"] += 1
