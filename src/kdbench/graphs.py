@@ -11,7 +11,7 @@ update — once, and then replays it for every batch of the same shape: one laun
   epoch: CUDA's libraries and autograd set themselves up there).
 * The learning rate is baked into the captured update, so the step is captured again whenever
   a schedule has changed it (once per epoch).
-* A batch of another shape (the smaller last batch) runs eagerly.
+* A batch smaller than the captured one (the last batch of an epoch) runs eagerly.
 * A method that cannot be captured (``Method.capturable`` false: the Tucker methods, whose
   ``torch.linalg.eigh`` checks its result on the host), one with per-step counters, an unfused
   optimizer, or a capture that fails for any other reason fall back to eager steps, with one
@@ -80,8 +80,8 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             return out
         if key != self.key:
-            if self.key is not None and key[:3] != self.key[:3]:
-                return self.step(xb, yb)  # another shape: the last, smaller batch
+            if self.key is not None and xb.shape[0] < self.key[0][0]:
+                return self.step(xb, yb)  # the last, smaller batch
             self._capture(xb, yb, key)
             if self.disabled:
                 return self.step(xb, yb)
