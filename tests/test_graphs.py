@@ -60,61 +60,76 @@ def events(monkeypatch):
     return log
 
 
-def _graphed(events, method_name="kd", fused=True, fail=False):
+def _graphed(events, method_name="kd", fused=True, fail=False, **params):
     student = models.build("resnet8", 10, 1)
     teacher = models.build("resnet8", 10, 1)
-    params = {"rank": 4} if method_name.startswith("tucker") else {}
+    if method_name.startswith("tucker"):
+        params = {"rank": 4, **params}
     method = methods.get(method_name)(student, teacher, params)
     opt = {"student": make_sgd(student, TrainConfig(fused=fused))}
 
-    def step(xb, yb):
+    def optimise(forward):  # stands for kdbench.train.optimise: records instead of training
         if fail and events.capturing:
             raise RuntimeError("operation not permitted when stream is capturing")
         events.append("step-in-capture" if events.capturing else "eager")
-        return xb.sum(), {"ce": xb.mean()}, torch.tensor(True)
+        return torch.zeros(()), {"ce": torch.zeros(())}, torch.tensor(True)
 
-    return graphs.GraphedStep(step, method, opt), opt["student"]
+    return graphs.GraphedStep(method, opt, optimise, contextlib.nullcontext), opt["student"]
+
+
+FULL, LAST = torch.zeros(8, 1, 8, 8), torch.zeros(3, 1, 8, 8)
+Y8, Y3 = torch.zeros(8, dtype=torch.long), torch.zeros(3, dtype=torch.long)
 
 
 def test_warm_up_then_one_capture_replayed_until_the_lr_changes(events):
     g, opt = _graphed(events)
-    full, last = torch.zeros(8, 1, 8, 8), torch.zeros(3, 1, 8, 8)
-    y8, y3 = torch.zeros(8, dtype=torch.long), torch.zeros(3, dtype=torch.long)
     for _ in range(5):
-        g(full, y8)
+        g(FULL, Y8)
     assert events == ["side", "eager"] * 3 + ["capture", "step-in-capture", "replay", "replay"]
     events.clear()
-    g(last, y3)  # the smaller last batch of the epoch
+    g(LAST, Y3)  # the smaller last batch of the epoch
     assert events == ["eager"]
     events.clear()
     for group in opt.param_groups:
         group["lr"] *= 0.5  # the schedule's step at the end of the epoch
-    g(full, y8)
-    g(full, y8)
+    g(FULL, Y8)
+    g(FULL, Y8)
     assert events == ["capture", "step-in-capture", "replay", "replay"]
+
+
+@pytest.mark.parametrize("method", ["tucker", "tucker_recomp"])
+def test_tucker_steps_are_captured_in_two_graphs_around_the_decomposition(events, method):
+    g, _ = _graphed(events, method)
+    calls = []
+    original = g.method.teacher_targets
+    g.method.teacher_targets = lambda outs: calls.append(1) or original(outs)
+    for _ in range(5):
+        g(FULL, Y8)
+    # teacher graph captured (and run, for the targets' shapes), then the student's step
+    captured = ["capture", "replay", "capture", "step-in-capture"]
+    assert events == ["side", "eager"] * 3 + captured + ["replay", "replay"] * 2
+    assert len(calls) == 1 + 2  # eagerly between the graphs, at every replay
+    assert g.static_targets[0].shape == (8, 64, 2, 2)  # the teacher's stage 3 (8×8 input)
 
 
 def test_a_failed_capture_trains_eagerly_from_then_on(events, caplog):
     g, _ = _graphed(events, fail=True)
-    x, y = torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
     for _ in range(5):
-        g(x, y)
+        g(FULL, Y8)
     assert events == ["side", "eager"] * 3 + ["capture", "eager", "eager"]
     assert "CUDA graphs off: capture failed (operation not permitted" in caplog.text
 
 
 @pytest.mark.parametrize(
-    ("method", "fused", "why"),
+    ("method", "fused", "params", "why"),
     [
-        ("tucker", True, "method 'tucker' synchronises with the host"),
-        ("tucker_recomp", True, "method 'tucker_recomp' synchronises with the host"),
-        ("kd", False, "optimizer(s) student not fused"),
+        ("tucker", True, {"basis": "own"}, "method 'tucker' ("),
+        ("kd", False, {}, "optimizer(s) student not fused"),
     ],
 )
-def test_steps_that_cannot_be_captured_stay_eager(events, caplog, method, fused, why):
-    g, _ = _graphed(events, method, fused=fused)
-    x, y = torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
+def test_steps_that_cannot_be_captured_stay_eager(events, caplog, method, fused, params, why):
+    g, _ = _graphed(events, method, fused=fused, **params)
     for _ in range(5):
-        g(x, y)
+        g(FULL, Y8)
     assert events == ["eager"] * 5
     assert why in caplog.text

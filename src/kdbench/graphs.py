@@ -1,30 +1,36 @@
-"""The whole training step as one CUDA graph (``train.cuda_graphs``).
+"""The training step as CUDA graphs (``train.cuda_graphs``).
 
 A CIFAR ResNet step launches well over a thousand small kernels, and on a fast GPU the host
-cannot launch them as fast as the GPU runs them. :class:`GraphedStep` captures the step —
-teacher and student forward passes, losses, backward, the finite check and the fused SGD
-update — once, and then replays it for every batch of the same shape: one launch per step.
+cannot launch them as fast as the GPU runs them. :class:`GraphedStep` captures the step once
+and then replays it for every batch of the same shape: one launch instead of a thousand.
 
-* The step is :func:`kdbench.train.train_step_async`, unchanged: the graph computes exactly what
-  the eager step computes, in the same kernels.
+* What is captured is the eager step itself (``kdbench.train.optimise`` of the method's
+  forward pass): forward passes, losses, backward, the finite check and the fused SGD update,
+  in the same kernels as an eager step.
+* ``Method.graph_mode()`` says how: ``whole`` captures the step as one graph. ``split`` (the
+  Tucker methods, whose ``torch.linalg.eigh`` checks its result on the host) captures the
+  teacher's forward pass as one graph and the student's step as another, and runs the method's
+  ``teacher_targets`` (the decomposition) eagerly between them. ``none`` runs eagerly.
 * Before the first capture a few steps run eagerly on a side stream (real training steps of the
   epoch: CUDA's libraries and autograd set themselves up there).
 * The learning rate is baked into the captured update, so the step is captured again whenever
   a schedule has changed it (once per epoch).
 * A batch smaller than the captured one (the last batch of an epoch) runs eagerly.
-* A method that cannot be captured (``Method.capturable`` false: the Tucker methods, whose
-  ``torch.linalg.eigh`` checks its result on the host), one with per-step counters, an unfused
-  optimizer, or a capture that fails for any other reason fall back to eager steps, with one
-  warning.
+* An unfused optimizer, or a capture that fails for any reason, falls back to eager steps,
+  with one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from kdbench.errors import one_line
 from kdbench.methods.base import Method
@@ -34,15 +40,27 @@ log = logging.getLogger("kdbench")
 #: eager steps on a side stream before the first capture
 WARMUP_STEPS = 3
 
+StepResult = tuple[Tensor, dict[str, Tensor], Tensor]
+
 
 class GraphedStep:
-    """Replays one captured training step per batch; see the module docstring."""
+    """``(xb, yb) -> (logits, loss parts, ok)`` from replayed CUDA graphs; see the module
+    docstring. ``optimise(forward)`` is the eager step around a forward pass, ``autocast()``
+    the step's autocast context."""
 
-    def __init__(self, step: Any, method: Method, optimizers: dict[str, torch.optim.Optimizer]):
-        self.step = step  # (xb, yb) -> (logits, parts, ok), the eager step
+    def __init__(
+        self,
+        method: Method,
+        optimizers: dict[str, torch.optim.Optimizer],
+        optimise: Callable[[Callable[[], Any]], StepResult],
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    ) -> None:
         self.method = method
         self.optimizers = optimizers
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.optimise = optimise
+        self.autocast = autocast
+        self.mode = method.graph_mode()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
         self.key: tuple[Any, ...] | None = None
         self.warm = 0
         self.disabled = self._why_not()
@@ -57,50 +75,81 @@ class GraphedStep:
         ]
         if unfused:
             return f"optimizer(s) {', '.join(unfused)} not fused (train.optimizer.fused)"
-        if not self.method.capturable:
-            return f"method {self.method.name!r} synchronises with the host inside its step"
-        if type(self.method).pop_stats is not Method.pop_stats:
-            # per-epoch counters accumulate by reassignment, which a replay cannot repeat
-            return f"method {self.method.name!r} keeps per-step counters"
+        if self.mode == "none":
+            return f"method {self.method.name!r} ({self.method.params}) cannot be captured"
+        if self.mode not in ("whole", "split"):
+            return f"method {self.method.name!r}: unknown graph mode {self.mode!r}"
         return None
+
+    def eager(self, xb: Tensor, yb: Tensor) -> StepResult:
+        return self.optimise(functools.partial(self.method.forward_train, xb, yb))
 
     def _lrs(self) -> tuple[float, ...]:
         return tuple(g["lr"] for o in self.optimizers.values() for g in o.param_groups)
 
-    def __call__(self, xb: Tensor, yb: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def __call__(self, xb: Tensor, yb: Tensor) -> StepResult:
         if self.disabled:
-            return self.step(xb, yb)
-        key = (tuple(xb.shape), xb.stride(), tuple(yb.shape), self._lrs())
+            return self.eager(xb, yb)
         if self.warm < WARMUP_STEPS:
             self.warm += 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                out = self.step(xb, yb)
+                out = self.eager(xb, yb)
             torch.cuda.current_stream().wait_stream(side)
             return out
+        key = (tuple(xb.shape), xb.stride(), tuple(yb.shape), self._lrs())
         if key != self.key:
             if self.key is not None and xb.shape[0] < self.key[0][0]:
-                return self.step(xb, yb)  # the last, smaller batch
+                return self.eager(xb, yb)  # the last, smaller batch
             self._capture(xb, yb, key)
             if self.disabled:
-                return self.step(xb, yb)
+                return self.eager(xb, yb)
         self.static_x.copy_(xb)
         self.static_y.copy_(yb)
-        assert self.graph is not None
-        self.graph.replay()
+        if self.mode == "split":
+            self.graphs[0].replay()  # the teacher's forward pass
+            self._set_targets()
+        self.graphs[-1].replay()
         return self.static_out
 
+    def _set_targets(self) -> None:
+        """The method's teacher targets, eagerly, copied into the student graph's inputs."""
+        flat, _ = tree_flatten(self.method.teacher_targets(self.static_teacher))
+        for static, value in zip(self.static_targets, flat, strict=True):
+            if isinstance(static, Tensor):
+                static.copy_(value)
+            elif static != value:
+                raise RuntimeError(f"a constant teacher target changed ({static} → {value})")
+
     def _capture(self, xb: Tensor, yb: Tensor, key: tuple[Any, ...]) -> None:
-        self.graph = None  # frees the previous capture's memory
+        self.graphs = []  # frees the previous captures' memory
         self.static_x = xb.clone(memory_format=torch.preserve_format)
         self.static_y = yb.clone()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
+        x, y = self.static_x, self.static_y
+        graphs = []
         try:
-            with torch.cuda.graph(graph):
-                self.static_out = self.step(self.static_x, self.static_y)
+            if self.mode == "split":
+                teacher = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(teacher), self.autocast():
+                    self.static_teacher = self.method.teacher_outputs(x)
+                teacher.replay()
+                graphs.append(teacher)
+                flat, spec = tree_flatten(self.method.teacher_targets(self.static_teacher))
+                self.static_targets = [
+                    v.clone(memory_format=torch.preserve_format) if isinstance(v, Tensor) else v
+                    for v in flat
+                ]
+                targets = tree_unflatten(self.static_targets, spec)
+                forward = functools.partial(self.method.student_loss, x, y, targets)
+            else:
+                forward = functools.partial(self.method.forward_train, x, y)
+            step = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(step):
+                self.static_out = self.optimise(forward)
+            graphs.append(step)
         except Exception as exc:  # a step that cannot be captured trains eagerly
             self.disabled = f"capture failed ({one_line(exc)})"
             log.warning("CUDA graphs off: %s; training eagerly", self.disabled)
@@ -108,4 +157,4 @@ class GraphedStep:
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
             return
-        self.graph, self.key = graph, key
+        self.graphs, self.key = graphs, key

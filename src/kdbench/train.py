@@ -16,6 +16,7 @@ saved; on CPU the result is bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -329,8 +330,21 @@ def train_step_async(
     the step is then not taken. Fused optimizers skip it on the device; others need the host to
     read ``ok`` first, which ``host_check`` asks for (else they take the step).
     """
+    forward = functools.partial(method.forward_train, xb, yb)
+    return optimise(forward, optimizers, device, cfg, host_check=host_check)
+
+
+def optimise(
+    forward: Callable[[], tuple[Tensor, dict[str, Tensor]]],
+    optimizers: dict[str, torch.optim.Optimizer],
+    device: torch.device,
+    cfg: TrainConfig,
+    *,
+    host_check: bool = False,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """:func:`train_step_async` for any ``forward() -> (logits, loss parts)``."""
     with autocast(device, cfg):
-        logits, parts = method.forward_train(xb, yb)
+        logits, parts = forward()
     loss = torch.stack([p.float() for p in parts.values()]).sum()
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
@@ -398,7 +412,10 @@ def make_step(
     if cfg.cuda_graphs and device.type == "cuda" and not own_graphs:
         from kdbench.graphs import GraphedStep
 
-        return GraphedStep(step, method, optimizers)
+        def run(forward: Callable[[], tuple[Tensor, dict[str, Tensor]]]) -> Any:
+            return optimise(forward, optimizers, device, cfg, host_check=host_check)
+
+        return GraphedStep(method, optimizers, run, lambda: autocast(device, cfg))
     return step
 
 

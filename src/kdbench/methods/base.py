@@ -37,9 +37,6 @@ class Method(nn.Module):
     grid: ClassVar[dict[str, str]] = {}
     #: files the method needs from the workflow besides the teacher (passed as ``assets``)
     requires: ClassVar[tuple[str, ...]] = ()
-    #: whether a training step can be captured as a CUDA graph (no host synchronisation in
-    #: ``forward_train``; see kdbench.graphs)
-    capturable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -94,6 +91,26 @@ class Method(nn.Module):
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Student logits and the named loss parts for one batch (their sum is minimised)."""
+        raise NotImplementedError
+
+    def graph_mode(self) -> str:
+        """How kdbench.graphs may capture this method's training step as CUDA graphs:
+
+        * ``whole``: ``forward_train`` never synchronises with the host (the default);
+        * ``split``: ``forward_train`` is ``student_loss(x, y, teacher_targets(teacher
+          outputs))``, where only ``teacher_targets`` may synchronise: the teacher's forward
+          pass and the student's step are captured, ``teacher_targets`` runs eagerly between;
+        * ``none``: the step runs eagerly.
+        """
+        return "whole"
+
+    def teacher_targets(self, teacher_outputs: list[Tensor]) -> Any:
+        """``split`` methods: what the loss needs from the teacher's ``[stage1, stage2, stage3,
+        logits]``, without gradient: tensors (and constants), nested in tuples or lists."""
+        raise NotImplementedError
+
+    def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """``split`` methods: ``forward_train`` given :meth:`teacher_targets`' result."""
         raise NotImplementedError
 
     def checkpoint_extras(self) -> dict[str, nn.Module]:

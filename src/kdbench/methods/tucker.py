@@ -50,10 +50,8 @@ def sample_ranks(rank: int | list[int], shape: tuple[int, ...]) -> tuple[int, ..
 
 
 class TuckerBase(FeatureMethod):
-    """Shared decomposition of the teacher stage; subclasses turn it into a loss."""
-
-    # torch.linalg.eigh checks its result on the host (a synchronisation): no CUDA graph
-    capturable = False
+    """Shared decomposition of the teacher stage; subclasses turn it into a loss in
+    :meth:`student_loss`."""
 
     defaults: ClassVar[dict[str, Any]] = {**FeatureMethod.defaults, "rank": 32, "n_iter": 0}
     params_schema: ClassVar[dict[str, Any]] = {
@@ -65,6 +63,22 @@ class TuckerBase(FeatureMethod):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._guard = torch.zeros((), dtype=torch.int64)
+
+    def graph_mode(self) -> str:
+        # torch.linalg.eigh checks its result on the host (a synchronisation): the teacher's
+        # decomposition runs between two CUDA graphs; the own basis decomposes the student too
+        return "split" if self.params.get("basis", "teacher") == "teacher" else "none"
+
+    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.student_loss(x, y, self.teacher_targets(self.teacher_outputs(x)))
+
+    def teacher_targets(
+        self, teacher_outputs: list[Tensor]
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[int]]:
+        """The teacher's stage, its Tucker core, factors and truncated modes."""
+        t = teacher_outputs[int(self.params["stage"]) - 1]
+        sample = self.params.get("decomposition", "full") == "sample"
+        return (t, *self.decompose_teacher(t, sample))
 
     def decompose_teacher(self, t: Tensor, sample: bool) -> tuple[Tensor, list[Tensor], list[int]]:
         ranks = sample_ranks(self.params["rank"], tuple(t.shape[1:]))
@@ -135,10 +149,11 @@ class Tucker(TuckerBase):
     def variant_name(cls, params: dict[str, Any]) -> str:
         return f"{params['decomposition']}-{params['basis']}-{rank_name(params['rank'])}"
 
-    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        t, s, logits = self.stages(x)
+    def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        _, core_t, factors, modes = targets
+        outs = self.student(x)
+        s, logits = outs[int(self.params["stage"]) - 1], outs[-1]
         sample = self.params["decomposition"] == "sample"
-        core_t, factors, modes = self.decompose_teacher(t, sample)
         if self.params["basis"] == "teacher":
             core_s = tucker.project(s, factors, modes)
             feature = self.feature_loss(core_t, core_s)

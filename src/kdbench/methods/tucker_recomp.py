@@ -36,9 +36,10 @@ class TuckerRecomp(TuckerBase):
     def variant_name(cls, params: dict[str, Any]) -> str:
         return f"{params['target']}-{rank_name(params['rank'])}"
 
-    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        t, s, logits = self.stages(x)
-        core_t, factors, modes = self.decompose_teacher(t, sample=False)
+    def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        t, core_t, factors, modes = targets
+        outs = self.student(x)
+        s, logits = outs[int(self.params["stage"]) - 1], outs[-1]
         target = self.params["target"]
         a = tucker.recompose(core_t, factors, modes) if target in ("teacher", "both") else t
         if target in ("student", "both"):
