@@ -4,7 +4,8 @@
 # STEPs (default: all, in this order): epochs56 spread concurrent epochs20 compile. Each step
 # has its own time limit and writes its JSON to $OUT; a failed or cut-off step does not stop
 # the others. Everything printed goes to $OUT/log.txt as well. SET adds `--set KEY=VALUE`
-# settings to every epochs/concurrent step (default: cuda_graphs=true).
+# settings to every epochs/concurrent step (default: cuda_graphs=true). The limits add up to
+# 12 minutes: for one call of at most 10, name the steps (e.g. epochs56 spread concurrent).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
