@@ -25,6 +25,7 @@ Warm-up steps are excluded; CUDA timings are synchronised. ``--json`` saves ever
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -41,12 +42,13 @@ from typing import Any
 import torch
 
 from kdbench import io, methods, models, provenance, reference, tucker
-from kdbench.data import Loader, Split
+from kdbench.data import Dataset, Split
 from kdbench.errors import KdbenchError
 from kdbench.methods.ft import Paraphraser
 from kdbench.train import (
     TrainConfig,
     evaluate,
+    make_loaders,
     make_sgd,
     make_step,
     prepare,
@@ -244,40 +246,14 @@ def _build(
 def time_epochs(
     method: methods.Method,
     cfg: TrainConfig,
-    splits: tuple[Split, Split, Split],
+    data: Dataset,
     device: torch.device,
     epochs: int,
     warmup: int,
     before_timing: Any = None,
 ) -> dict[str, Any]:
     """Median training and evaluation seconds per epoch of ``method`` under ``cfg``."""
-    mean, std = (0.5,) * splits[0].x.shape[1], (0.25,) * splits[0].x.shape[1]
-    channels_last = device.type == "cuda" and cfg.channels_last
-    train = Loader(
-        splits[0],
-        cfg.batch_size,
-        device,
-        mean,
-        std,
-        train=True,
-        seed=0,
-        crop_padding=4,
-        flip=True,
-        channels_last=channels_last,
-        resident=cfg.data_on_device,
-    )
-    evals = [
-        Loader(
-            s,
-            cfg.eval_batch_size,
-            device,
-            mean,
-            std,
-            channels_last=channels_last,
-            resident=cfg.data_on_device,
-        )
-        for s in splits[1:]
-    ]
+    train, *evals = make_loaders(data, cfg, device, seed=0)
     prepare(method, cfg, device)
     optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
     step_fn = make_step(method, optimizers, device, cfg)
@@ -348,20 +324,17 @@ def time_reference(
         device.type == "cuda",
     )
     teacher_model = method.teacher if method.needs_teacher else None
+    if teacher_model is not None:  # eval mode, but with autograd, as the originals ran it
+        teacher_model.eval().requires_grad_(True)
+    method.student.train()
+    loss_fn = functools.partial(
+        reference.step_loss, case[0], method.params, method.student, teacher_model, extras
+    )
+    trainable = [method.student, *([method.translator] if case[0] == "ft" else [])]
     steps, warmup = args.reference_steps, args.reference_warmup
     if case[1].get("decomposition") == "sample":  # one tensorly call per sample: fewer steps
         steps, warmup = max(1, steps // 10), min(warmup, 1)
-    out = reference.time_steps(
-        case[0],
-        method.params,
-        method.student,
-        teacher_model,
-        extras,
-        loader,
-        device,
-        warmup,
-        steps,
-    )
+    out = reference.time_steps(loss_fn, trainable, loader, device, warmup, steps)
     out["train_seconds"] = out["step_seconds"] * -(-len(train) // args.batch)
     out["images_per_second"] = len(train) / out["train_seconds"]
     return out
@@ -388,10 +361,11 @@ def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, An
     channels, size, classes, n_train, n_val, n_test = args.shape
     if args.train_size:
         n_train, n_val, n_test = args.train_size, args.train_size // 9, args.train_size // 5
-    splits = tuple(
+    splits = [
         _synthetic(n, (channels, size, size), classes, seed)
         for seed, n in enumerate((n_train, n_val, n_test))
-    )
+    ]
+    data = Dataset("bench", *splits, classes, (0.5,) * channels, (0.25,) * channels)
     cfg = _train_config(args)
     cases = _cases(args.methods)
     results: list[dict[str, Any]] = []
@@ -422,7 +396,7 @@ def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, An
                     )
             for case, arch, row_cfg, tag in rows:
                 method = _build(case, teacher, arch, classes, channels, paraphraser)
-                r = time_epochs(method, row_cfg, splits, device, args.epochs, args.warmup, barrier)
+                r = time_epochs(method, row_cfg, data, device, args.epochs, args.warmup, barrier)
                 r.update(
                     pair=f"{teacher_arch}:{arch}" if tag != "teacher" else f"none:{arch}",
                     method=_label(*case) if tag != "teacher" else "teacher",
@@ -431,7 +405,7 @@ def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, An
                 )
                 if args.reference and not tag:
                     ref = time_reference(
-                        case, teacher, teacher_arch, args, arch, splits[0], paraphraser, device
+                        case, teacher, teacher_arch, args, arch, data.train, paraphraser, device
                     )
                     r["reference"] = ref
                     r["speedup_vs_reference"] = ref["train_seconds"] / r["train_seconds"]

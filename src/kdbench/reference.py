@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -148,21 +149,18 @@ def step_loss(
 
 
 def time_steps(
-    name: str,
-    params: dict[str, Any],
-    student: nn.Module,
-    teacher: nn.Module | None,
-    extras: dict[str, nn.Module],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    trainable: list[nn.Module],
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     warmup: int,
     steps: int,
     lr: float = 0.1,
 ) -> dict[str, Any]:
-    """Median seconds of ``steps`` reference steps (loading included) after ``warmup`` ones."""
+    """Median seconds of ``steps`` reference steps (loading included) after ``warmup`` ones:
+    ``loss_fn(x, y)`` (:func:`step_loss`), backward, a for-loop SGD step of ``trainable``."""
     import tensorly as tl
 
-    trainable = [student, *(m for k, m in extras.items() if k == "translator")]
     opt = torch.optim.SGD(
         [p for m in trainable for p in m.parameters()],
         lr=lr,
@@ -170,9 +168,6 @@ def time_steps(
         weight_decay=5e-4,
         foreach=False,
     )
-    if teacher is not None:
-        teacher.eval().requires_grad_(True)
-    student.train()
     times: list[float] = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -192,7 +187,7 @@ def time_steps(
                     batches = iter(loader)
                     x, y = next(batches)
                 x, y = x.to(device), y.to(device)
-                loss = step_loss(name, params, student, teacher, extras, x, y)
+                loss = loss_fn(x, y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
