@@ -5,6 +5,8 @@ VENV   ?= .venv
 CONFIG ?= config/demo.yaml
 CORES  ?= all
 BIN    := $(VENV)/bin
+# pytest-xdist workers for `make test` (one test module per worker at a time)
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.kdbench-installed
 
 .PHONY: all venv run report test lint format dry-run clean
@@ -41,7 +43,7 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/crd.yaml
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

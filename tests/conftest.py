@@ -123,3 +123,17 @@ def digits_teacher(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("digits_teacher")
     train_digits(d, role="teacher", variant="teacher", train=TINY_TRAIN)
     return d / "model_best.pt"
+
+
+#: Modules that take minutes, longest first. ``make test`` runs the suite on several pytest-xdist
+#: workers, one module per worker at a time (``--dist loadfile``); starting these first keeps
+#: one worker from being left with a long module at the end.
+LONG_MODULES = ("test_slurm.py", "test_workflow.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: the order within each module is kept
