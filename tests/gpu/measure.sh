@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
-# STEPs (default: all, in this order): epochs56 spread concurrent epochs20 compile. Each step
-# has its own time limit and writes its JSON to $OUT; a failed or cut-off step does not stop
-# the others. Everything printed goes to $OUT/log.txt as well. SET adds `--set KEY=VALUE`
-# settings to every epochs/concurrent step (default: cuda_graphs=true). The limits add up to
-# 12 minutes: for one call of at most 10, name the steps (e.g. epochs56 spread concurrent).
+# STEPs (default: all, in this order): epochs56 epochs20 concurrent grid spread compile. Each
+# step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does not
+# stop the others. Everything printed goes to $OUT/log.txt as well. SET adds `--set KEY=VALUE`
+# settings to every epochs/concurrent step (default: cuda_graphs=true). epochs56 and epochs20
+# time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its
+# GPU-hours from them. The limits add up to 13 minutes: for one call of at most 10, name the
+# steps (e.g. epochs56 epochs20 concurrent grid).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -26,20 +28,27 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$log"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$log"
 B="$PY -m kdbench.bench"
-M56=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32")
-for s in ${*:-epochs56 spread concurrent epochs20 compile}; do
+# the methods of config/config.yaml's grid (one rank each: the rank does not change the cost)
+GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
+    "tucker_recomp student-r32" "tucker_recomp both-r32")
+for s in ${*:-epochs56 epochs20 concurrent grid spread compile}; do
     case $s in
     # resnet110 → resnet56: the teacher, the methods against the reference loop, the ablation
     epochs56) step epochs56 240 $B epochs --teachers --ablation --epochs 1 --warmup 1 \
-        --reference-steps 10 --methods "${M56[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
+        --reference-steps 10 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
     # run-to-run and seed spread (default, plain, deterministic), digits, KD resnet20 → resnet8
     spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 --json "$OUT/spread.json" ;;
     # 1, 2, 4, 8 concurrent KD runs on the GPU
     concurrent) step concurrent 120 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
         --json "$OUT/concurrent.json" ;;
     # resnet110 → resnet20 (the grid's second pair) and the teacher, no reference
-    epochs20) step epochs20 90 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
-        --epochs 1 "${sets[@]}" --json "$OUT/epochs20.json" ;;
+    epochs20) step epochs20 120 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
+        --epochs 1 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs20.json" ;;
+    # GPU-hours of the full CIFAR-100 grid from the two epochs files (and concurrent, if there)
+    grid) conc=()
+        [ -s "$OUT/concurrent.json" ] && conc=(--concurrency "$OUT/concurrent.json")
+        step grid 60 $B grid "$OUT/epochs56.json" "$OUT/epochs20.json" --config config/config.yaml \
+            "${conc[@]}" --json "$OUT/grid.json" ;;
     # torch.compile of student and teacher (first epoch compiles; cache in TORCHINDUCTOR_CACHE_DIR)
     compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
         --epochs 1 --set compile=default --json "$OUT/compile.json" ;;
