@@ -60,7 +60,7 @@ def events(monkeypatch):
     return log
 
 
-def _graphed(events, method_name="kd", fused=True, fail=False, **params):
+def _graphed(events, method_name="kd", fused=True, fail=False, autocast=None, **params):
     student = models.build("resnet8", 10, 1)
     teacher = models.build("resnet8", 10, 1)
     if method_name.startswith("tucker"):
@@ -74,7 +74,8 @@ def _graphed(events, method_name="kd", fused=True, fail=False, **params):
         events.append("step-in-capture" if events.capturing else "eager")
         return torch.zeros(()), {"ce": torch.zeros(())}, torch.tensor(True)
 
-    return graphs.GraphedStep(method, opt, optimise, contextlib.nullcontext), opt["student"]
+    autocast = autocast or contextlib.nullcontext
+    return graphs.GraphedStep(method, opt, optimise, autocast), opt["student"]
 
 
 FULL, LAST = torch.zeros(8, 1, 8, 8), torch.zeros(3, 1, 8, 8)
@@ -99,16 +100,27 @@ def test_warm_up_then_one_capture_replayed_until_the_lr_changes(events):
 
 @pytest.mark.parametrize("method", ["tucker", "tucker_recomp"])
 def test_tucker_steps_are_captured_in_two_graphs_around_the_decomposition(events, method):
-    g, _ = _graphed(events, method)
+    inside = []  # non-empty inside the step's autocast
+
+    @contextlib.contextmanager
+    def autocast():
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    g, _ = _graphed(events, method, autocast=autocast)
     calls = []
     original = g.method.teacher_targets
-    g.method.teacher_targets = lambda outs: calls.append(1) or original(outs)
+    g.method.teacher_targets = lambda outs: calls.append(bool(inside)) or original(outs)
     for _ in range(5):
         g(FULL, Y8)
     # teacher graph captured (and run, for the targets' shapes), then the student's step
     captured = ["capture", "replay", "capture", "step-in-capture"]
     assert events == ["side", "eager"] * 3 + captured + ["replay", "replay"] * 2
-    assert len(calls) == 1 + 2  # eagerly between the graphs, at every replay
+    # eagerly between the graphs, at every replay, under the step's autocast as in eager steps
+    assert calls == [True] * (1 + 2)
     assert g.static_targets[0].shape == (8, 64, 2, 2)  # the teacher's stage 3 (8×8 input)
 
 

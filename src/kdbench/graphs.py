@@ -10,7 +10,8 @@ and then replays it for every batch of the same shape: one launch instead of a t
 * ``Method.graph_mode()`` says how: ``whole`` captures the step as one graph. ``split`` (the
   Tucker methods, whose ``torch.linalg.eigh`` checks its result on the host) captures the
   teacher's forward pass as one graph and the student's step as another, and runs the method's
-  ``teacher_targets`` (the decomposition) eagerly between them. ``none`` runs eagerly.
+  ``teacher_targets`` (the decomposition) eagerly between them, under the step's autocast as
+  in an eager step. ``none`` runs eagerly.
 * Before the first capture a few steps run eagerly on a side stream (real training steps of the
   epoch: CUDA's libraries and autograd set themselves up there).
 * The learning rate is baked into the captured update, so the step is captured again whenever
@@ -113,9 +114,15 @@ class GraphedStep:
         self.graphs[-1].replay()
         return self.static_out
 
+    def _targets(self) -> Any:
+        """The method's teacher targets from the teacher graph's outputs, eagerly, under the
+        step's autocast (as in an eager step, where they are computed inside it)."""
+        with self.autocast():
+            return self.method.teacher_targets(self.static_teacher)
+
     def _set_targets(self) -> None:
         """The method's teacher targets, eagerly, copied into the student graph's inputs."""
-        flat, _ = tree_flatten(self.method.teacher_targets(self.static_teacher))
+        flat, _ = tree_flatten(self._targets())
         for static, value in zip(self.static_targets, flat, strict=True):
             if isinstance(static, Tensor):
                 static.copy_(value)
@@ -137,7 +144,7 @@ class GraphedStep:
                     self.static_teacher = self.method.teacher_outputs(x)
                 teacher.replay()
                 graphs.append(teacher)
-                flat, spec = tree_flatten(self.method.teacher_targets(self.static_teacher))
+                flat, spec = tree_flatten(self._targets())
                 self.static_targets = [
                     v.clone(memory_format=torch.preserve_format) if isinstance(v, Tensor) else v
                     for v in flat
