@@ -52,6 +52,12 @@ BAD = [
     (("train", "compile"), "fast", "train.compile: 'fast' is not one of none, default"),
     (("train", "optimizer", "fused"), "yes", "train.optimizer.fused: 'yes' is not one of"),
     (("train", "deterministic"), 1, "train.deterministic: 1 is not of type 'boolean'"),
+    (("train", "fold_teacher"), "yes", "train.fold_teacher: 'yes' is not of type 'boolean'"),
+    (
+        ("train",),
+        {"device": "cpu", "cudnn_benchmark": True, "deterministic": True},
+        "train.cudnn_benchmark and train.deterministic cannot both be true",
+    ),
     (("methods", "tucker", "ranks"), [65], "Tucker rank 65 of mode 0 exceeds that mode's size 64"),
     (("methods", "tucker", "ranks"), [[8, 3, 4]], "rank 4 of mode 2 exceeds that mode's size 3"),
     (("methods", "tucker", "ranks"), [0], "methods.tucker.ranks[0]"),

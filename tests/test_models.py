@@ -49,3 +49,48 @@ def test_shortcuts_are_option_b():
     assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is None
     assert isinstance(bn, torch.nn.BatchNorm2d)
     assert isinstance(model.layer1[0].shortcut, torch.nn.Identity)
+
+
+def test_folded_batchnorm_gives_the_same_outputs_with_fewer_kernels():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = models.build("resnet20", 10)
+    for m in model.modules():  # batch norms that do something: non-trivial statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = models.fold_batchnorm(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        with Ops() as plain_ops:
+            want = model(x)
+        with Ops() as folded_ops:
+            got = folded(x)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    # the stem, 2 per block (9 blocks) and the 2 projection shortcuts
+    assert plain_ops.names.count("batch_norm") == 1 + 2 * 9 + 2
+    assert "batch_norm" not in folded_ops.names
+    assert len(folded_ops.names) == len(plain_ops.names) - 21
+    assert not any(p.requires_grad for p in folded.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # unchanged
+
+    half = models.fold_batchnorm(model, torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.inference_mode():
+        logits = half(x.bfloat16())[-1].float()
+    torch.testing.assert_close(logits, want[-1], rtol=0.1, atol=0.1)

@@ -152,6 +152,31 @@ def test_train_config_validation():
         TrainConfig.from_config({"epochs": 0})
     with pytest.raises(KdbenchError, match="unknown setting"):
         TrainConfig.from_config({"epoch": 3})
+    with pytest.raises(KdbenchError, match="cudnn_benchmark and train.deterministic"):
+        TrainConfig.from_config({"cudnn_benchmark": True, "deterministic": True})
+
+
+def test_prepare_folds_the_teacher_and_sets_cudnn_autotuning():
+    from kdbench import methods, models
+    from kdbench.train import TrainConfig, prepare
+
+    torch.manual_seed(0)
+    teacher = models.build("resnet8", 10, 1)
+    method = methods.get("kd")(models.build("resnet8", 10, 1), teacher, {})
+    x = torch.rand(8, 1, 8, 8)
+    want = method.teacher_outputs(x)
+    try:
+        prepare(method, TrainConfig(fold_teacher=True, cudnn_benchmark=True), torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = False
+    assert method.teacher is not teacher
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in method.teacher.modules())
+    assert not method.teacher.training
+    for w, g in zip(want, method.teacher_outputs(x), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    prepare(method, TrainConfig(), torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark
 
 
 def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():

@@ -199,6 +199,8 @@ LADDER: list[tuple[str, dict[str, Any]]] = [
             "check_every_step": True,
             "compile": "none",
             "cuda_graphs": False,
+            "cudnn_benchmark": False,
+            "fold_teacher": False,
         },
     ),
     ("+ data on device", {"data_on_device": True}),
@@ -207,6 +209,8 @@ LADDER: list[tuple[str, dict[str, Any]]] = [
     ("+ fused SGD", {"fused": True}),
     ("+ no host sync per step", {"check_every_step": False}),
     ("+ CUDA graphs", {"cuda_graphs": True}),
+    ("+ cuDNN autotuning", {"cudnn_benchmark": True}),
+    ("+ teacher BN folded", {"fold_teacher": True}),
 ]
 
 

@@ -2,15 +2,18 @@
 
 ``build(arch, num_classes, in_channels)`` gives resnet8/20/56/110 exactly as the original projects
 defined them, and resnet32 (5 blocks per stage, a student of the CRD protocol) alike;
-``forward(x)`` returns ``[stage1, stage2, stage3, logits]``.
+``forward(x)`` returns ``[stage1, stage2, stage3, logits]``. ``fold_batchnorm`` gives a frozen
+model's inference copy with each batch norm folded into the convolution before it.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kdbench import io
 from kdbench.errors import KdbenchError, one_line
@@ -91,6 +94,32 @@ def build(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     if num_classes < 2:
         raise KdbenchError(f"num_classes must be at least 2, got {num_classes}")
     return CifarResNet(DEPTHS[canonical_arch(arch)], num_classes, in_channels)
+
+
+def fold_batchnorm(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """An inference copy of a CIFAR ResNet: each batch norm, with its running statistics,
+    folded into the convolution before it (a convolution with a bias, and no batch-norm kernel
+    at run time); ``dtype`` casts the copy (e.g. bfloat16, so that autocast has no weight to
+    cast). The copy is in eval mode without gradients; its outputs equal ``model``'s in eval
+    mode up to rounding. ``model`` is not changed."""
+    folded = copy.deepcopy(model).eval()
+    for module in list(folded.modules()):
+        if isinstance(module, CifarResNet | BasicBlock):
+            pairs = [("conv1", "bn1")]
+            if isinstance(module, BasicBlock):
+                pairs.append(("conv2", "bn2"))
+                if isinstance(module.shortcut, nn.Sequential):
+                    conv, bn = module.shortcut
+                    module.shortcut = fuse_conv_bn_eval(conv, bn)
+            for conv_name, bn_name in pairs:
+                conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules()):
+        raise KdbenchError(f"cannot fold the batch norms of {type(model).__name__}")
+    if dtype is not None:
+        folded = folded.to(dtype)
+    return folded.requires_grad_(False)
 
 
 def num_parameters(model: nn.Module) -> int:

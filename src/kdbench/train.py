@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench import faults, io, plots, provenance
+from kdbench import faults, io, models, plots, provenance
 from kdbench.data import Dataset, Loader
 from kdbench.errors import KdbenchError, one_line
 from kdbench.methods.base import Method
@@ -55,6 +55,8 @@ LATER_SETTINGS = (
     "cuda_graphs",
     "check_every_step",
     "deterministic",
+    "cudnn_benchmark",
+    "fold_teacher",
 )
 
 
@@ -98,6 +100,14 @@ class TrainConfig:
     #: autotuning, a fixed cuBLAS workspace); slower (see README, Determinism). CPU runs are
     #: deterministic either way.
     deterministic: bool = False
+    #: let cuDNN time its convolution algorithms for each new input shape and keep the fastest
+    #: (``torch.backends.cudnn.benchmark``); the choice can differ between runs, and with it
+    #: the last bits of the results. Excludes ``deterministic``.
+    cudnn_benchmark: bool = False
+    #: run the frozen teacher with its batch norms folded into its convolutions
+    #: (:func:`kdbench.models.fold_batchnorm`; fewer kernels per step, same outputs up to
+    #: rounding) and, with bf16 on CUDA, its weights kept in bf16 (none cast per step)
+    fold_teacher: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -136,6 +146,11 @@ class TrainConfig:
         if self.fused not in (True, False, "auto"):
             raise KdbenchError(
                 f"train.optimizer.fused must be true, false or auto, got {self.fused!r}"
+            )
+        if self.cudnn_benchmark and self.deterministic:
+            raise KdbenchError(
+                "train.cudnn_benchmark and train.deterministic cannot both be true "
+                "(autotuned cuDNN algorithms are not deterministic)"
             )
         if self.compile not in COMPILE_MODES:
             raise KdbenchError(
@@ -250,13 +265,17 @@ def compile_models(method: Method, cfg: TrainConfig) -> None:
 
 
 def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
-    """Move ``method`` to ``device`` (channels_last on CUDA) and compile it per ``cfg``; set
-    the process's deterministic-algorithms switch from ``cfg.deterministic``."""
+    """Move ``method`` to ``device`` (channels_last on CUDA), fold its teacher's batch norms
+    and compile it per ``cfg``; set the process's deterministic-algorithms and cuDNN autotuning
+    switches from ``cfg.deterministic`` and ``cfg.cudnn_benchmark``."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     method.to(device)
+    if cfg.fold_teacher and method.needs_teacher:
+        dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else None
+        method.replace_teacher(models.fold_batchnorm(method.teacher, dtype))
     channels_last = device.type == "cuda" and cfg.channels_last
     method.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     compile_models(method, cfg)

@@ -69,6 +69,13 @@ class Method(nn.Module):
             self._teacher[0] = self._teacher[0].to(*args, **kwargs)
         return self
 
+    def replace_teacher(self, teacher: nn.Module) -> None:
+        """Use ``teacher`` (frozen here) in place of the teacher, e.g. its folded copy
+        (:func:`kdbench.models.fold_batchnorm`); it must give the same outputs."""
+        if not self._teacher:
+            raise KdbenchError(f"method {self.name!r} has no teacher")
+        self._teacher[0] = teacher.eval().requires_grad_(False)
+
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
         if self._teacher:
