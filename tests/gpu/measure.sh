@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
-# STEPs (default: all, in this order): epochs56 epochs20 concurrent grid spread compile. Each
-# step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does not
-# stop the others. Everything printed goes to $OUT/log.txt as well. SET adds `--set KEY=VALUE`
+# STEPs (default: all, in this order): epochs56 epochs20 concurrent grid methods spread compile.
+# Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
+# not stop the others. Everything printed goes to $OUT/log.txt as well. SET adds `--set KEY=VALUE`
 # settings to every epochs/concurrent step (default: cuda_graphs=true). epochs56 and epochs20
 # time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its
-# GPU-hours from them. The limits add up to 13 minutes: for one call of at most 10, name the
+# GPU-hours from them. The limits add up to 15 minutes: for one call of at most 10, name the
 # steps (e.g. epochs56 epochs20 concurrent grid).
 set -u
 OUT=${OUT:-gpu-results}
@@ -31,11 +31,15 @@ B="$PY -m kdbench.bench"
 # the methods of config/config.yaml's grid (one rank each: the rank does not change the cost)
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
-for s in ${*:-epochs56 epochs20 concurrent grid spread compile}; do
+for s in ${*:-epochs56 epochs20 concurrent grid methods spread compile}; do
     case $s in
     # resnet110 → resnet56: the teacher, the methods against the reference loop, the ablation
     epochs56) step epochs56 240 $B epochs --teachers --ablation --epochs 1 --warmup 1 \
         --reference-steps 10 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
+    # one eager step of every method (resnet110 → resnet56, interleaved), and the Tucker
+    # decomposition of a stage-3 batch alone (kdbench and tensorly): where a Tucker step's
+    # extra time over featuremap goes
+    methods) step methods 90 $B methods --steps 10 --json "$OUT/methods.json" ;;
     # run-to-run and seed spread (default, plain, deterministic), digits, KD resnet20 → resnet8
     spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 --json "$OUT/spread.json" ;;
     # 1, 2, 4, 8 concurrent KD runs on the GPU
