@@ -53,6 +53,7 @@ BAD = [
     (("train", "optimizer", "fused"), "yes", "train.optimizer.fused: 'yes' is not one of"),
     (("train", "deterministic"), 1, "train.deterministic: 1 is not of type 'boolean'"),
     (("train", "fold_teacher"), "yes", "train.fold_teacher: 'yes' is not of type 'boolean'"),
+    (("train", "eigh_on_host"), 0, "train.eigh_on_host: 0 is not of type 'boolean'"),
     (
         ("train",),
         {"device": "cpu", "cudnn_benchmark": True, "deterministic": True},

@@ -179,6 +179,21 @@ def test_prepare_folds_the_teacher_and_sets_cudnn_autotuning():
     assert not torch.backends.cudnn.benchmark
 
 
+def test_prepare_sets_where_tucker_solves_its_eigendecompositions():
+    from kdbench import methods, models, tucker
+    from kdbench.train import TrainConfig, prepare
+
+    method = methods.get("tucker")(
+        models.build("resnet8", 10, 1), models.build("resnet8", 10, 1), {}
+    )
+    try:
+        prepare(method, TrainConfig(eigh_on_host=True), torch.device("cpu"))
+        assert tucker._EIGH_ON_HOST
+    finally:
+        prepare(method, TrainConfig(), torch.device("cpu"))
+    assert not tucker._EIGH_ON_HOST
+
+
 def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():
     """A state saved before a setting existed still matches its run's fingerprint, and the
     jobs' params do not change: at their defaults, later settings are not in the record."""

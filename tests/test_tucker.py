@@ -105,3 +105,30 @@ def test_bad_ranks(ranks, message):
 def test_zero_input_gives_finite_results():
     core, factors = tucker.decompose(torch.zeros(4, 8, 2, 2), (4, 3, 2, 2))
     assert torch.isfinite(core).all() and all(torch.isfinite(f).all() for f in factors)
+
+
+def test_eigh_on_host_moves_only_device_tensors_and_changes_no_cpu_result(monkeypatch):
+    x = torch.relu(torch.randn(16, 8, 4, 4, generator=torch.Generator().manual_seed(3)))
+    want = tucker.decompose_samplewise(x, (3, 4, 4))
+    try:
+        tucker.set_eigh_on_host(True)
+        got = tucker.decompose_samplewise(x, (3, 4, 4))  # a CPU tensor: nothing moves
+        assert torch.equal(got[0], want[0])
+
+        class OnDevice:  # a Gram matrix on another device (here: meta), that records copies
+            device = torch.device("meta")
+            copies = 0
+
+            def cpu(self):
+                OnDevice.copies += 1
+                return torch.eye(5)
+
+        vectors = tucker._eigenvectors(OnDevice())
+        assert OnDevice.copies == 1 and vectors.device.type == "meta"
+        assert vectors.shape == (5, 5)
+    finally:
+        tucker.set_eigh_on_host(False)
+    seen = []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda g: seen.append(g) or (None, g))
+    tucker._eigenvectors(torch.eye(2))  # switched off: on the tensor's own device
+    assert len(seen) == 1

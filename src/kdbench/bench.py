@@ -176,6 +176,23 @@ def bench_decomposition(device: torch.device, args: argparse.Namespace) -> dict[
         "tensorly_relative_error": float(tucker.relative_error(x, ref)),
     }
     out["speedup"] = out["tensorly_seconds"] / out["kdbench_seconds"]
+    # where the eigendecompositions run (train.eigh_on_host), whole-tensor and sample-wise
+    placements = [False, True] if device.type == "cuda" else [False]
+    sample_ranks = ranks[1:]
+    for on_host in placements:
+        tucker.set_eigh_on_host(on_host)
+        try:
+            where = "host" if on_host else "device"
+            full = _time(lambda: tucker.decompose(x, ranks), device, 3, args.decomp_repeats)
+            sample = _time(
+                lambda: tucker.decompose_samplewise(x, sample_ranks), device, 1, args.decomp_repeats
+            )
+        finally:
+            tucker.set_eigh_on_host(False)
+        out[f"eigh_on_{where}"] = {
+            "full_seconds": statistics.median(full),
+            "samplewise_seconds": statistics.median(sample),
+        }
     return out
 
 
@@ -900,6 +917,12 @@ def _run_methods(args: argparse.Namespace, device: torch.device, info: dict[str,
         f"reconstructions differ by {d['reconstruction_relative_difference']:.1e} (relative), "
         f"errors {d['kdbench_relative_error']:.5f} vs {d['tensorly_relative_error']:.5f}"
     )
+    for key in ("eigh_on_device", "eigh_on_host"):
+        if key in d:
+            print(
+                f"  {key}: whole tensor {d[key]['full_seconds'] * 1e3:.3f} ms, sample-wise "
+                f"(ranks {tuple(d['ranks'][1:])}) {d[key]['samplewise_seconds'] * 1e3:.3f} ms"
+            )
     return result
 
 

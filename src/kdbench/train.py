@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench import faults, io, models, plots, provenance
+from kdbench import faults, io, models, plots, provenance, tucker
 from kdbench.data import Dataset, Loader
 from kdbench.errors import KdbenchError, one_line
 from kdbench.methods.base import Method
@@ -57,6 +57,7 @@ LATER_SETTINGS = (
     "deterministic",
     "cudnn_benchmark",
     "fold_teacher",
+    "eigh_on_host",
 )
 
 
@@ -108,6 +109,9 @@ class TrainConfig:
     #: (:func:`kdbench.models.fold_batchnorm`; fewer kernels per step, same outputs up to
     #: rounding) and, with bf16 on CUDA, its weights kept in bf16 (none cast per step)
     fold_teacher: bool = False
+    #: solve the Tucker methods' small symmetric eigendecompositions of CUDA tensors on the
+    #: host (:func:`kdbench.tucker.set_eigh_on_host`); CPU runs are not affected
+    eigh_on_host: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -266,12 +270,14 @@ def compile_models(method: Method, cfg: TrainConfig) -> None:
 
 def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     """Move ``method`` to ``device`` (channels_last on CUDA), fold its teacher's batch norms
-    and compile it per ``cfg``; set the process's deterministic-algorithms and cuDNN autotuning
-    switches from ``cfg.deterministic`` and ``cfg.cudnn_benchmark``."""
+    and compile it per ``cfg``; set the process's deterministic-algorithms, cuDNN autotuning
+    and host-eigh switches from ``cfg.deterministic``, ``cfg.cudnn_benchmark`` and
+    ``cfg.eigh_on_host``."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    tucker.set_eigh_on_host(cfg.eigh_on_host)
     method.to(device)
     if cfg.fold_teacher and method.needs_teacher:
         dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else None

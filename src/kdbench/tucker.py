@@ -21,7 +21,12 @@ linear projection of ``x`` on them, so gradients reach ``x`` through :func:`proj
 through the eigendecomposition (whose gradient is unstable for close eigenvalues).
 
 Eigenvector signs are fixed (largest-magnitude entry positive) so that results are
-deterministic. Everything runs on the tensor's device, CPU or CUDA, without ``.item()`` calls.
+deterministic. Everything runs on the tensor's device, CPU or CUDA, without ``.item()`` calls,
+except, when :func:`set_eigh_on_host` asks for it (``train.eigh_on_host``), the small symmetric
+eigendecompositions of CUDA tensors: they are copied to the host, solved by LAPACK and copied
+back. ``torch.linalg.eigh`` synchronises with the host on CUDA anyway (it checks its result
+there), and on CUDA it solves a batch of matrices larger than 32×32 (sample-wise, stage 3:
+128 of 64×64) one matrix after the other.
 """
 
 from __future__ import annotations
@@ -108,9 +113,25 @@ def recompose(
     return out
 
 
+_EIGH_ON_HOST = False
+
+
+def set_eigh_on_host(enabled: bool) -> None:
+    """Solve the eigendecompositions of CUDA tensors on the host (see the module docstring);
+    CPU tensors are not affected. Set by ``kdbench.train.prepare`` from ``train.eigh_on_host``."""
+    global _EIGH_ON_HOST
+    _EIGH_ON_HOST = bool(enabled)
+
+
+def _eigenvectors(gram: Tensor) -> Tensor:
+    if _EIGH_ON_HOST and gram.device.type != "cpu":
+        return torch.linalg.eigh(gram.cpu())[1].to(gram.device)
+    return torch.linalg.eigh(gram)[1]
+
+
 def _top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
     """Top-``rank`` eigenvectors (columns, descending) of symmetric ``gram`` (… × n × n)."""
-    _, vectors = torch.linalg.eigh(gram)
+    vectors = _eigenvectors(gram)
     top = vectors[..., -rank:].flip(-1)
     pivot = top.abs().argmax(dim=-2, keepdim=True)
     sign = torch.sign(torch.gather(top, -2, pivot))

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
-# STEPs (default: all, in this order): epochs56 epochs20 concurrent grid methods spread compile.
+# STEPs (default: all, in this order): epochs56 epochs20 concurrent grid tucker methods spread
+# compile.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others. Everything printed goes to $OUT/log.txt as well. SET adds `--set KEY=VALUE`
 # settings to every epochs/concurrent step (default: cuda_graphs=true). epochs56 and epochs20
 # time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its
-# GPU-hours from them. The limits add up to 15 minutes: for one call of at most 10, name the
+# GPU-hours from them. The limits add up to 19 minutes: for one call of at most 10, name the
 # steps (e.g. epochs56 epochs20 concurrent grid).
 set -u
 OUT=${OUT:-gpu-results}
@@ -31,11 +32,19 @@ B="$PY -m kdbench.bench"
 # the methods of config/config.yaml's grid (one rank each: the rank does not change the cost)
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
-for s in ${*:-epochs56 epochs20 concurrent grid methods spread compile}; do
+for s in ${*:-epochs56 epochs20 concurrent grid tucker methods spread compile}; do
     case $s in
     # resnet110 → resnet56: the teacher, the methods against the reference loop, the ablation
     epochs56) step epochs56 240 $B epochs --teachers --ablation --epochs 1 --warmup 1 \
         --reference-steps 10 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
+    # the Tucker methods against featuremap, their eigendecompositions on the GPU, then on
+    # the host (train.eigh_on_host)
+    tucker) for host in false true; do
+            step "tucker-eigh-host-$host" 120 $B epochs --no-reference --epochs 1 \
+                --methods featuremap "tucker full-teacher-r32" "tucker sample-teacher-r32" \
+                "tucker_recomp teacher-r32" "${sets[@]}" --set eigh_on_host=$host \
+                --json "$OUT/tucker-eigh-host-$host.json"
+        done ;;
     # one eager step of every method (resnet110 → resnet56, interleaved), and the Tucker
     # decomposition of a stage-3 batch alone (kdbench and tensorly): where a Tucker step's
     # extra time over featuremap goes
