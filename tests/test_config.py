@@ -129,6 +129,19 @@ def test_speed_switches_reach_the_jobs_only_when_set():
     assert TrainConfig.from_config(params).compile == "default"
 
 
+def test_every_later_setting_is_in_the_schema_and_spelled_out_at_its_default():
+    """A switch added to TrainConfig is also a key of the schema, and the shipped main configs
+    list it at its default (so that users see it, and nothing re-runs)."""
+    schema = kdconfig.load_schema(SCHEMA)
+    train = schema["$defs"]["train"]["properties"]
+    defaults = TrainConfig()
+    for name, cfg in (("demo.yaml", DEMO), ("config.yaml", FULL)):
+        block = {**cfg["train"], **cfg["train"].get("optimizer", {})}
+        for key in LATER_SETTINGS:
+            assert key in train or key in train["optimizer"]["properties"], key
+            assert block.get(key) == getattr(defaults, key), (name, key)
+
+
 def test_aliases_are_canonical_in_the_grid():
     cfg = with_change(("pairs",), [{"teacher": "ResNet112", "student": "ResNetBaby"}])
     assert {(s.teacher, s.student) for s in kdconfig.student_runs(cfg)} >= {
