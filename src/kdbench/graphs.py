@@ -35,13 +35,12 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from kdbench.errors import one_line
 from kdbench.methods.base import Method
+from kdbench.train import StepResult
 
 log = logging.getLogger("kdbench")
 
 #: eager steps on a side stream before the first capture
 WARMUP_STEPS = 3
-
-StepResult = tuple[Tensor, dict[str, Tensor], Tensor]
 
 
 class GraphedStep:

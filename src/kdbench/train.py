@@ -334,6 +334,10 @@ def autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractConte
     return contextlib.nullcontext()
 
 
+#: a training step's result: (logits, loss parts, ok), ``ok`` a bool tensor on the device
+StepResult = tuple[Tensor, dict[str, Tensor], Tensor]
+
+
 def _fused(optimizers: dict[str, torch.optim.Optimizer]) -> bool:
     return all(g.get("fused") for o in optimizers.values() for g in o.param_groups)
 
@@ -347,7 +351,7 @@ def train_step_async(
     cfg: TrainConfig,
     *,
     host_check: bool = False,
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+) -> StepResult:
     """One optimisation step of every trainable module on one batch, without a host
     synchronisation: (logits, loss parts, ok).
 
@@ -366,7 +370,7 @@ def optimise(
     cfg: TrainConfig,
     *,
     host_check: bool = False,
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+) -> StepResult:
     """:func:`train_step_async` for any ``forward() -> (logits, loss parts)``."""
     with autocast(device, cfg):
         logits, parts = forward()
@@ -411,7 +415,7 @@ def train_step(
     return (logits, parts) if bool(ok) else None
 
 
-Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor], Tensor]]
+Step = Callable[[Tensor, Tensor], StepResult]
 
 
 def _host_check(optimizers: dict[str, torch.optim.Optimizer], cfg: TrainConfig) -> bool:
@@ -429,18 +433,19 @@ def make_step(
     its capture from epoch to epoch."""
     host_check = _host_check(optimizers, cfg)
 
-    def step(xb: Tensor, yb: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        return train_step_async(method, optimizers, xb, yb, device, cfg, host_check=host_check)
+    def run(forward: Callable[[], tuple[Tensor, dict[str, Tensor]]]) -> StepResult:
+        return optimise(forward, optimizers, device, cfg, host_check=host_check)
 
     # compile modes that bring CUDA graphs of their own capture the step's pieces already
     own_graphs = cfg.compile in ("reduce-overhead", "max-autotune")
     if cfg.cuda_graphs and device.type == "cuda" and not own_graphs:
         from kdbench.graphs import GraphedStep
 
-        def run(forward: Callable[[], tuple[Tensor, dict[str, Tensor]]]) -> Any:
-            return optimise(forward, optimizers, device, cfg, host_check=host_check)
-
         return GraphedStep(method, optimizers, run, lambda: autocast(device, cfg))
+
+    def step(xb: Tensor, yb: Tensor) -> StepResult:
+        return run(functools.partial(method.forward_train, xb, yb))
+
     return step
 
 
