@@ -55,6 +55,8 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     args += ["--teachers", "--ablation", "--reference-steps", "1", "--reference-warmup", "0"]
     assert bench.main([*args, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
+    assert doc["complete"] is True
+    assert {r["steps"] for r in doc["epochs"]} == {"eager"}  # no CUDA graphs on the CPU
     rows = {(r["method"], r["setting"]): r for r in doc["epochs"]}
     assert ("teacher", "teacher") in rows and ("kd", "plain") in rows
     assert ("kd", "+ no host sync per step") in rows
@@ -93,6 +95,29 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     assert g["gpu_hours"]["paraphrasers"] == pytest.approx(
         4 * sec[("featuremap", "default")] / 3600
     )
+
+
+def test_bench_epochs_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    timed = []
+
+    def time_epochs(*args, **kwargs):
+        if timed:
+            raise KeyboardInterrupt  # as a time limit's signal would stop it
+        timed.append(real(*args, **kwargs))
+        return timed[-1]
+
+    real = bench.time_epochs
+    monkeypatch.setattr(bench, "time_epochs", time_epochs)
+    out = tmp_path / "epochs.json"
+    args = ["epochs", "--device", "cpu", "--dataset", "digits", "--train-size", "32"]
+    args += ["--batch", "16", "--pair", "resnet8:resnet8", "--epochs", "1", "--warmup", "0"]
+    args += ["--methods", "vanilla", "kd", "--no-reference", "--json", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and doc["device"]["type"] == "cpu"
+    assert [r["method"] for r in doc["epochs"]] == ["vanilla"]
+    assert doc["epochs"][0]["train_seconds"] == timed[0]["train_seconds"]
 
 
 def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):

@@ -5,12 +5,15 @@ no GPU; the speed is measured with ``python -m kdbench.bench`` on one)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from kdbench import graphs, methods, models
-from kdbench.train import TrainConfig, make_sgd
+from kdbench import graphs, io, methods, models
+from kdbench.methods.ft import Paraphraser
+from kdbench.train import TrainConfig, make_sgd, optimise
 
 
 class FakeGraph:
@@ -87,6 +90,7 @@ def test_warm_up_then_one_capture_replayed_until_the_lr_changes(events):
     for _ in range(5):
         g(FULL, Y8)
     assert events == ["side", "eager"] * 3 + ["capture", "step-in-capture", "replay", "replay"]
+    assert g.status == "whole"
     events.clear()
     g(LAST, Y3)  # the smaller last batch of the epoch
     assert events == ["eager"]
@@ -121,6 +125,7 @@ def test_tucker_steps_are_captured_in_two_graphs_around_the_decomposition(events
     assert events == ["side", "eager"] * 3 + captured + ["replay", "replay"] * 2
     # eagerly between the graphs, at every replay, under the step's autocast as in eager steps
     assert calls == [True] * (1 + 2)
+    assert g.status == "split"
     assert g.static_targets[0].shape == (8, 64, 2, 2)  # the teacher's stage 3 (8×8 input)
 
 
@@ -130,6 +135,7 @@ def test_a_failed_capture_trains_eagerly_from_then_on(events, caplog):
         g(FULL, Y8)
     assert events == ["side", "eager"] * 3 + ["capture", "eager", "eager"]
     assert "CUDA graphs off: capture failed (operation not permitted" in caplog.text
+    assert g.status.startswith("eager: capture failed (operation not permitted")
 
 
 @pytest.mark.parametrize(
@@ -144,4 +150,103 @@ def test_steps_that_cannot_be_captured_stay_eager(events, caplog, method, fused,
     for _ in range(5):
         g(FULL, Y8)
     assert events == ["eager"] * 5
-    assert why in caplog.text
+    assert why in caplog.text and g.status.startswith(f"eager: {why}")
+
+
+#: aten ops that synchronise a CUDA stream with the host (a value read back, or an output whose
+#: size depends on the data) or copy host data to the device: a CUDA graph cannot hold them
+HOST_SYNC = {
+    "_local_scalar_dense",  # .item(), bool(), int(), float() of a tensor
+    "is_nonzero",
+    "equal",
+    "nonzero",
+    "masked_select",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "repeat_interleave",
+    "lift_fresh",  # torch.tensor(python data)
+    "lift_fresh_copy",
+}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records every op dispatched (backward included) and those in :data:`HOST_SYNC`."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func._overloadpacket.__name__ in HOST_SYNC:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+CAPTURED = [
+    ("vanilla", {}),
+    ("kd", {}),
+    ("featuremap", {}),
+    ("ft", {}),
+    ("tucker", {"rank": 4}),
+    ("tucker", {"rank": 4, "decomposition": "sample"}),
+    ("tucker_recomp", {"rank": 4, "target": "teacher"}),
+    ("tucker_recomp", {"rank": 4, "target": "both"}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), CAPTURED)
+def test_what_graphs_capture_never_synchronises_with_the_host(name, params, tmp_path):
+    """What GraphedStep captures, run on the CPU op by op: the whole step (``whole``), or the
+    teacher's forward pass and the student's step (``split``; only ``teacher_targets``,
+    between the graphs, may synchronise)."""
+    torch.manual_seed(0)
+    student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
+    cls = methods.get(name)
+    assets = {}
+    if "paraphraser" in cls.requires:
+        io.save_torch(tmp_path / "p.pt", Paraphraser(64, 0.5).state_dict())
+        assets = {"paraphraser": tmp_path / "p.pt"}
+    method = cls(student, teacher, params, assets)
+    cfg = TrainConfig(fused=True)
+    opts = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    cpu = torch.device("cpu")
+    mode = method.graph_mode()
+    assert mode in ("whole", "split")
+    with HostSyncs() as first:
+        if mode == "whole":
+            optimise(functools.partial(method.forward_train, x, y), opts, cpu, cfg)
+        else:
+            outs = method.teacher_outputs(x)
+    captured = [first]
+    if mode == "split":
+        targets = method.teacher_targets(outs)
+        with HostSyncs() as second:
+            optimise(functools.partial(method.student_loss, x, y, targets), opts, cpu, cfg)
+        captured.append(second)
+    assert all(c.ops > 20 for c in captured)
+    assert [c.syncs for c in captured] == [[] for _ in captured]
+
+
+def test_the_host_sync_check_sees_a_sync_in_the_backward_pass():
+    class ReadsBack(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float(grad.abs().max())  # one value read back in the backward pass
+
+    model = torch.nn.Linear(4, 2)
+    opts = {"student": make_sgd(model, TrainConfig(fused=True))}
+
+    def forward():
+        out = ReadsBack.apply(model(torch.randn(3, 4)))
+        return out, {"ce": out.square().mean()}
+
+    with HostSyncs() as seen:
+        optimise(forward, opts, torch.device("cpu"), TrainConfig(fused=True))
+    assert seen.syncs == ["aten._local_scalar_dense.default"]

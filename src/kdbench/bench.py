@@ -311,6 +311,8 @@ def time_epochs(
         "peak_cuda_mb": (
             torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         ),
+        # how the steps ran: "eager", or the CUDA graphs' status (kdbench.graphs.GraphedStep)
+        "steps": getattr(step_fn, "status", "eager"),
     }
 
 
@@ -378,7 +380,12 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_config({**base, **_parse_sets(args.set)})
 
 
-def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def bench_epochs(
+    args: argparse.Namespace,
+    device: torch.device,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every row of ``epochs``; ``progress(partial result)`` is called after each row."""
     channels, size, classes, n_train, n_val, n_test = args.shape
     if args.train_size:
         n_train, n_val, n_test = args.train_size, args.train_size // 9, args.train_size // 5
@@ -432,10 +439,12 @@ def bench_epochs(args: argparse.Namespace, device: torch.device) -> dict[str, An
                     r["speedup_vs_reference"] = ref["train_seconds"] / r["train_seconds"]
                 _print_row(r)
                 results.append(r)
+                if progress is not None:
+                    progress({"epochs": results, "complete": False})
                 del method
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    doc: dict[str, Any] = {"epochs": results}
+    doc: dict[str, Any] = {"epochs": results, "complete": True}
     for pair in args.pairs:
         same = [r for r in results if r["pair"] == pair and r["setting"] == "default"]
         base = next((r for r in same if r["method"] == "featuremap"), None)
@@ -457,6 +466,8 @@ def _print_row(r: dict[str, Any]) -> None:
             f"; reference {r['reference']['train_seconds']:8.2f} s/epoch, "
             f"speed-up {r['speedup_vs_reference']:.1f}×"
         )
+    if r["train_config"]["cuda_graphs"]:
+        line += f"; CUDA graphs {r['steps']}"
     print(line, flush=True)
 
 
@@ -871,26 +882,36 @@ def _run(args: argparse.Namespace) -> int:
                 f"on {info['name']} ({info['threads']} threads), torch {torch.__version__}",
                 flush=True,
             )
-        result = (bench_epochs if args.command == "epochs" else bench_concurrent)(args, device)
+        if args.command == "epochs":  # a row at a time: a run cut short keeps its rows
+            result = bench_epochs(args, device, functools.partial(_save, args, info))
+        else:
+            result = bench_concurrent(args, device)
     elif args.command == "spread":
         result = bench_spread(args, device)
     elif args.command == "grid":
         result = _grid_from_files(args)
     else:
         result = _run_methods(args, device, info)
-    if args.json:
-        doc = {
-            "command": args.command,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "device": info,
-            "date": time.strftime("%Y-%m-%d"),
-            "platform": platform.platform(),
-            "versions": provenance.package_versions(),
-            **result,
-        }
-        with io.atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    _save(args, info, result)
     return 0
+
+
+def _save(args: argparse.Namespace, info: dict[str, Any], result: dict[str, Any]) -> None:
+    """Write ``result`` with the command, device, versions and date to ``--json``, if given
+    (atomically)."""
+    if not args.json:
+        return
+    doc = {
+        "command": args.command,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device": info,
+        "date": time.strftime("%Y-%m-%d"),
+        "platform": platform.platform(),
+        "versions": provenance.package_versions(),
+        **result,
+    }
+    with io.atomic_path(args.json) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def _run_methods(args: argparse.Namespace, device: torch.device, info: dict[str, Any]) -> dict:

@@ -67,6 +67,11 @@ class GraphedStep:
         if self.disabled:
             log.warning("CUDA graphs off: %s; training eagerly", self.disabled)
 
+    @property
+    def status(self) -> str:
+        """``whole`` or ``split`` (how steps are captured), or ``eager: <why>``."""
+        return f"eager: {self.disabled}" if self.disabled else self.mode
+
     def _why_not(self) -> str | None:
         unfused = [
             name

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
-# STEPs (default: all, in this order): epochs56 epochs20 concurrent grid tucker methods spread
-# compile.
+# STEPs (default: all, in this order): epochs56 epochs20 concurrent grid ablation tucker methods
+# spread compile.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
-# not stop the others. Everything printed goes to $OUT/log.txt as well. SET adds `--set KEY=VALUE`
-# settings to every epochs/concurrent step (default: cuda_graphs=true). epochs56 and epochs20
-# time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its
-# GPU-hours from them. The limits add up to 19 minutes: for one call of at most 10, name the
-# steps (e.g. epochs56 epochs20 concurrent grid).
+# not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
+# "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
+# KEY=VALUE` settings to every epochs/concurrent step (default: cuda_graphs=true); each row
+# records how its steps ran ("steps": whole/split graphs, or eager and why). epochs56 and
+# epochs20 time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can
+# estimate its GPU-hours from them. The limits add up to 21 minutes: for one call of at most
+# 10, name the steps (first epochs56 epochs20 concurrent grid ablation, then the rest).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -32,11 +34,15 @@ B="$PY -m kdbench.bench"
 # the methods of config/config.yaml's grid (one rank each: the rank does not change the cost)
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
-for s in ${*:-epochs56 epochs20 concurrent grid tucker methods spread compile}; do
+for s in ${*:-epochs56 epochs20 concurrent grid ablation tucker methods spread compile}; do
     case $s in
-    # resnet110 → resnet56: the teacher, the methods against the reference loop, the ablation
-    epochs56) step epochs56 240 $B epochs --teachers --ablation --epochs 1 --warmup 1 \
+    # resnet110 → resnet56: the teacher, and the grid's methods against the reference loop
+    epochs56) step epochs56 200 $B epochs --teachers --epochs 1 --warmup 1 \
         --reference-steps 10 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
+    # KD resnet110 → resnet56 with the speed switches on one at a time (20,000 images: the
+    # first rungs are the slow eager ones)
+    ablation) step ablation 120 $B epochs --methods kd --ablation --no-reference \
+        --train-size 20000 --epochs 1 --warmup 1 "${sets[@]}" --json "$OUT/ablation.json" ;;
     # the Tucker methods against featuremap, their eigendecompositions on the GPU, then on
     # the host (train.eigh_on_host)
     tucker) for host in false true; do
