@@ -123,12 +123,49 @@ def test_eigh_on_host_moves_only_device_tensors_and_changes_no_cpu_result(monkey
                 OnDevice.copies += 1
                 return torch.eye(5)
 
-        vectors = tucker._eigenvectors(OnDevice())
+        vectors = tucker._top_eigenvectors(OnDevice(), 3)
         assert OnDevice.copies == 1 and vectors.device.type == "meta"
-        assert vectors.shape == (5, 5)
+        assert vectors.shape == (5, 3)
     finally:
         tucker.set_eigh_on_host(False)
     seen = []
     monkeypatch.setattr(torch.linalg, "eigh", lambda g: seen.append(g) or (None, g))
-    tucker._eigenvectors(torch.eye(2))  # switched off: on the tensor's own device
+    tucker._top_eigenvectors(torch.eye(2), 1)  # switched off: on the tensor's own device
     assert len(seen) == 1
+
+
+def test_a_batch_of_host_eigendecompositions_is_split_over_the_threads_bit_for_bit(monkeypatch):
+    x = torch.randn(64, 12, 3, 4, generator=torch.Generator().manual_seed(5))
+    gram = tucker._gram(x, 1, batched=True)
+    # torch's batched CPU eigh (one matrix after another), then the top 5 with their signs
+    want = tucker._top(torch.linalg.eigh(gram)[1], 5)
+    threads = torch.get_num_threads()
+    eigh = torch.linalg.eigh
+    sizes = []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda g: sizes.append(len(g)) or eigh(g))
+    try:
+        torch.set_num_threads(4)
+        got = tucker._top_eigenvectors(gram, 5)
+        assert sorted(sizes) == [16] * 4 and torch.equal(got, want)
+        sizes.clear()
+        tucker._top_eigenvectors(gram[:12], 5)  # too few matrices to split
+        tucker._top_eigenvectors(gram[0], 5)  # one matrix
+        assert sizes == [12, 12]
+        torch.set_num_threads(1)
+        sizes.clear()
+        assert torch.equal(tucker._top_eigenvectors(gram, 5), want) and sizes == [64]
+    finally:
+        torch.set_num_threads(threads)
+    # the sample-wise decomposition, on one thread and on two
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    try:
+        torch.set_num_threads(1)
+        one = tucker.decompose_samplewise(x, (5, 3, 4))
+        torch.set_num_threads(2)
+        two = tucker.decompose_samplewise(x, (5, 3, 4))
+    finally:
+        torch.set_num_threads(threads)
+    # the factors are the same bits (the cores' projection, a batched matmul, may round
+    # differently with the thread count)
+    assert all(map(torch.equal, one[1], two[1]))
+    torch.testing.assert_close(one[0], two[0])

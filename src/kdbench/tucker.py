@@ -27,11 +27,17 @@ eigendecompositions of CUDA tensors: they are copied to the host, solved by LAPA
 back. ``torch.linalg.eigh`` synchronises with the host on CUDA anyway (it checks its result
 there), and on CUDA it solves a batch of matrices larger than 32×32 (sample-wise, stage 3:
 128 of 64×64) one matrix after the other.
+
+On the host a batch of eigendecompositions (sample-wise) is split over torch's intra-op
+threads: LAPACK solves each matrix on its own either way, so the result is the same, bit for
+bit, and torch's own batched CPU ``eigh`` runs them one after the other.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -123,19 +129,42 @@ def set_eigh_on_host(enabled: bool) -> None:
     _EIGH_ON_HOST = bool(enabled)
 
 
-def _eigenvectors(gram: Tensor) -> Tensor:
-    if _EIGH_ON_HOST and gram.device.type != "cpu":
-        return torch.linalg.eigh(gram.cpu())[1].to(gram.device)
-    return torch.linalg.eigh(gram)[1]
+#: matrices per thread below which a batch of host eigendecompositions is not split
+MIN_PER_THREAD = 8
 
 
-def _top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
-    """Top-``rank`` eigenvectors (columns, descending) of symmetric ``gram`` (… × n × n)."""
-    vectors = _eigenvectors(gram)
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="kdbench-eigh")
+
+
+def _top(vectors: Tensor, rank: int) -> Tensor:
+    """The last ``rank`` eigenvectors (ascending order) as columns in descending order, each
+    with its largest-magnitude entry positive."""
     top = vectors[..., -rank:].flip(-1)
     pivot = top.abs().argmax(dim=-2, keepdim=True)
     sign = torch.sign(torch.gather(top, -2, pivot))
     return top * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def _host_top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
+    """:func:`_top_eigenvectors` of a CPU ``gram``; a batch is split over the intra-op threads
+    (every step is per matrix, so the result is the same)."""
+    batch = gram.shape[0] if gram.ndim == 3 else 1
+    threads = min(torch.get_num_threads(), batch // MIN_PER_THREAD)
+    if threads < 2:
+        return _top(torch.linalg.eigh(gram)[1], rank)
+    parts = _pool(threads).map(lambda g: _top(torch.linalg.eigh(g)[1], rank), gram.chunk(threads))
+    return torch.cat(list(parts))
+
+
+def _top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
+    """Top-``rank`` eigenvectors (columns, descending) of symmetric ``gram`` (… × n × n)."""
+    if gram.device.type == "cpu":
+        return _host_top_eigenvectors(gram, rank)
+    if _EIGH_ON_HOST:
+        return _host_top_eigenvectors(gram.cpu(), rank).to(gram.device)
+    return _top(torch.linalg.eigh(gram)[1], rank)
 
 
 def _gram(x: Tensor, mode: int, batched: bool) -> Tensor:
