@@ -10,10 +10,12 @@ import functools
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from kdbench import graphs, io, methods, models
+from kdbench.data import Loader, Split
 from kdbench.methods.ft import Paraphraser
-from kdbench.train import TrainConfig, make_sgd, optimise
+from kdbench.train import TrainConfig, make_schedule, make_sgd, optimise, train_epoch
 
 
 class FakeGraph:
@@ -48,6 +50,13 @@ def events(monkeypatch):
         def wait_stream(self, other):
             pass
 
+        def wait_event(self, event):
+            log.append("wait-event")
+
+    class Event:
+        def record(self):
+            log.append("event")
+
     @contextlib.contextmanager
     def stream(s):
         log.append("side")
@@ -56,6 +65,7 @@ def events(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: FakeGraph(log))
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
@@ -250,3 +260,137 @@ def test_the_host_sync_check_sees_a_sync_in_the_backward_pass():
     with HostSyncs() as seen:
         optimise(forward, opts, torch.device("cpu"), TrainConfig(fused=True))
     assert seen.syncs == ["aten._local_scalar_dense.default"]
+
+
+class ReplayingGraph:
+    """A CUDA graph's stand-in that computes: capture runs the step once for its outputs and
+    undoes its effects (a real capture runs nothing); replay runs it again and copies its
+    results into those outputs, as a replay refills a graph's output tensors."""
+
+    def __init__(self, events, state):
+        self.events, self.state = events, state
+
+    def record(self, fn):
+        saved = [t.clone() for t in self.state()]
+        self.fn, self.out = fn, fn()
+        with torch.no_grad():
+            for t, s in zip(self.state(), saved, strict=True):
+                t.copy_(s)
+        return self.out
+
+    def replay(self):
+        self.events.append("replay")
+        new = self.fn()
+        with torch.no_grad():
+            for static, value in zip(tree_flatten(self.out)[0], tree_flatten(new)[0], strict=True):
+                if isinstance(static, torch.Tensor):
+                    static.copy_(value)
+
+
+def _loader():
+    """76 random images in batches of 8 (the last of 4), augmented."""
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(76, 3, 16, 16, generator=g), torch.randint(0, 10, (76,), generator=g))
+    return Loader(split, 8, "cpu", (0.5,) * 3, (0.25,) * 3, train=True, crop_padding=2, flip=True)
+
+
+def _run(method, cfg, epochs, step_fn=None):
+    """Train ``method`` for ``epochs`` on :func:`_loader`; (epoch totals, the step used)."""
+    loader = _loader()
+    opts = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
+    schedules = [make_schedule(o, cfg) for o in opts.values()]
+    if step_fn is not None:
+        step_fn = step_fn(method, opts)
+    totals = []
+    for epoch in range(epochs):
+        totals.append(
+            train_epoch(method, opts, loader, epoch, torch.device("cpu"), cfg, None, step_fn)
+        )
+        for s in schedules:
+            s.step()
+    return totals, step_fn
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "prefetch"),
+    [
+        ("kd", {}, False),
+        ("tucker", {"rank": 4}, False),
+        ("tucker", {"rank": 4}, True),
+        ("tucker", {"rank": 4, "decomposition": "sample"}, True),
+        ("tucker_recomp", {"rank": 4, "target": "both"}, True),
+    ],
+)
+def test_replayed_graphs_train_exactly_as_eager_steps(events, monkeypatch, name, params, prefetch):
+    """Whole and split graphs, with and without prefetched targets, replayed on the CPU by
+    stand-ins that compute: the same weights, bit for bit, and the same epoch totals."""
+    cfg = TrainConfig(fused=True, epochs=2, lr=0.05)
+
+    def build():
+        torch.manual_seed(0)
+        student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
+        return methods.get(name)(student, teacher, params)
+
+    eager_method = build()
+    eager, _ = _run(eager_method, cfg, 2)
+
+    method = build()
+    trained = [*method.student.parameters(), *method.student.buffers()]
+
+    def state():  # what a step changes: the student's weights and statistics, the momenta
+        momenta = [o.state[p]["momentum_buffer"] for o in opts.values() for p in o.state]
+        return trained + momenta
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, state))
+    monkeypatch.setattr(graphs.GraphedStep, "_record", staticmethod(lambda g, fn: g.record(fn)))
+    targets = []
+    teacher_targets = method.teacher_targets if prefetch else None
+    if prefetch:  # which batches the targets are computed for, in order
+        method.teacher_targets = lambda outs: (
+            targets.append(outs[-1].sum().item()) or (teacher_targets(outs))
+        )
+
+    def graphed(m, o):
+        nonlocal opts
+        opts = o
+        run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
+        return graphs.GraphedStep(m, o, run, contextlib.nullcontext, prefetch)
+
+    opts = {}
+    totals, step = _run(method, cfg, 2, graphed)
+    split = "split, prefetch" if prefetch else "split"
+    assert step.status == (split if name.startswith("tucker") else "whole")
+    assert events.count("replay") > 10
+    want, got = eager_method.student.state_dict(), method.student.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert totals == eager
+    if prefetch:
+        # epoch 0: 3 eager warm-up steps, then batches 4–8 prefetched; epoch 1: batches 1–8
+        assert events.count("wait-event") == 5 + 8
+        # epoch 1, the targets computed, in order: at the capture and the first step (batch
+        # 0, no prefetch), ahead for batches 1–8, and in the eager step of the last batch
+        ids = [method.teacher_outputs(x)[-1].sum().item() for x, _ in _loader().epoch(1)]
+        assert targets[-11:] == [ids[0], *ids]
+
+
+def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypatch, caplog):
+    cfg = TrainConfig(fused=True, epochs=1)
+    torch.manual_seed(0)
+    student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
+    method = methods.get("tucker")(student, teacher, {"rank": 4})
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, list))
+    monkeypatch.setattr(graphs.GraphedStep, "_record", staticmethod(lambda g, fn: g.record(fn)))
+
+    def wait_event(self, event):
+        raise RuntimeError("CUDA error: an illegal stream wait")
+
+    def graphed(m, o):
+        run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
+        step = graphs.GraphedStep(m, o, run, contextlib.nullcontext, prefetch=True)
+        return step
+
+    monkeypatch.setattr(torch.cuda.Stream, "wait_event", wait_event)
+    totals, step = _run(method, cfg, 1, graphed)
+    assert step.status == "split" and step.targets_for is None
+    assert "prefetching targets off: CUDA error: an illegal stream wait" in caplog.text
+    assert len(totals) == 1 and not totals[0].bad_steps

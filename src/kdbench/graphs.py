@@ -19,6 +19,13 @@ and then replays it for every batch of the same shape: one launch instead of a t
 * A batch smaller than the captured one (the last batch of an epoch) runs eagerly.
 * An unfused optimizer, or a capture that fails for any reason, falls back to eager steps,
   with one warning.
+* ``prefetch`` (``train.prefetch_targets``; ``split`` only): a step that is told the next
+  batch (``upcoming``) replays the teacher's graph on it *before* its own student graph, then
+  computes the next batch's targets on a side stream while the GPU runs the student's step,
+  and copies them into the student graph's inputs behind it. The targets' synchronisation
+  (``eigh``) then waits for the teacher's forward pass only, and the decomposition overlaps
+  the student's step instead of standing between the two graphs. Every batch gets the
+  targets of its own teacher outputs, as before.
 """
 
 from __future__ import annotations
@@ -54,23 +61,30 @@ class GraphedStep:
         optimizers: dict[str, torch.optim.Optimizer],
         optimise: Callable[[Callable[[], Any]], StepResult],
         autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+        prefetch: bool = False,
     ) -> None:
         self.method = method
         self.optimizers = optimizers
         self.optimise = optimise
         self.autocast = autocast
         self.mode = method.graph_mode()
+        self.prefetch = prefetch and self.mode == "split"
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.key: tuple[Any, ...] | None = None
         self.warm = 0
+        #: the batch whose targets are already in the student graph's inputs
+        self.targets_for: Tensor | None = None
         self.disabled = self._why_not()
         if self.disabled:
             log.warning("CUDA graphs off: %s; training eagerly", self.disabled)
 
     @property
     def status(self) -> str:
-        """``whole`` or ``split`` (how steps are captured), or ``eager: <why>``."""
-        return f"eager: {self.disabled}" if self.disabled else self.mode
+        """``whole``, ``split`` or ``split, prefetch`` (how steps are captured), or
+        ``eager: <why>``."""
+        if self.disabled:
+            return f"eager: {self.disabled}"
+        return f"{self.mode}, prefetch" if self.prefetch else self.mode
 
     def _why_not(self) -> str | None:
         unfused = [
@@ -92,7 +106,8 @@ class GraphedStep:
     def _lrs(self) -> tuple[float, ...]:
         return tuple(g["lr"] for o in self.optimizers.values() for g in o.param_groups)
 
-    def __call__(self, xb: Tensor, yb: Tensor) -> StepResult:
+    def __call__(self, xb: Tensor, yb: Tensor, upcoming: Tensor | None = None) -> StepResult:
+        """One step on ``(xb, yb)``; ``upcoming`` is the next batch's input, if known."""
         if self.disabled:
             return self.eager(xb, yb)
         if self.warm < WARMUP_STEPS:
@@ -110,13 +125,51 @@ class GraphedStep:
             self._capture(xb, yb, key)
             if self.disabled:
                 return self.eager(xb, yb)
+        if self.mode == "split" and self.targets_for is not xb:
+            self.static_tx.copy_(xb)
+            self.graphs[0].replay()  # the teacher's forward pass
+            self._set_targets(self._targets())
+        self.targets_for = None
         self.static_x.copy_(xb)
         self.static_y.copy_(yb)
-        if self.mode == "split":
-            self.graphs[0].replay()  # the teacher's forward pass
-            self._set_targets()
+        ahead = (
+            self.prefetch
+            and upcoming is not None
+            and (tuple(upcoming.shape), upcoming.stride()) == self.key[:2]
+        )
+        if ahead:  # the next batch's teacher pass first: its targets overlap this step
+            self.static_tx.copy_(upcoming)
+            self.graphs[0].replay()
+            done = torch.cuda.Event()
+            done.record()
         self.graphs[-1].replay()
+        if ahead:
+            self._prefetch(done, upcoming)
         return self.static_out
+
+    def _prefetch(self, teacher_done: Any, upcoming: Tensor) -> None:
+        """The targets of ``upcoming`` (whose teacher pass ``teacher_done`` follows) on the
+        side stream, copied into the student graph's inputs behind the step just replayed.
+        A failure turns prefetching off, with one warning; the next step computes its own."""
+        try:
+            main = torch.cuda.current_stream()
+            self.side.wait_event(teacher_done)
+            with torch.cuda.stream(self.side):
+                targets = self._targets()
+            # copied behind this step, which reads the current targets. The side stream's
+            # memory is only reused by its own later work, which waits for a later teacher
+            # pass, so for these copies too
+            main.wait_stream(self.side)
+            self._set_targets(targets)
+        except Exception as exc:
+            self.prefetch = False
+            log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
+            return
+        self.targets_for = upcoming
+
+    def _teacher_pass(self) -> list[Tensor]:
+        with self.autocast():
+            return self.method.teacher_outputs(self.static_tx)
 
     def _targets(self) -> Any:
         """The method's teacher targets from the teacher graph's outputs, eagerly, under the
@@ -124,17 +177,24 @@ class GraphedStep:
         with self.autocast():
             return self.method.teacher_targets(self.static_teacher)
 
-    def _set_targets(self) -> None:
-        """The method's teacher targets, eagerly, copied into the student graph's inputs."""
-        flat, _ = tree_flatten(self._targets())
+    def _set_targets(self, targets: Any) -> None:
+        """Copy ``targets`` into the student graph's inputs, on the current stream."""
+        flat, _ = tree_flatten(targets)
         for static, value in zip(self.static_targets, flat, strict=True):
             if isinstance(static, Tensor):
                 static.copy_(value)
             elif static != value:
                 raise RuntimeError(f"a constant teacher target changed ({static} → {value})")
 
+    @staticmethod
+    def _record(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any]) -> Any:
+        """Capture ``fn()`` into ``graph``; its result's tensors are the graph's outputs."""
+        with torch.cuda.graph(graph):
+            return fn()
+
     def _capture(self, xb: Tensor, yb: Tensor, key: tuple[Any, ...]) -> None:
         self.graphs = []  # frees the previous captures' memory
+        self.targets_for = None
         self.static_x = xb.clone(memory_format=torch.preserve_format)
         self.static_y = yb.clone()
         for opt in self.optimizers.values():
@@ -143,9 +203,12 @@ class GraphedStep:
         graphs = []
         try:
             if self.mode == "split":
+                # the teacher's graph has an input of its own: with prefetch it runs a batch
+                # ahead of the student's
+                self.static_tx = xb.clone(memory_format=torch.preserve_format)
+                self.side = torch.cuda.Stream()
                 teacher = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(teacher), self.autocast():
-                    self.static_teacher = self.method.teacher_outputs(x)
+                self.static_teacher = self._record(teacher, self._teacher_pass)
                 teacher.replay()
                 graphs.append(teacher)
                 flat, spec = tree_flatten(self._targets())
@@ -158,8 +221,7 @@ class GraphedStep:
             else:
                 forward = functools.partial(self.method.forward_train, x, y)
             step = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(step):
-                self.static_out = self.optimise(forward)
+            self.static_out = self._record(step, functools.partial(self.optimise, forward))
             graphs.append(step)
         except Exception as exc:  # a step that cannot be captured trains eagerly
             self.disabled = f"capture failed ({one_line(exc)})"

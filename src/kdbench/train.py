@@ -58,6 +58,7 @@ LATER_SETTINGS = (
     "cudnn_benchmark",
     "fold_teacher",
     "eigh_on_host",
+    "prefetch_targets",
 )
 
 
@@ -112,6 +113,10 @@ class TrainConfig:
     #: solve the Tucker methods' small symmetric eigendecompositions of CUDA tensors on the
     #: host (:func:`kdbench.tucker.set_eigh_on_host`); CPU runs are not affected
     eigh_on_host: bool = False
+    #: with ``cuda_graphs``, the Tucker methods (split graphs) compute the next batch's teacher
+    #: targets (its decomposition) while the GPU runs this batch's student step
+    #: (:mod:`kdbench.graphs`, ``prefetch``); same targets, same order
+    prefetch_targets: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -415,7 +420,8 @@ def train_step(
     return (logits, parts) if bool(ok) else None
 
 
-Step = Callable[[Tensor, Tensor], StepResult]
+#: ``(xb, yb, upcoming=None) -> StepResult``; ``upcoming`` is the next batch's input, if any
+Step = Callable[..., StepResult]
 
 
 def _host_check(optimizers: dict[str, torch.optim.Optimizer], cfg: TrainConfig) -> bool:
@@ -441,9 +447,11 @@ def make_step(
     if cfg.cuda_graphs and device.type == "cuda" and not own_graphs:
         from kdbench.graphs import GraphedStep
 
-        return GraphedStep(method, optimizers, run, lambda: autocast(device, cfg))
+        return GraphedStep(
+            method, optimizers, run, lambda: autocast(device, cfg), cfg.prefetch_targets
+        )
 
-    def step(xb: Tensor, yb: Tensor) -> StepResult:
+    def step(xb: Tensor, yb: Tensor, upcoming: Tensor | None = None) -> StepResult:
         return run(functools.partial(method.forward_train, xb, yb))
 
     return step
@@ -484,9 +492,14 @@ def train_epoch(
     sums: dict[str, Tensor] = {}
     correct = torch.zeros((), device=device, dtype=torch.int64)
     bad = torch.zeros(max(len(loader), 1), device=device, dtype=torch.bool)
-    for step, (xb, yb) in enumerate(loader.epoch(epoch)):
+    batches = loader.epoch(epoch)
+    following = next(batches, None)
+    step = -1
+    while following is not None:  # one batch ahead: the step may prepare the next one
+        (xb, yb), following = following, next(batches, None)
+        step += 1
         faults.point(f"step{step}")
-        logits, parts, ok = step_fn(xb, yb)
+        logits, parts, ok = step_fn(xb, yb, None if following is None else following[0])
         if host_check and not bool(ok) and on_bad_step is not None:
             on_bad_step(step)
         with torch.no_grad():

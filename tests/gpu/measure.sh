@@ -9,7 +9,7 @@
 # KEY=VALUE` settings to every epochs/concurrent step (default: cuda_graphs=true); each row
 # records how its steps ran ("steps": whole/split graphs, or eager and why). epochs56 and
 # epochs20 time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can
-# estimate its GPU-hours from them. The limits add up to 21 minutes: for one call of at most
+# estimate its GPU-hours from them. The limits add up to about 21 minutes: for one call of at most
 # 10, name the steps (first epochs56 epochs20 concurrent grid ablation, then the rest).
 set -u
 OUT=${OUT:-gpu-results}
@@ -43,13 +43,15 @@ for s in ${*:-epochs56 epochs20 concurrent grid ablation tucker methods spread c
     # first rungs are the slow eager ones)
     ablation) step ablation 120 $B epochs --methods kd --ablation --no-reference \
         --train-size 20000 --epochs 1 --warmup 1 "${sets[@]}" --json "$OUT/ablation.json" ;;
-    # the Tucker methods against featuremap, their eigendecompositions on the GPU, then on
-    # the host (train.eigh_on_host)
-    tucker) for host in false true; do
-            step "tucker-eigh-host-$host" 120 $B epochs --no-reference --epochs 1 \
+    # the Tucker methods against featuremap: their eigendecompositions on the GPU, then with
+    # the next batch's decomposition overlapping each step (train.prefetch_targets), then
+    # that on the host (train.eigh_on_host)
+    tucker) for both in false:false false:true true:true; do
+            host=${both%:*} ahead=${both#*:}
+            step "tucker-host-$host-prefetch-$ahead" 100 $B epochs --no-reference --epochs 1 \
                 --methods featuremap "tucker full-teacher-r32" "tucker sample-teacher-r32" \
                 "tucker_recomp teacher-r32" "${sets[@]}" --set eigh_on_host=$host \
-                --json "$OUT/tucker-eigh-host-$host.json"
+                --set prefetch_targets=$ahead --json "$OUT/tucker-host-$host-prefetch-$ahead.json"
         done ;;
     # one eager step of every method (resnet110 → resnet56, interleaved), and the Tucker
     # decomposition of a stage-3 batch alone (kdbench and tensorly): where a Tucker step's
