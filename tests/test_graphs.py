@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from kdbench import graphs, io, methods, models
+from kdbench import faults, graphs, io, methods, models
 from kdbench.data import Loader, Split
 from kdbench.methods.ft import Paraphraser
 from kdbench.train import TrainConfig, make_schedule, make_sgd, optimise, train_epoch
@@ -394,3 +394,24 @@ def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypat
     assert step.status == "split" and step.targets_for is None
     assert "prefetching targets off: CUDA error: an illegal stream wait" in caplog.text
     assert len(totals) == 1 and not totals[0].bad_steps
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_an_epoch_reads_from_the_device_only_after_its_last_step(monkeypatch, every_step):
+    """The epoch loop around the steps (the loader, the running totals) never waits for the
+    device either: its results are read once, after the last step; unless
+    ``check_every_step`` asks for one read per step."""
+    torch.manual_seed(0)
+    student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
+    method = methods.get("kd")(student, teacher, {})
+    cfg = TrainConfig(fused=True, check_every_step=every_step)
+    opts = {"student": make_sgd(student, cfg)}
+    loader, before_step = _loader(), []  # syncs seen before each step
+    with HostSyncs() as seen:
+        monkeypatch.setattr(faults, "point", lambda name: before_step.append(len(seen.syncs)))
+        totals = train_epoch(method, opts, loader, 0, torch.device("cpu"), cfg)
+    assert len(before_step) == 10 and totals.correct >= 0
+    if every_step:
+        assert before_step == list(range(10))
+    else:
+        assert before_step == [0] * 10 and seen.syncs  # all after the last step

@@ -70,9 +70,11 @@ for s in ${*:-epochs56 epochs20 concurrent grid ablation tucker methods spread c
         [ -s "$OUT/concurrent.json" ] && conc=(--concurrency "$OUT/concurrent.json")
         step grid 60 $B grid "$OUT/epochs56.json" "$OUT/epochs20.json" --config config/config.yaml \
             "${conc[@]}" --json "$OUT/grid.json" ;;
-    # torch.compile of student and teacher (first epoch compiles; cache in TORCHINDUCTOR_CACHE_DIR)
+    # torch.compile of student and teacher (first epoch compiles; cache in
+    # TORCHINDUCTOR_CACHE_DIR), with SET's switches: by default the compiled step captured as
+    # CUDA graphs, fused kernels and one launch per step
     compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
-        --epochs 1 --set compile=default --json "$OUT/compile.json" ;;
+        --epochs 1 "${sets[@]}" --set compile=default --json "$OUT/compile.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
