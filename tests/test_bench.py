@@ -130,9 +130,12 @@ def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
     assert all(r["images_per_second"] > 0 for r in rows)
     out = tmp_path / "spread.json"
     argv = ["spread", "--device", "cpu", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "2"]
+    argv += ["--set", "check_every_step=true"]  # for the fast runs
     assert bench.main([*argv, "--json", str(out)]) == 0
     spread = json.loads(out.read_text())["spread"]
     assert set(spread) == {"fast", "plain", "deterministic"}
+    assert spread["fast"]["train_config"]["check_every_step"] is True
+    assert spread["fast"]["train_config"]["fused"] == "auto"
     for row in spread.values():  # on CPU every setting repeats bit for bit
         assert row["repeat_weights_identical"] and row["repeat_max_abs_diff"]["test_acc"] == 0
         assert len(row["test_acc_last_per_seed"]) == 2

@@ -700,7 +700,9 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
 
         run("teacher", "vanilla", "resnet20", 0, args.teacher_epochs, {})
         teacher = root / "teacher" / "final.pt"
-        for setting, change in SPREAD_SETTINGS.items():
+        settings = dict(SPREAD_SETTINGS)
+        settings["fast"] = {**settings["fast"], **_parse_sets(args.set)}
+        for setting, change in settings.items():
             t0 = time.perf_counter()
             docs = [
                 run(f"{setting}-s{s}", "kd", "resnet8", s, args.epochs, change, teacher)
@@ -824,6 +826,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=30, help="student epochs (default 30)")
     sp.add_argument("--teacher-epochs", type=int, default=30)
     sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a train setting of the fast runs, e.g. cuda_graphs=true (repeatable)",
+    )
     sp.add_argument("--json", type=Path, default=None)
     g = sub.add_parser("grid", help="GPU-hours of a config's grid from `epochs` JSON files")
     g.add_argument("files", nargs="+", type=Path, help="`epochs --teachers --json` outputs")

@@ -6,11 +6,12 @@
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
-# KEY=VALUE` settings to every epochs/concurrent step (default: cuda_graphs=true); each row
-# records how its steps ran ("steps": whole/split graphs, or eager and why). epochs56 and
-# epochs20 time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can
-# estimate its GPU-hours from them. The limits add up to about 21 minutes: for one call of at most
-# 10, name the steps (first epochs56 epochs20 concurrent grid ablation, then the rest).
+# KEY=VALUE` settings to the epochs, ablation, tucker, concurrent and compile steps and to the
+# default runs of spread (default: cuda_graphs=true); each epochs row records how its steps
+# ran ("steps": whole/split graphs, or eager and why). epochs56 and epochs20 time every method
+# of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from
+# them. The limits add up to about 21 minutes: for one call of at most 10, name the steps
+# (first epochs56 epochs20 concurrent grid ablation, then the rest).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -57,8 +58,10 @@ for s in ${*:-epochs56 epochs20 concurrent grid ablation tucker methods spread c
     # decomposition of a stage-3 batch alone (kdbench and tensorly): where a Tucker step's
     # extra time over featuremap goes
     methods) step methods 90 $B methods --steps 10 --json "$OUT/methods.json" ;;
-    # run-to-run and seed spread (default, plain, deterministic), digits, KD resnet20 → resnet8
-    spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 --json "$OUT/spread.json" ;;
+    # run-to-run and seed spread (default with SET's switches, plain, deterministic), digits,
+    # KD resnet20 → resnet8
+    spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 "${sets[@]}" \
+        --json "$OUT/spread.json" ;;
     # 1, 2, 4, 8 concurrent KD runs on the GPU
     concurrent) step concurrent 120 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
         --json "$OUT/concurrent.json" ;;
