@@ -15,7 +15,14 @@ from torch.utils._pytree import tree_flatten
 from kdbench import faults, graphs, io, methods, models
 from kdbench.data import Loader, Split
 from kdbench.methods.ft import Paraphraser
-from kdbench.train import TrainConfig, make_schedule, make_sgd, optimise, train_epoch
+from kdbench.train import (
+    TrainConfig,
+    evaluate,
+    make_schedule,
+    make_sgd,
+    optimise,
+    train_epoch,
+)
 
 
 class FakeGraph:
@@ -415,3 +422,37 @@ def test_an_epoch_reads_from_the_device_only_after_its_last_step(monkeypatch, ev
         assert before_step == list(range(10))
     else:
         assert before_step == [0] * 10 and seen.syncs  # all after the last step
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_graphed_evaluation_gives_the_eager_results_as_the_weights_change(
+    events, monkeypatch, caplog, fail
+):
+    def record(graph, fn):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return graph.record(fn)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, list))
+    monkeypatch.setattr(graphs.GraphedStep, "_record", staticmethod(record))
+    torch.manual_seed(0)
+    model = models.build("resnet8", 10, 3)
+    g = torch.Generator().manual_seed(1)
+    split = Split(torch.rand(44, 3, 16, 16, generator=g), torch.randint(0, 10, (44,), generator=g))
+    loader = Loader(split, 16, "cpu", (0.5,) * 3, (0.25,) * 3)  # batches of 16, 16 and 12
+    cfg, cpu = TrainConfig(), torch.device("cpu")
+    graphed = graphs.GraphedEval(contextlib.nullcontext)
+    for _ in range(3):
+        assert evaluate(model, loader, cpu, cfg, graphed) == evaluate(model, loader, cpu, cfg)
+        with torch.no_grad():  # the weights and statistics change between evaluations
+            for t in [*model.parameters(), *model.buffers()]:
+                if t.is_floating_point():
+                    t.mul_(0.9)
+    if fail:
+        assert graphed.status.startswith("eager: capture failed (operation not permitted")
+        assert "CUDA graphs off for evaluation: capture failed" in caplog.text
+        assert events == ["side"]  # the warm-up, then the failed capture: eager from then on
+    else:
+        # each shape: warmed up on a side stream, captured when it comes again, then replayed
+        assert graphed.status == "graphs"
+        assert events == ["side", "replay", "side"] + ["replay"] * 6

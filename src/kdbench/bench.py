@@ -48,6 +48,7 @@ from kdbench.methods.ft import Paraphraser
 from kdbench.train import (
     TrainConfig,
     evaluate,
+    make_eval_batch,
     make_loaders,
     make_sgd,
     make_step,
@@ -278,6 +279,7 @@ def time_epochs(
     prepare(method, cfg, device)
     optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
     step_fn = make_step(method, optimizers, device, cfg)
+    eval_fn = make_eval_batch(device, cfg)
     train_times: list[float] = []
     eval_times: list[float] = []
     for epoch in range(warmup + epochs):
@@ -293,7 +295,7 @@ def time_epochs(
         _sync(device)
         t1 = time.perf_counter()
         for loader in evals:
-            evaluate(method.student, loader, device, cfg)
+            evaluate(method.student, loader, device, cfg, eval_fn)
         t2 = time.perf_counter()
         if epoch >= warmup:
             train_times.append(t1 - t0)
@@ -313,6 +315,7 @@ def time_epochs(
         ),
         # how the steps ran: "eager", or the CUDA graphs' status (kdbench.graphs.GraphedStep)
         "steps": getattr(step_fn, "status", "eager"),
+        "evaluation": getattr(eval_fn, "status", "eager"),
     }
 
 
@@ -467,7 +470,7 @@ def _print_row(r: dict[str, Any]) -> None:
             f"speed-up {r['speedup_vs_reference']:.1f}×"
         )
     if r["train_config"]["cuda_graphs"]:
-        line += f"; CUDA graphs {r['steps']}"
+        line += f"; CUDA graphs: steps {r['steps']}, evaluation {r['evaluation']}"
     print(line, flush=True)
 
 

@@ -37,12 +37,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from kdbench.errors import one_line
 from kdbench.methods.base import Method
-from kdbench.train import StepResult
+from kdbench.train import StepResult, eval_batch
 
 log = logging.getLogger("kdbench")
 
@@ -231,3 +231,60 @@ class GraphedStep:
                 opt.zero_grad(set_to_none=True)
             return
         self.graphs, self.key = graphs, key
+
+
+class GraphedEval:
+    """:func:`kdbench.train.eval_batch` replayed from CUDA graphs, one per model and batch shape.
+
+    The graph reads the model's weights and batch-norm statistics where they are, so one
+    capture serves every later evaluation of the run, however the weights changed. The first
+    batch of each shape runs eagerly on a side stream (the warm-up), the second is captured;
+    batches of another shape (the smaller last one) run eagerly until they come round again.
+    A capture that fails falls back to eager evaluation, with one warning. Call it under
+    inference mode and the run's autocast, as :func:`kdbench.train.evaluate` does.
+    """
+
+    def __init__(self, autocast: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+        self.autocast = autocast
+        #: (model id, shapes, strides) → (graph, static input, static labels, static outputs),
+        #: or None after the warm-up
+        self.graphs: dict[tuple[Any, ...], Any] = {}
+        self.disabled: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``graphs``, or ``eager: <why>``."""
+        return f"eager: {self.disabled}" if self.disabled else "graphs"
+
+    def __call__(self, model: nn.Module, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        if self.disabled:
+            return eval_batch(model, xb, yb)
+        key = (id(model), tuple(xb.shape), xb.stride(), tuple(yb.shape))
+        if key not in self.graphs:  # warm-up
+            self.graphs[key] = None
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = eval_batch(model, xb, yb)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graphs[key] is None:
+            static_x = xb.clone(memory_format=torch.preserve_format)
+            static_y = yb.clone()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                out = GraphedStep._record(
+                    graph, functools.partial(eval_batch, model, static_x, static_y)
+                )
+            except Exception as exc:
+                self.disabled = f"capture failed ({one_line(exc)})"
+                log.warning("CUDA graphs off for evaluation: %s", self.disabled)
+                torch.cuda.synchronize()
+                self.graphs.clear()
+                return eval_batch(model, xb, yb)
+            self.graphs[key] = (graph, static_x, static_y, out)
+        graph, static_x, static_y, out = self.graphs[key]
+        static_x.copy_(xb)
+        static_y.copy_(yb)
+        graph.replay()
+        return out

@@ -428,6 +428,13 @@ def _host_check(optimizers: dict[str, torch.optim.Optimizer], cfg: TrainConfig) 
     return cfg.check_every_step or (cfg.skip_nonfinite > 0 and not _fused(optimizers))
 
 
+def graphed(device: torch.device, cfg: TrainConfig) -> bool:
+    """Whether a run replays its steps and evaluations from kdbench's CUDA graphs: with
+    ``cfg.cuda_graphs`` on CUDA, unless a ``torch.compile`` mode brings graphs of its own."""
+    own_graphs = cfg.compile in ("reduce-overhead", "max-autotune")
+    return cfg.cuda_graphs and device.type == "cuda" and not own_graphs
+
+
 def make_step(
     method: Method,
     optimizers: dict[str, torch.optim.Optimizer],
@@ -442,9 +449,7 @@ def make_step(
     def run(forward: Callable[[], tuple[Tensor, dict[str, Tensor]]]) -> StepResult:
         return optimise(forward, optimizers, device, cfg, host_check=host_check)
 
-    # compile modes that bring CUDA graphs of their own capture the step's pieces already
-    own_graphs = cfg.compile in ("reduce-overhead", "max-autotune")
-    if cfg.cuda_graphs and device.type == "cuda" and not own_graphs:
+    if graphed(device, cfg):
         from kdbench.graphs import GraphedStep
 
         return GraphedStep(
@@ -517,20 +522,49 @@ def train_epoch(
     return EpochTotals({k: float(v) for k, v in sums.items()}, int(correct), bad_steps)
 
 
+def eval_batch(model: nn.Module, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy and correct predictions of ``model`` (in eval mode, under inference
+    mode and the run's autocast) on one batch, on the device."""
+    logits = model(xb)[-1].float()
+    return F.cross_entropy(logits, yb, reduction="sum"), (logits.argmax(1) == yb).sum()
+
+
+#: ``(model, xb, yb) -> (summed loss, correct)`` on the device: :func:`eval_batch`, or replayed
+#: from a CUDA graph (:class:`kdbench.graphs.GraphedEval`)
+EvalBatch = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 def evaluate(
-    model: nn.Module, loader: Loader, device: torch.device, cfg: TrainConfig
+    model: nn.Module,
+    loader: Loader,
+    device: torch.device,
+    cfg: TrainConfig,
+    batch_fn: EvalBatch | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) of ``model`` over ``loader`` (one host sync)."""
+    """Mean cross-entropy and accuracy (%) of ``model`` over ``loader`` (one host sync).
+    ``batch_fn`` is the run's :func:`make_eval_batch` (default: eager :func:`eval_batch`)."""
+    batch_fn = batch_fn or eval_batch
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     with torch.inference_mode(), autocast(device, cfg):
         for xb, yb in loader.epoch():
-            logits = model(xb)[-1].float()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
+            loss, right = batch_fn(model, xb, yb)
+            loss_sum += loss
+            correct += right
     n = len(loader.y)
     return float(loss_sum) / n, 100.0 * float(correct) / n
+
+
+def make_eval_batch(device: torch.device, cfg: TrainConfig) -> EvalBatch:
+    """A run's evaluation of one batch: eager, or with ``cfg.cuda_graphs`` on CUDA replayed
+    from CUDA graphs (one per model and batch shape, kept for the whole run). Make it once per
+    run."""
+    if graphed(device, cfg):
+        from kdbench.graphs import GraphedEval
+
+        return GraphedEval(lambda: autocast(device, cfg))
+    return eval_batch
 
 
 def rng_state(device: torch.device) -> dict[str, Tensor]:
@@ -632,6 +666,7 @@ def fit(
     schedules = {name: make_schedule(opt, cfg) for name, opt in optimizers.items()}
     train_loader, val_loader, test_loader = make_loaders(data, cfg, device, seed)
     step_fn = make_step(method, optimizers, device, cfg)
+    eval_fn = make_eval_batch(device, cfg)
 
     epochs: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "weights": None}
@@ -704,8 +739,8 @@ def fit(
         n_train = train_loader.num_samples
         parts_mean = {k: v / n_train for k, v in totals.parts.items()}
         train_acc = 100.0 * totals.correct / n_train
-        val_loss, val_acc = evaluate(student, val_loader, device, cfg)
-        test_loss, test_acc = evaluate(student, test_loader, device, cfg)
+        val_loss, val_acc = evaluate(student, val_loader, device, cfg, eval_fn)
+        test_loss, test_acc = evaluate(student, test_loader, device, cfg, eval_fn)
         stats = {k: float(v) for k, v in method.pop_stats().items()}
         seconds = time.perf_counter() - t0
         entry = {
