@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from kdbench import faults, graphs, io, methods, models
+from kdbench import bench, faults, graphs, io, methods, models
 from kdbench.data import Loader, Split
 from kdbench.methods.ft import Paraphraser
 from kdbench.train import (
@@ -201,15 +201,11 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+#: every method and variant ``bench methods`` times, but Tucker's own basis (never captured)
 CAPTURED = [
-    ("vanilla", {}),
-    ("kd", {}),
-    ("featuremap", {}),
-    ("ft", {}),
-    ("tucker", {"rank": 4}),
-    ("tucker", {"rank": 4, "decomposition": "sample"}),
-    ("tucker_recomp", {"rank": 4, "target": "teacher"}),
-    ("tucker_recomp", {"rank": 4, "target": "both"}),
+    (name, {**params, "rank": 4} if "rank" in params else params)
+    for name, params in bench.CASES
+    if params.get("basis") != "own"
 ]
 
 
