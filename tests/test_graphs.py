@@ -437,7 +437,7 @@ def test_graphed_evaluation_gives_the_eager_results_as_the_weights_change(
     split = Split(torch.rand(44, 3, 16, 16, generator=g), torch.randint(0, 10, (44,), generator=g))
     loader = Loader(split, 16, "cpu", (0.5,) * 3, (0.25,) * 3)  # batches of 16, 16 and 12
     cfg, cpu = TrainConfig(), torch.device("cpu")
-    graphed = graphs.GraphedEval(contextlib.nullcontext)
+    graphed = graphs.GraphedEval()
     for _ in range(3):
         assert evaluate(model, loader, cpu, cfg, graphed) == evaluate(model, loader, cpu, cfg)
         with torch.no_grad():  # the weights and statistics change between evaluations

@@ -244,8 +244,7 @@ class GraphedEval:
     inference mode and the run's autocast, as :func:`kdbench.train.evaluate` does.
     """
 
-    def __init__(self, autocast: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
-        self.autocast = autocast
+    def __init__(self) -> None:
         #: (model id, shapes, strides) → (graph, static input, static labels, static outputs),
         #: or None after the warm-up
         self.graphs: dict[tuple[Any, ...], Any] = {}

@@ -563,7 +563,7 @@ def make_eval_batch(device: torch.device, cfg: TrainConfig) -> EvalBatch:
     if graphed(device, cfg):
         from kdbench.graphs import GraphedEval
 
-        return GraphedEval(lambda: autocast(device, cfg))
+        return GraphedEval()
     return eval_batch
 
 

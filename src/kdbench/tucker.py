@@ -36,6 +36,7 @@ bit, and torch's own batched CPU ``eigh`` runs them one after the other.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -134,7 +135,8 @@ MIN_PER_THREAD = 8
 
 
 @functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """The threads of process ``pid`` (a forked child does not inherit its parent's)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="kdbench-eigh")
 
 
@@ -154,7 +156,9 @@ def _host_top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
     threads = min(torch.get_num_threads(), batch // MIN_PER_THREAD)
     if threads < 2:
         return _top(torch.linalg.eigh(gram)[1], rank)
-    parts = _pool(threads).map(lambda g: _top(torch.linalg.eigh(g)[1], rank), gram.chunk(threads))
+    parts = _pool(threads, os.getpid()).map(
+        lambda g: _top(torch.linalg.eigh(g)[1], rank), gram.chunk(threads)
+    )
     return torch.cat(list(parts))
 
 
