@@ -126,8 +126,10 @@ def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
     args = ["concurrent", "--device", "cpu", "--dataset", "digits", "--train-size", "32"]
     args += ["--pair", "resnet8:resnet8", "--runs", "1", "2", "--epochs", "1", "--warmup", "0"]
     assert bench.main([*args, "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["concurrent"]
-    assert [r["runs"] for r in rows] == [1, 2] and rows[0]["throughput_vs_one"] == 1.0
+    doc = json.loads(out.read_text())
+    rows = doc["concurrent"]
+    assert doc["complete"] and [r["runs"] for r in rows] == [1, 2]
+    assert rows[0]["throughput_vs_one"] == 1.0
     assert all(r["images_per_second"] > 0 for r in rows)
     out = tmp_path / "spread.json"
     argv = ["spread", "--device", "cpu", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "2"]

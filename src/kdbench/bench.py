@@ -489,8 +489,13 @@ def _barrier(directory: str) -> Any:
     return wait
 
 
-def bench_concurrent(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Total throughput of N simultaneous ``epochs`` runs on one device, for each N."""
+def bench_concurrent(
+    args: argparse.Namespace,
+    device: torch.device,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Total throughput of N simultaneous ``epochs`` runs on one device, for each N;
+    ``progress(partial result)`` is called after each N."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.runs:
@@ -556,7 +561,9 @@ def bench_concurrent(args: argparse.Namespace, device: torch.device) -> dict[str
                 flush=True,
             )
             rows.append(row)
-    return {"concurrent": rows}
+            if progress is not None:
+                progress({"concurrent": rows, "complete": False})
+    return {"concurrent": rows, "complete": True}
 
 
 def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str) -> float:
@@ -894,10 +901,9 @@ def _run(args: argparse.Namespace) -> int:
                 f"on {info['name']} ({info['threads']} threads), torch {torch.__version__}",
                 flush=True,
             )
-        if args.command == "epochs":  # a row at a time: a run cut short keeps its rows
-            result = bench_epochs(args, device, functools.partial(_save, args, info))
-        else:
-            result = bench_concurrent(args, device)
+        # saved a row at a time: a run cut short keeps its rows
+        timed = bench_epochs if args.command == "epochs" else bench_concurrent
+        result = timed(args, device, functools.partial(_save, args, info))
     elif args.command == "spread":
         result = bench_spread(args, device)
     elif args.command == "grid":

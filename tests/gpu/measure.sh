@@ -7,11 +7,12 @@
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
 # KEY=VALUE` settings to the epochs, ablation, tucker, concurrent and compile steps and to the
-# default runs of spread (default: cuda_graphs=true); each epochs row records how its steps
+# default runs of spread (default: cuda_graphs=true prefetch_targets=true); each epochs row records how its steps
 # ran ("steps": whole/split graphs, or eager and why). epochs56 and epochs20 time every method
 # of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from
-# them. The limits add up to about 21 minutes: for one call of at most 10, name the steps
-# (first epochs56 epochs20 concurrent grid ablation, then the rest).
+# them. The limits add up to about 20 minutes: those of the first five steps (epochs56 epochs20
+# concurrent grid ablation) to 530 s, one call of at most 10 minutes; the rest (tucker methods
+# spread compile) to another.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -20,7 +21,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/kdbench-inductor}
 log="$OUT/log.txt"
 sets=()
-for kv in ${SET-cuda_graphs=true}; do sets+=(--set "$kv"); done
+for kv in ${SET-cuda_graphs=true prefetch_targets=true}; do sets+=(--set "$kv"); done
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
@@ -38,11 +39,11 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
 for s in ${*:-epochs56 epochs20 concurrent grid ablation tucker methods spread compile}; do
     case $s in
     # resnet110 → resnet56: the teacher, and the grid's methods against the reference loop
-    epochs56) step epochs56 200 $B epochs --teachers --epochs 1 --warmup 1 \
+    epochs56) step epochs56 180 $B epochs --teachers --epochs 1 --warmup 1 \
         --reference-steps 10 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
     # KD resnet110 → resnet56 with the speed switches on one at a time (20,000 images: the
     # first rungs are the slow eager ones)
-    ablation) step ablation 120 $B epochs --methods kd --ablation --no-reference \
+    ablation) step ablation 110 $B epochs --methods kd --ablation --no-reference \
         --train-size 20000 --epochs 1 --warmup 1 "${sets[@]}" --json "$OUT/ablation.json" ;;
     # the Tucker methods against featuremap: their eigendecompositions on the GPU, then with
     # the next batch's decomposition overlapping each step (train.prefetch_targets), then
@@ -63,15 +64,15 @@ for s in ${*:-epochs56 epochs20 concurrent grid ablation tucker methods spread c
     spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 "${sets[@]}" \
         --json "$OUT/spread.json" ;;
     # 1, 2, 4, 8 concurrent KD runs on the GPU
-    concurrent) step concurrent 120 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
+    concurrent) step concurrent 110 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
         --json "$OUT/concurrent.json" ;;
     # resnet110 → resnet20 (the grid's second pair) and the teacher, no reference
-    epochs20) step epochs20 120 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
+    epochs20) step epochs20 100 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
         --epochs 1 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs20.json" ;;
     # GPU-hours of the full CIFAR-100 grid from the two epochs files (and concurrent, if there)
     grid) conc=()
         [ -s "$OUT/concurrent.json" ] && conc=(--concurrency "$OUT/concurrent.json")
-        step grid 60 $B grid "$OUT/epochs56.json" "$OUT/epochs20.json" --config config/config.yaml \
+        step grid 30 $B grid "$OUT/epochs56.json" "$OUT/epochs20.json" --config config/config.yaml \
             "${conc[@]}" --json "$OUT/grid.json" ;;
     # torch.compile of student and teacher (first epoch compiles; cache in
     # TORCHINDUCTOR_CACHE_DIR), with SET's switches: by default the compiled step captured as
