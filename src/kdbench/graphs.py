@@ -167,9 +167,9 @@ class GraphedStep:
             return
         self.targets_for = upcoming
 
-    def _teacher_pass(self) -> list[Tensor]:
+    def _teacher_pass(self, x: Tensor) -> list[Tensor]:
         with self.autocast():
-            return self.method.teacher_outputs(self.static_tx)
+            return self.method.teacher_outputs(x)
 
     def _targets(self) -> Any:
         """The method's teacher targets from the teacher graph's outputs, eagerly, under the
@@ -208,7 +208,9 @@ class GraphedStep:
                 self.static_tx = xb.clone(memory_format=torch.preserve_format)
                 self.side = torch.cuda.Stream()
                 teacher = torch.cuda.CUDAGraph()
-                self.static_teacher = self._record(teacher, self._teacher_pass)
+                self.static_teacher = self._record(
+                    teacher, functools.partial(self._teacher_pass, self.static_tx)
+                )
                 teacher.replay()
                 graphs.append(teacher)
                 flat, spec = tree_flatten(self._targets())
