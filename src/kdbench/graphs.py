@@ -1,4 +1,4 @@
-"""The training step as CUDA graphs (``train.cuda_graphs``).
+"""The training step and the evaluation as CUDA graphs (``train.cuda_graphs``).
 
 A CIFAR ResNet step launches well over a thousand small kernels, and on a fast GPU the host
 cannot launch them as fast as the GPU runs them. :class:`GraphedStep` captures the step once
@@ -26,6 +26,8 @@ and then replays it for every batch of the same shape: one launch instead of a t
   (``eigh``) then waits for the teacher's forward pass only, and the decomposition overlaps
   the student's step instead of standing between the two graphs. Every batch gets the
   targets of its own teacher outputs, as before.
+
+:class:`GraphedEval` does the same for the evaluation of a batch (see its docstring).
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ WARMUP_STEPS = 3
 
 
 class GraphedStep:
-    """``(xb, yb) -> (logits, loss parts, ok)`` from replayed CUDA graphs; see the module
-    docstring. ``optimise(forward)`` is the eager step around a forward pass, ``autocast()``
-    the step's autocast context."""
+    """``(xb, yb, upcoming=None) -> (logits, loss parts, ok)`` from replayed CUDA graphs; see
+    the module docstring. ``optimise(forward)`` is the eager step around a forward pass,
+    ``autocast()`` the step's autocast context, ``prefetch`` ``train.prefetch_targets``."""
 
     def __init__(
         self,
