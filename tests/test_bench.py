@@ -150,3 +150,20 @@ def test_bench_bad_arguments_are_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "kdbench bench: bench: --pair wants TEACHER:STUDENT, got 'resnet20'"
     assert err[1].startswith("kdbench bench: bench: unknown method(s) kdd")
+
+
+def test_bench_graphs_compares_eager_and_graphed_training(tmp_path, capsys):
+    out = tmp_path / "graphs.json"
+    argv = ["graphs", "--device", "cpu", "--methods", "kd", "--json", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["graphs"]
+    assert doc["ok"] and row["ok"] and row["method"] == "kd"
+    # no CUDA: both runs eager, and on the CPU bit-identical
+    assert row["steps"] == row["evaluation"] == "eager"
+    assert row["max_relative_loss_difference"] == 0 and row["max_weight_difference"] == 0
+    assert len(row["curves"]["eager"]) == len(row["curves"]["graphs"]) == 2
+    assert "kd" in capsys.readouterr().out
+    # a difference beyond the tolerance fails the check, with exit status 1
+    assert bench.main([*argv[:-2], "--tolerance", "-1"]) == 1
+    assert "FAIL" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m kdbench.bench {epochs,concurrent,methods} [options]``.
+"""Benchmarks: ``python -m kdbench.bench {epochs,concurrent,grid,spread,graphs,methods} [options]``.
 
 ``epochs`` times whole training epochs of kdbench's trainer (``kdbench.train.train_epoch``, the
 loop ``fit`` runs; warm-up epochs excluded) for a dataset shape, an architecture pair and a list
@@ -10,6 +10,10 @@ to it. ``--ablation`` switches the speed options on one at a time.
 ``grid`` estimates the GPU-hours of a config's whole grid from the epoch times of ``epochs``
 JSON files. ``spread`` trains real runs (digits) to measure run-to-run and seed spread of the
 fast, plain and deterministic settings.
+
+``graphs`` trains each method twice from the same weights and data, eagerly and from CUDA
+graphs, and compares the curves and weights (exit status 1 if they differ beyond a tolerance, or
+if a graph fell back to eager steps on CUDA).
 
 ``concurrent`` runs N copies of ``epochs`` on one device at once (N = 1, 2, 4, 8 by default) and
 reports their total throughput.
@@ -50,6 +54,7 @@ from kdbench.train import (
     evaluate,
     make_eval_batch,
     make_loaders,
+    make_schedule,
     make_sgd,
     make_step,
     prepare,
@@ -750,6 +755,95 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return {"spread": rows}
 
 
+#: ``graphs``: the methods checked by default (one of each graph mode and target kind)
+GRAPH_CHECKS = ["kd", "featuremap", "tucker full-teacher-r32", "tucker sample-teacher-r32"]
+GRAPH_CHECKS += ["tucker_recomp both-r32"]
+
+
+def _train_briefly(
+    case: tuple[str, dict[str, Any]], cfg: TrainConfig, device: torch.device, paraphraser: Path
+) -> dict[str, Any]:
+    """Two epochs of ``case`` (resnet20 → resnet8, CIFAR-100 shape, 1,000 images in batches of
+    128, so the last one is smaller) from fixed weights and data: the curves, the weights and
+    how the steps and evaluations ran."""
+    splits = [_synthetic(n, (3, 32, 32), 100, seed) for seed, n in enumerate((1000, 300, 300))]
+    data = Dataset("bench", *splits, 100, (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(1)
+    teacher = models.build("resnet20", 100, 3)
+    method = _build(case, teacher, "resnet8", 100, 3, paraphraser)
+    train, val, _ = make_loaders(data, cfg, device, seed=0)
+    prepare(method, cfg, device)
+    optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
+    schedules = [make_schedule(o, cfg) for o in optimizers.values()]
+    step_fn, eval_fn = make_step(method, optimizers, device, cfg), make_eval_batch(device, cfg)
+    curve = []
+    for epoch in range(cfg.epochs):
+        totals = train_epoch(method, optimizers, train, epoch, device, cfg, step_fn=step_fn)
+        for sched in schedules:
+            sched.step()
+        val_loss, val_acc = evaluate(method.student, val, device, cfg, eval_fn)
+        loss = sum(totals.parts.values()) / train.num_samples
+        curve.append({"train_loss": loss, "train_correct": totals.correct, "val_loss": val_loss})
+        curve[-1]["val_acc"] = val_acc
+    return {
+        "curve": curve,
+        "weights": {k: v.detach().float().cpu() for k, v in method.student.state_dict().items()},
+        "steps": getattr(step_fn, "status", "eager"),
+        "evaluation": getattr(eval_fn, "status", "eager"),
+    }
+
+
+def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Train each method twice from the same weights and data, eagerly and from CUDA graphs
+    (``cuda_graphs`` and ``prefetch_targets`` on), and compare: the check that the graphs train
+    as the eager steps do, and that nothing fell back to eager on CUDA."""
+    base = {"epochs": 2, "batch_size": 128, "device": str(device), **_parse_sets(args.set)}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paraphraser = Path(tmp) / "paraphraser.pt"
+        io.save_torch(paraphraser, Paraphraser(64, 0.5).state_dict())
+        for case in _cases(args.methods or GRAPH_CHECKS):
+            runs = {
+                name: _train_briefly(
+                    case,
+                    TrainConfig.from_config({**base, "cuda_graphs": on, "prefetch_targets": on}),
+                    device,
+                    paraphraser,
+                )
+                for name, on in (("eager", False), ("graphs", True))
+            }
+            eager, graphed = runs["eager"], runs["graphs"]
+            diff = max(
+                abs(a[k] - b[k]) / max(abs(a[k]), 1e-12)
+                for a, b in zip(eager["curve"], graphed["curve"], strict=True)
+                for k in ("train_loss", "val_loss")
+            )
+            weights = max(
+                float((eager["weights"][k] - graphed["weights"][k]).abs().max())
+                for k in eager["weights"]
+            )
+            fell_back = device.type == "cuda" and (
+                graphed["steps"].startswith("eager") or graphed["evaluation"].startswith("eager")
+            )
+            row = {
+                "method": _label(*case),
+                "steps": graphed["steps"],
+                "evaluation": graphed["evaluation"],
+                "max_relative_loss_difference": diff,
+                "max_weight_difference": weights,
+                "curves": {k: v["curve"] for k, v in runs.items()},
+                "ok": not fell_back and diff <= args.tolerance,
+            }
+            rows.append(row)
+            print(
+                f"  {row['method']:<28} {'ok  ' if row['ok'] else 'FAIL'} steps {row['steps']}, "
+                f"evaluation {row['evaluation']}; losses differ by at most {diff:.1e} "
+                f"(relative), weights by {weights:.1e}",
+                flush=True,
+            )
+    return {"graphs": rows, "ok": all(r["ok"] for r in rows)}
+
+
 def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
     results = [r for f in args.files for r in json.loads(Path(f).read_text())["epochs"]]
     return {"grid": grid_estimate(args.config, args.dataset, results, args.concurrency)}
@@ -844,6 +938,19 @@ def _parser() -> argparse.ArgumentParser:
         help="a train setting of the fast runs, e.g. cuda_graphs=true (repeatable)",
     )
     sp.add_argument("--json", type=Path, default=None)
+    gr = sub.add_parser(
+        "graphs", help="check that CUDA graphs train as eager steps do (each method, twice)"
+    )
+    gr.add_argument("--device", default="auto")
+    gr.add_argument("--methods", nargs="+", default=None, help="method names or labels")
+    gr.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-2,
+        help="largest relative difference of a loss between the two runs (default 1e-2)",
+    )
+    gr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    gr.add_argument("--json", type=Path, default=None)
     g = sub.add_parser("grid", help="GPU-hours of a config's grid from `epochs` JSON files")
     g.add_argument("files", nargs="+", type=Path, help="`epochs --teachers --json` outputs")
     g.add_argument("--config", type=Path, default=Path("config/config.yaml"))
@@ -908,10 +1015,17 @@ def _run(args: argparse.Namespace) -> int:
         result = bench_spread(args, device)
     elif args.command == "grid":
         result = _grid_from_files(args)
+    elif args.command == "graphs":
+        print(
+            f"kdbench bench graphs: resnet20 → resnet8, eager and CUDA graphs, on {info['name']}, "
+            f"torch {torch.__version__}",
+            flush=True,
+        )
+        result = bench_graphs(args, device)
     else:
         result = _run_methods(args, device, info)
     _save(args, info, result)
-    return 0
+    return 0 if result.get("ok", True) else 1
 
 
 def _save(args: argparse.Namespace, info: dict[str, Any], result: dict[str, Any]) -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
-# STEPs (default: all, in this order): epochs56 epochs20 concurrent grid ablation tucker methods
-# spread compile.
+# STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
+# methods spread compile.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -10,9 +10,9 @@
 # default runs of spread (default: cuda_graphs=true prefetch_targets=true); each epochs row records how its steps
 # ran ("steps": whole/split graphs, or eager and why). epochs56 and epochs20 time every method
 # of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from
-# them. The limits add up to about 20 minutes: those of the first five steps (epochs56 epochs20
-# concurrent grid ablation) to 530 s, one call of at most 10 minutes; the rest (tucker methods
-# spread compile) to another.
+# them. The limits add up to about 20 minutes: those of the first six steps (graphs epochs56
+# epochs20 concurrent grid ablation) to 560 s, one call of at most 10 minutes; the rest (tucker
+# methods spread compile) to another.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -36,15 +36,17 @@ B="$PY -m kdbench.bench"
 # the methods of config/config.yaml's grid (one rank each: the rank does not change the cost)
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
-for s in ${*:-epochs56 epochs20 concurrent grid ablation tucker methods spread compile}; do
+for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile}; do
     case $s in
+    # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back
+    graphs) step graphs 50 $B graphs --json "$OUT/graphs.json" ;;
     # resnet110 → resnet56: the teacher, and the grid's methods against the reference loop
     epochs56) step epochs56 180 $B epochs --teachers --epochs 1 --warmup 1 \
         --reference-steps 10 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
-    # KD resnet110 → resnet56 with the speed switches on one at a time (20,000 images: the
+    # KD resnet110 → resnet56 with the speed switches on one at a time (15,000 images: the
     # first rungs are the slow eager ones)
-    ablation) step ablation 110 $B epochs --methods kd --ablation --no-reference \
-        --train-size 20000 --epochs 1 --warmup 1 "${sets[@]}" --json "$OUT/ablation.json" ;;
+    ablation) step ablation 90 $B epochs --methods kd --ablation --no-reference \
+        --train-size 15000 --epochs 1 --warmup 1 "${sets[@]}" --json "$OUT/ablation.json" ;;
     # the Tucker methods against featuremap: their eigendecompositions on the GPU, then with
     # the next batch's decomposition overlapping each step (train.prefetch_targets), then
     # that on the host (train.eigh_on_host)
