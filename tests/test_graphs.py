@@ -345,7 +345,7 @@ def test_replayed_graphs_train_exactly_as_eager_steps(events, monkeypatch, name,
         return trained + momenta
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, state))
-    monkeypatch.setattr(graphs.GraphedStep, "_record", staticmethod(lambda g, fn: g.record(fn)))
+    monkeypatch.setattr(graphs, "_record", lambda g, fn: g.record(fn))
     targets = []
     teacher_targets = method.teacher_targets if prefetch else None
     if prefetch:  # which batches the targets are computed for, in order
@@ -382,7 +382,7 @@ def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypat
     student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
     method = methods.get("tucker")(student, teacher, {"rank": 4})
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, list))
-    monkeypatch.setattr(graphs.GraphedStep, "_record", staticmethod(lambda g, fn: g.record(fn)))
+    monkeypatch.setattr(graphs, "_record", lambda g, fn: g.record(fn))
 
     def wait_event(self, event):
         raise RuntimeError("CUDA error: an illegal stream wait")
@@ -430,7 +430,7 @@ def test_graphed_evaluation_gives_the_eager_results_as_the_weights_change(
         return graph.record(fn)
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, list))
-    monkeypatch.setattr(graphs.GraphedStep, "_record", staticmethod(record))
+    monkeypatch.setattr(graphs, "_record", record)
     torch.manual_seed(0)
     model = models.build("resnet8", 10, 3)
     g = torch.Generator().manual_seed(1)

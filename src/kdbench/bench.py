@@ -254,6 +254,12 @@ def _synthetic(n: int, shape: tuple[int, ...], classes: int, seed: int) -> Split
     return Split(x, torch.randint(0, classes, (n,), generator=g))
 
 
+def _synthetic_data(channels: int, size: int, classes: int, sizes: tuple[int, int, int]) -> Dataset:
+    """Random images of one shape: train, validation and test splits of ``sizes``."""
+    splits = [_synthetic(n, (channels, size, size), classes, seed) for seed, n in enumerate(sizes)]
+    return Dataset("bench", *splits, classes, (0.5,) * channels, (0.25,) * channels)
+
+
 def _build(
     case: tuple[str, dict[str, Any]],
     teacher: torch.nn.Module,
@@ -270,6 +276,18 @@ def _build(
     return cls(student, teacher if cls.needs_teacher else None, params, assets)
 
 
+def _trainer(
+    method: methods.Method, cfg: TrainConfig, data: Dataset, device: torch.device
+) -> tuple[Any, list[Any], dict[str, torch.optim.Optimizer], Any, Any]:
+    """What ``fit`` sets up for a run (seed 0): the train loader, the validation and test
+    loaders, the optimizers, the step and the evaluation of a batch; ``method`` prepared."""
+    train, *evals = make_loaders(data, cfg, device, seed=0)
+    prepare(method, cfg, device)
+    optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
+    step_fn, eval_fn = make_step(method, optimizers, device, cfg), make_eval_batch(device, cfg)
+    return train, evals, optimizers, step_fn, eval_fn
+
+
 def time_epochs(
     method: methods.Method,
     cfg: TrainConfig,
@@ -280,11 +298,7 @@ def time_epochs(
     before_timing: Any = None,
 ) -> dict[str, Any]:
     """Median training and evaluation seconds per epoch of ``method`` under ``cfg``."""
-    train, *evals = make_loaders(data, cfg, device, seed=0)
-    prepare(method, cfg, device)
-    optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
-    step_fn = make_step(method, optimizers, device, cfg)
-    eval_fn = make_eval_batch(device, cfg)
+    train, evals, optimizers, step_fn, eval_fn = _trainer(method, cfg, data, device)
     train_times: list[float] = []
     eval_times: list[float] = []
     for epoch in range(warmup + epochs):
@@ -397,11 +411,7 @@ def bench_epochs(
     channels, size, classes, n_train, n_val, n_test = args.shape
     if args.train_size:
         n_train, n_val, n_test = args.train_size, args.train_size // 9, args.train_size // 5
-    splits = [
-        _synthetic(n, (channels, size, size), classes, seed)
-        for seed, n in enumerate((n_train, n_val, n_test))
-    ]
-    data = Dataset("bench", *splits, classes, (0.5,) * channels, (0.25,) * channels)
+    data = _synthetic_data(channels, size, classes, (n_train, n_val, n_test))
     cfg = _train_config(args)
     cases = _cases(args.methods)
     results: list[dict[str, Any]] = []
@@ -756,26 +766,29 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
 
 
 #: ``graphs``: the methods checked by default (one of each graph mode and target kind)
-GRAPH_CHECKS = ["kd", "featuremap", "tucker full-teacher-r32", "tucker sample-teacher-r32"]
-GRAPH_CHECKS += ["tucker_recomp both-r32"]
+GRAPH_CHECKS = [
+    "kd",
+    "featuremap",
+    "tucker full-teacher-r32",
+    "tucker sample-teacher-r32",
+    "tucker_recomp both-r32",
+]
 
 
 def _train_briefly(
-    case: tuple[str, dict[str, Any]], cfg: TrainConfig, device: torch.device, paraphraser: Path
+    case: tuple[str, dict[str, Any]],
+    cfg: TrainConfig,
+    data: Dataset,
+    device: torch.device,
+    paraphraser: Path,
 ) -> dict[str, Any]:
-    """Two epochs of ``case`` (resnet20 → resnet8, CIFAR-100 shape, 1,000 images in batches of
-    128, so the last one is smaller) from fixed weights and data: the curves, the weights and
-    how the steps and evaluations ran."""
-    splits = [_synthetic(n, (3, 32, 32), 100, seed) for seed, n in enumerate((1000, 300, 300))]
-    data = Dataset("bench", *splits, 100, (0.5,) * 3, (0.25,) * 3)
+    """``cfg.epochs`` epochs of ``case`` (resnet20 → resnet8) on ``data`` from fixed weights:
+    the curves, the weights and how the steps and evaluations ran."""
     torch.manual_seed(1)
     teacher = models.build("resnet20", 100, 3)
     method = _build(case, teacher, "resnet8", 100, 3, paraphraser)
-    train, val, _ = make_loaders(data, cfg, device, seed=0)
-    prepare(method, cfg, device)
-    optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
+    train, (val, _), optimizers, step_fn, eval_fn = _trainer(method, cfg, data, device)
     schedules = [make_schedule(o, cfg) for o in optimizers.values()]
-    step_fn, eval_fn = make_step(method, optimizers, device, cfg), make_eval_batch(device, cfg)
     curve = []
     for epoch in range(cfg.epochs):
         totals = train_epoch(method, optimizers, train, epoch, device, cfg, step_fn=step_fn)
@@ -798,6 +811,8 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
     (``cuda_graphs`` and ``prefetch_targets`` on), and compare: the check that the graphs train
     as the eager steps do, and that nothing fell back to eager on CUDA."""
     base = {"epochs": 2, "batch_size": 128, "device": str(device), **_parse_sets(args.set)}
+    # CIFAR-100 shape, 1,000 training images: the last batch of 128 is smaller
+    data = _synthetic_data(3, 32, 100, (1000, 300, 300))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paraphraser = Path(tmp) / "paraphraser.pt"
@@ -807,6 +822,7 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
                 name: _train_briefly(
                     case,
                     TrainConfig.from_config({**base, "cuda_graphs": on, "prefetch_targets": on}),
+                    data,
                     device,
                     paraphraser,
                 )

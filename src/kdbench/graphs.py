@@ -52,6 +52,23 @@ log = logging.getLogger("kdbench")
 WARMUP_STEPS = 3
 
 
+def _record(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any]) -> Any:
+    """Capture ``fn()`` into ``graph``; its result's tensors are the graph's outputs."""
+    with torch.cuda.graph(graph):
+        return fn()
+
+
+def _on_side_stream(fn: Callable[[], Any]) -> Any:
+    """``fn()`` eagerly on a side stream, ordered after and before the current stream's work:
+    the warm-up before a capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
 class GraphedStep:
     """``(xb, yb, upcoming=None) -> (logits, loss parts, ok)`` from replayed CUDA graphs; see
     the module docstring. ``optimise(forward)`` is the eager step around a forward pass,
@@ -114,12 +131,7 @@ class GraphedStep:
             return self.eager(xb, yb)
         if self.warm < WARMUP_STEPS:
             self.warm += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.eager(xb, yb)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
+            return _on_side_stream(functools.partial(self.eager, xb, yb))
         key = (tuple(xb.shape), xb.stride(), tuple(yb.shape), self._lrs())
         if key != self.key:
             if self.key is not None and xb.shape[0] < self.key[0][0]:
@@ -188,12 +200,6 @@ class GraphedStep:
             elif static != value:
                 raise RuntimeError(f"a constant teacher target changed ({static} → {value})")
 
-    @staticmethod
-    def _record(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any]) -> Any:
-        """Capture ``fn()`` into ``graph``; its result's tensors are the graph's outputs."""
-        with torch.cuda.graph(graph):
-            return fn()
-
     def _capture(self, xb: Tensor, yb: Tensor, key: tuple[Any, ...]) -> None:
         self.graphs = []  # frees the previous captures' memory
         self.targets_for = None
@@ -210,7 +216,7 @@ class GraphedStep:
                 self.static_tx = xb.clone(memory_format=torch.preserve_format)
                 self.side = torch.cuda.Stream()
                 teacher = torch.cuda.CUDAGraph()
-                self.static_teacher = self._record(
+                self.static_teacher = _record(
                     teacher, functools.partial(self._teacher_pass, self.static_tx)
                 )
                 teacher.replay()
@@ -225,7 +231,7 @@ class GraphedStep:
             else:
                 forward = functools.partial(self.method.forward_train, x, y)
             step = torch.cuda.CUDAGraph()
-            self.static_out = self._record(step, functools.partial(self.optimise, forward))
+            self.static_out = _record(step, functools.partial(self.optimise, forward))
             graphs.append(step)
         except Exception as exc:  # a step that cannot be captured trains eagerly
             self.disabled = f"capture failed ({one_line(exc)})"
@@ -265,20 +271,13 @@ class GraphedEval:
         key = (id(model), tuple(xb.shape), xb.stride(), tuple(yb.shape))
         if key not in self.graphs:  # warm-up
             self.graphs[key] = None
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = eval_batch(model, xb, yb)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
+            return _on_side_stream(functools.partial(eval_batch, model, xb, yb))
         if self.graphs[key] is None:
             static_x = xb.clone(memory_format=torch.preserve_format)
             static_y = yb.clone()
             graph = torch.cuda.CUDAGraph()
             try:
-                out = GraphedStep._record(
-                    graph, functools.partial(eval_batch, model, static_x, static_y)
-                )
+                out = _record(graph, functools.partial(eval_batch, model, static_x, static_y))
             except Exception as exc:
                 self.disabled = f"capture failed ({one_line(exc)})"
                 log.warning("CUDA graphs off for evaluation: %s", self.disabled)

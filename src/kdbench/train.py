@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -474,6 +474,15 @@ class EpochTotals:
     bad_steps: list[int]
 
 
+def _with_next(items: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
+    """``(item, the next item or None)``: one item ahead, so that a step may prepare the next."""
+    current = next(items, None)
+    while current is not None:
+        following = next(items, None)
+        yield current, following
+        current = following
+
+
 def train_epoch(
     method: Method,
     optimizers: dict[str, torch.optim.Optimizer],
@@ -497,14 +506,9 @@ def train_epoch(
     sums: dict[str, Tensor] = {}
     correct = torch.zeros((), device=device, dtype=torch.int64)
     bad = torch.zeros(max(len(loader), 1), device=device, dtype=torch.bool)
-    batches = loader.epoch(epoch)
-    following = next(batches, None)
-    step = -1
-    while following is not None:  # one batch ahead: the step may prepare the next one
-        (xb, yb), following = following, next(batches, None)
-        step += 1
+    for step, ((xb, yb), upcoming) in enumerate(_with_next(loader.epoch(epoch))):
         faults.point(f"step{step}")
-        logits, parts, ok = step_fn(xb, yb, None if following is None else following[0])
+        logits, parts, ok = step_fn(xb, yb, None if upcoming is None else upcoming[0])
         if host_check and not bool(ok) and on_bad_step is not None:
             on_bad_step(step)
         with torch.no_grad():

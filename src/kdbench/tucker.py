@@ -149,16 +149,19 @@ def _top(vectors: Tensor, rank: int) -> Tensor:
     return top * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
+def _solve(gram: Tensor, rank: int) -> Tensor:
+    """Top-``rank`` eigenvectors of ``gram`` on its own device, in one call."""
+    return _top(torch.linalg.eigh(gram)[1], rank)
+
+
 def _host_top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
     """:func:`_top_eigenvectors` of a CPU ``gram``; a batch is split over the intra-op threads
     (every step is per matrix, so the result is the same)."""
     batch = gram.shape[0] if gram.ndim == 3 else 1
     threads = min(torch.get_num_threads(), batch // MIN_PER_THREAD)
     if threads < 2:
-        return _top(torch.linalg.eigh(gram)[1], rank)
-    parts = _pool(threads, os.getpid()).map(
-        lambda g: _top(torch.linalg.eigh(g)[1], rank), gram.chunk(threads)
-    )
+        return _solve(gram, rank)
+    parts = _pool(threads, os.getpid()).map(lambda g: _solve(g, rank), gram.chunk(threads))
     return torch.cat(list(parts))
 
 
@@ -168,7 +171,7 @@ def _top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
         return _host_top_eigenvectors(gram, rank)
     if _EIGH_ON_HOST:
         return _host_top_eigenvectors(gram.cpu(), rank).to(gram.device)
-    return _top(torch.linalg.eigh(gram)[1], rank)
+    return _solve(gram, rank)
 
 
 def _gram(x: Tensor, mode: int, batched: bool) -> Tensor:
