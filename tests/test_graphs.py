@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from kdbench import bench, faults, graphs, io, methods, models
 from kdbench.data import Loader, Split
-from kdbench.methods.ft import Paraphraser
+from kdbench.methods.ft import Paraphraser, Reconstruction, train_paraphraser
 from kdbench.train import (
     TrainConfig,
     evaluate,
@@ -243,6 +243,47 @@ def test_what_graphs_capture_never_synchronises_with_the_host(name, params, tmp_
     assert [c.syncs for c in captured] == [[] for _ in captured]
 
 
+def test_the_paraphrasers_step_never_synchronises_with_the_host():
+    teacher = models.build("resnet8", 10, 3)
+    method = Reconstruction(Paraphraser(64, 0.5), teacher, 3)
+    cfg = TrainConfig(fused=True)
+    opts = {"student": make_sgd(method.student, cfg)}
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    with HostSyncs() as seen:
+        logits, parts, _ = optimise(
+            functools.partial(method.forward_train, x, y), opts, torch.device("cpu"), cfg
+        )
+    assert logits is None and set(parts) == {"reconstruction"}
+    assert seen.ops > 20 and seen.syncs == []
+
+
+def test_the_paraphraser_reads_from_the_device_once_per_epoch(
+    monkeypatch, tmp_path, digits_teacher
+):
+    """FT's paraphraser trains with the students' epoch loop: no host synchronisation
+    between its steps, and it honours the speed switches (here fold_teacher)."""
+    before_step = []  # the syncs seen before each step (and each file written)
+    out = {k: str(tmp_path / f) for k, f in (("weights", "p.pt"), ("metrics", "m.json"))}
+    with HostSyncs() as seen:
+        point = lambda name: before_step.append((name, len(seen.syncs)))  # noqa: E731
+        monkeypatch.setattr(faults, "point", point)
+        doc = train_paraphraser(
+            dataset="digits",
+            data={"image_size": 8},
+            teacher="resnet8",
+            teacher_weights=digits_teacher,
+            seed=0,
+            params={"paraphraser": {"epochs": 2}},
+            train={"batch_size": 256, "device": "cpu", "fold_teacher": True},
+            outputs={**out, "loss_plot": str(tmp_path / "P.png")},
+            state=tmp_path / "state.pt",
+        )
+    assert doc["status"] == "complete" and doc["config"]["train"]["fold_teacher"] is True
+    epochs = [[n for name, n in before_step[i : i + 5] if name.startswith("step")] for i in (0, 7)]
+    assert [len(e) for e in epochs] == [5, 5]  # 5 batches of 256 an epoch
+    assert [len(set(e)) for e in epochs] == [1, 1] and epochs[0][0] < epochs[1][0]
+
+
 def test_the_host_sync_check_sees_a_sync_in_the_backward_pass():
     class ReadsBack(torch.autograd.Function):
         @staticmethod
@@ -322,6 +363,7 @@ def _run(method, cfg, epochs, step_fn=None):
         ("tucker", {"rank": 4}, True),
         ("tucker", {"rank": 4, "decomposition": "sample"}, True),
         ("tucker_recomp", {"rank": 4, "target": "both"}, True),
+        ("paraphraser", {}, False),  # FT's paraphraser, trained by the same step
     ],
 )
 def test_replayed_graphs_train_exactly_as_eager_steps(events, monkeypatch, name, params, prefetch):
@@ -332,6 +374,8 @@ def test_replayed_graphs_train_exactly_as_eager_steps(events, monkeypatch, name,
     def build():
         torch.manual_seed(0)
         student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
+        if name == "paraphraser":
+            return Reconstruction(Paraphraser(64, 0.5), teacher, 3)
         return methods.get(name)(student, teacher, params)
 
     eager_method = build()

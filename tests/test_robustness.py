@@ -206,3 +206,47 @@ def test_every_torch_load_is_weights_only_and_nothing_pickles():
         if re.search(r"\.to_pickle\(|\.pkl\b|allow_pickle=True", text):
             offenders.append(f"{path.relative_to(REPO)}: writes or reads pickle")
     assert not offenders, "\n".join(offenders)
+
+
+def _paraphraser(directory, teacher, train, bad=()):
+    """FT's paraphraser (3 epochs of 5 steps on 8×8 digits) whose loss is not finite at the
+    step calls in ``bad`` (from 1)."""
+    from kdbench.methods import ft
+
+    calls = [0]
+    forward = ft.Reconstruction.forward_train
+
+    def poisoned(self, x, y):
+        logits, parts = forward(self, x, y)
+        calls[0] += 1
+        return logits, {k: v * float("nan") if calls[0] in bad else v for k, v in parts.items()}
+
+    out = {k: str(directory / f) for k, f in (("weights", "p.pt"), ("metrics", "m.json"))}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ft.Reconstruction, "forward_train", poisoned)
+        return ft.train_paraphraser(
+            dataset="digits",
+            data={"image_size": 8},
+            teacher="resnet8",
+            teacher_weights=teacher,
+            seed=0,
+            params={"paraphraser": {"epochs": 3}},
+            train={"batch_size": 256, "device": "cpu", **train},
+            outputs={**out, "loss_plot": str(directory / "P.png")},
+            state=directory / "state.pt",
+        )
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_the_paraphraser_skips_non_finite_batches_as_students_do(tmp_path, digits_teacher, check):
+    train = {"skip_nonfinite": 1, **CHECKS[check]}
+    doc = _paraphraser(tmp_path / "skip", digits_teacher, train, bad={7})
+    assert [e.get("skipped_batches", 0) for e in doc["epochs"]] == [0, 1, 0]
+    assert all(torch.isfinite(torch.tensor(e["train_loss"])) for e in doc["epochs"])
+    with pytest.raises(KdbenchError) as err:
+        _paraphraser(tmp_path / "stop", digits_teacher, CHECKS[check], bad={7})
+    message = str(err.value)
+    assert "paraphraser dataset=digits teacher=resnet8 seed=0 epoch 2 step 2" in message
+    assert "\n" not in message and "(epoch 1)" in message
+    assert not (tmp_path / "stop" / "p.pt").exists()
+    assert len(io.load_state_file(tmp_path / "stop" / "state.pt")["epochs"]) == 1

@@ -339,8 +339,9 @@ def autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractConte
     return contextlib.nullcontext()
 
 
-#: a training step's result: (logits, loss parts, ok), ``ok`` a bool tensor on the device
-StepResult = tuple[Tensor, dict[str, Tensor], Tensor]
+#: a training step's result: (logits, loss parts, ok), ``ok`` a bool tensor on the device;
+#: logits None for a step that classifies nothing (the FT paraphraser's reconstruction)
+StepResult = tuple[Tensor | None, dict[str, Tensor], Tensor]
 
 
 def _fused(optimizers: dict[str, torch.optim.Optimizer]) -> bool:
@@ -518,7 +519,8 @@ def train_epoch(
                 term = torch.where(ok, value.detach().float() * n, 0.0)
                 acc = sums.get(key)
                 sums[key] = term if acc is None else acc + term
-            correct += torch.where(ok, (logits.detach().argmax(1) == yb).sum(), 0)
+            if logits is not None:
+                correct += torch.where(ok, (logits.detach().argmax(1) == yb).sum(), 0)
     bad_steps = bad.nonzero().flatten().tolist()  # the epoch's one host synchronisation
     if not host_check and on_bad_step is not None:
         for step in bad_steps:

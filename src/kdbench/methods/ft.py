@@ -26,7 +26,7 @@ from kdbench import faults, io, models, plots, provenance
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.methods import register
-from kdbench.methods.base import FeatureMethod
+from kdbench.methods.base import FeatureMethod, Method
 from kdbench.train import (
     TrainConfig,
     autocast,
@@ -37,10 +37,13 @@ from kdbench.train import (
     make_loaders,
     make_schedule,
     make_sgd,
+    make_step,
     nonfinite_batch,
+    prepare,
     resolve_device,
     rng_state,
     set_rng_state,
+    train_epoch,
 )
 
 log = logging.getLogger("kdbench")
@@ -172,6 +175,29 @@ class FT(FeatureMethod):
         return logits, {"ce": F.cross_entropy(logits, y), "feature": feature}
 
 
+class Reconstruction(Method):
+    """The paraphraser's own training as a method, so that the trainer's step runs it (the
+    fast path: fused SGD, no host synchronisation inside an epoch, CUDA graphs): its
+    "student" is the paraphraser, which reconstructs the teacher's stage maps; the loss is
+    their mean L1 distance. Not registered: it is no distillation method."""
+
+    name = "paraphraser"
+
+    def __init__(self, paraphraser: Paraphraser, teacher: nn.Module, stage: int) -> None:
+        super().__init__(paraphraser, teacher, {})
+        self.stage = stage
+
+    def features(self, x: Tensor) -> Tensor:
+        """The teacher's stage map (fp32, no gradient)."""
+        return self.teacher_outputs(x)[self.stage - 1].float()
+
+    def forward_train(  # type: ignore[override]
+        self, x: Tensor, y: Tensor
+    ) -> tuple[None, dict[str, Tensor]]:
+        t = self.features(x)
+        return None, {"reconstruction": F.l1_loss(self.student(t).float(), t)}
+
+
 def train_paraphraser(
     *,
     dataset: str,
@@ -188,7 +214,8 @@ def train_paraphraser(
     Paraphraser_Loss.png to ``outputs`` (keys ``weights``, ``metrics``, ``loss_plot``).
 
     ``params`` are the ft method's parameters (``stage``, ``rate``, ``paraphraser`` recipe);
-    ``train`` the student recipe (batch size, device, …). Resumable like every training run.
+    ``train`` the student recipe (batch size, device, speed switches, …): its steps run as a
+    student's do (:func:`kdbench.train.train_epoch`). Resumable like every training run.
     """
     params = FT.resolve_params(params)
     recipe = params["paraphraser"]
@@ -203,11 +230,14 @@ def train_paraphraser(
     device = resolve_device(cfg.device)
     teacher_model = models.build(teacher, ds.num_classes, ds.in_channels)
     models.load_weights(teacher_model, teacher_weights, f"teacher {teacher}")
-    teacher_model.to(device).eval().requires_grad_(False)
     torch.manual_seed(int(seed))
-    net = Paraphraser(channels, float(params["rate"])).to(device)
+    net = Paraphraser(channels, float(params["rate"]))
+    method = Reconstruction(net, teacher_model, stage)
+    prepare(method, cfg, device)
     opt = make_sgd(net, cfg)
     sched = make_schedule(opt, cfg)
+    optimizers = {"student": opt}
+    step_fn = make_step(method, optimizers, device, cfg)
     train_loader, val_loader, _ = make_loaders(ds, cfg, device, int(seed))
     record = {
         "dataset": dataset,
@@ -232,11 +262,6 @@ def train_paraphraser(
         epochs, best = list(saved["epochs"]), dict(saved["best"])
         log.info("resuming paraphraser after epoch %d/%d", len(epochs), cfg.epochs)
 
-    def features(xb: Tensor) -> Tensor:
-        with torch.inference_mode(), autocast(device, cfg):
-            t = teacher_model(xb)[stage - 1].float()
-        return t.clone()  # outside inference mode: usable as an autograd target
-
     doc: dict[str, Any] = {
         "status": "running",
         "run": {"role": "paraphraser", "dataset": dataset, "teacher": teacher, "seed": int(seed)},
@@ -244,45 +269,44 @@ def train_paraphraser(
         "epochs": epochs,
         "provenance": provenance.collect(device),
     }
-    skipped = 0
+    skipped = sum(e.get("skipped_batches", 0) for e in epochs)
     for epoch in range(len(epochs), cfg.epochs):
         t0 = time.perf_counter()
-        net.train()
-        total = torch.zeros((), device=device)
         lr = opt.param_groups[0]["lr"]
         faults.phase(f"paraphraser-e{epoch + 1}")
-        for step, (xb, _) in enumerate(train_loader.epoch(epoch)):
-            faults.point(f"step{step}")
-            t = features(xb)
-            with autocast(device, cfg):
-                loss = F.l1_loss(net(t).float(), t)
-            if not bool(torch.isfinite(loss)):
-                skipped += 1
-                where = f"paraphraser dataset={dataset} teacher={teacher} seed={seed}"
-                where += f" epoch {epoch + 1} step {step + 1}"
-                nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * xb.shape[0]
+
+        def on_bad_step(step: int, epoch: int = epoch) -> None:
+            nonlocal skipped
+            skipped += 1
+            where = f"paraphraser dataset={dataset} teacher={teacher} seed={seed}"
+            where += f" epoch {epoch + 1} step {step + 1}"
+            nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
+
+        totals = train_epoch(
+            method, optimizers, train_loader, epoch, device, cfg, on_bad_step, step_fn
+        )
         sched.step()
         net.eval()
         val_total = torch.zeros((), device=device)
         with torch.inference_mode():
             for xb, _ in val_loader.epoch():
-                t = features(xb)
+                with autocast(device, cfg):
+                    t = method.features(xb)
                 val_total += F.l1_loss(net(t).float(), t, reduction="sum") / t[0].numel()
         entry = {
             "epoch": epoch + 1,
             "lr": lr,
-            "train_loss": float(total) / train_loader.num_samples,
+            "train_loss": totals.parts.get("reconstruction", 0.0) / train_loader.num_samples,
             "val_loss": float(val_total) / len(val_loader.y),
             "epoch_seconds": time.perf_counter() - t0,
         }
-        if not math.isfinite(entry["train_loss"]):
+        if totals.bad_steps:
+            entry["skipped_batches"] = len(totals.bad_steps)
+        if not all(math.isfinite(entry[k]) for k in ("train_loss", "val_loss")):
             raise KdbenchError(
-                f"paraphraser {dataset} {teacher}: non-finite loss at epoch {epoch + 1}"
+                f"paraphraser {dataset} {teacher}: non-finite loss at epoch {epoch + 1} "
+                f"(train {entry['train_loss']}, val {entry['val_loss']}); "
+                f"last good state kept in {state_path}"
             )
         epochs.append(entry)
         if entry["val_loss"] < best["val_loss"]:
