@@ -112,6 +112,26 @@ def fit_digits(directory: Path, name: str, method_cls=None, train=None, **kwargs
     )
 
 
+def paraphrase_digits(directory: Path, teacher: Path, epochs: int = 3, **train) -> dict:
+    """FT's paraphraser of a resnet8 ``teacher`` trained on 8×8 digits (batch 256, CPU, seed 0)
+    into ``directory`` (``p.pt``, ``metrics.json``, ``P.png``; state ``state.pt``); ``train``
+    adds ``train`` keys. Returns its metrics document."""
+    from kdbench.methods.ft import train_paraphraser
+
+    names = {"weights": "p.pt", "metrics": "metrics.json", "loss_plot": "P.png"}
+    return train_paraphraser(
+        dataset="digits",
+        data={"image_size": 8},
+        teacher="resnet8",
+        teacher_weights=teacher,
+        seed=0,
+        params={"paraphraser": {"epochs": epochs}},
+        train={"batch_size": 256, "device": "cpu", **train},
+        outputs={k: str(directory / name) for k, name in names.items()},
+        state=directory / "state.pt",
+    )
+
+
 def curves(doc: dict) -> list[dict]:
     """A metrics document's per-epoch entries without their timings."""
     return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in doc["epochs"]]

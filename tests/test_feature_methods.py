@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import train_digits
+from conftest import paraphrase_digits, train_digits
 
 from kdbench import methods, models
 from kdbench.errors import KdbenchError
@@ -212,26 +212,13 @@ def test_bad_ranks_fail_at_validation():
 
 @pytest.fixture(scope="module")
 def paraphraser(tmp_path_factory, teacher):
-    from kdbench.methods.ft import train_paraphraser
-
     d = tmp_path_factory.mktemp("paraphraser")
-    out = {"weights": d / "paraphraser.pt", "metrics": d / "metrics.json", "loss_plot": d / "P.png"}
-    doc = train_paraphraser(
-        dataset="digits",
-        data={"image_size": 8},
-        teacher="resnet8",
-        teacher_weights=teacher,
-        seed=0,
-        params={"paraphraser": {"epochs": 3}},
-        train={"epochs": 1, "batch_size": 256, "device": "cpu"},
-        outputs={k: str(v) for k, v in out.items()},
-        state=d / "state.pt",
-    )
+    doc = paraphrase_digits(d, teacher)
     assert doc["status"] == "complete" and len(doc["epochs"]) == 3
     losses = [e["val_loss"] for e in doc["epochs"]]
     assert doc["final"]["selected_epoch"] == 1 + losses.index(min(losses))
-    assert out["loss_plot"].read_bytes()[:4] == b"\x89PNG" and not (d / "state.pt").exists()
-    return out["weights"]
+    assert (d / "P.png").read_bytes()[:4] == b"\x89PNG" and not (d / "state.pt").exists()
+    return d / "p.pt"
 
 
 def test_ft_gradients_reach_student_and_translator_only(paraphraser):

@@ -9,12 +9,13 @@ import functools
 
 import pytest
 import torch
+from conftest import paraphrase_digits
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from kdbench import bench, faults, graphs, io, methods, models
 from kdbench.data import Loader, Split
-from kdbench.methods.ft import Paraphraser, Reconstruction, train_paraphraser
+from kdbench.methods.ft import Paraphraser, Reconstruction
 from kdbench.train import (
     TrainConfig,
     evaluate,
@@ -263,21 +264,10 @@ def test_the_paraphraser_reads_from_the_device_once_per_epoch(
     """FT's paraphraser trains with the students' epoch loop: no host synchronisation
     between its steps, and it honours the speed switches (here fold_teacher)."""
     before_step = []  # the syncs seen before each step (and each file written)
-    out = {k: str(tmp_path / f) for k, f in (("weights", "p.pt"), ("metrics", "m.json"))}
     with HostSyncs() as seen:
         point = lambda name: before_step.append((name, len(seen.syncs)))  # noqa: E731
         monkeypatch.setattr(faults, "point", point)
-        doc = train_paraphraser(
-            dataset="digits",
-            data={"image_size": 8},
-            teacher="resnet8",
-            teacher_weights=digits_teacher,
-            seed=0,
-            params={"paraphraser": {"epochs": 2}},
-            train={"batch_size": 256, "device": "cpu", "fold_teacher": True},
-            outputs={**out, "loss_plot": str(tmp_path / "P.png")},
-            state=tmp_path / "state.pt",
-        )
+        doc = paraphrase_digits(tmp_path, digits_teacher, epochs=2, fold_teacher=True)
     assert doc["status"] == "complete" and doc["config"]["train"]["fold_teacher"] is True
     epochs = [[n for name, n in before_step[i : i + 5] if name.startswith("step")] for i in (0, 7)]
     assert [len(e) for e in epochs] == [5, 5]  # 5 batches of 256 an epoch

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_TRAIN, curves, fit_digits
+from conftest import REPO, TINY_TRAIN, curves, fit_digits, paraphrase_digits
 
 from kdbench import io, methods
 from kdbench.errors import KdbenchError
@@ -221,20 +221,9 @@ def _paraphraser(directory, teacher, train, bad=()):
         calls[0] += 1
         return logits, {k: v * float("nan") if calls[0] in bad else v for k, v in parts.items()}
 
-    out = {k: str(directory / f) for k, f in (("weights", "p.pt"), ("metrics", "m.json"))}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ft.Reconstruction, "forward_train", poisoned)
-        return ft.train_paraphraser(
-            dataset="digits",
-            data={"image_size": 8},
-            teacher="resnet8",
-            teacher_weights=teacher,
-            seed=0,
-            params={"paraphraser": {"epochs": 3}},
-            train={"batch_size": 256, "device": "cpu", **train},
-            outputs={**out, "loss_plot": str(directory / "P.png")},
-            state=directory / "state.pt",
-        )
+        return paraphrase_digits(directory, teacher, **train)
 
 
 @pytest.mark.parametrize("check", CHECKS)
