@@ -332,7 +332,14 @@ def time_epochs(
         "peak_cuda_mb": (
             torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         ),
-        # how the steps ran: "eager", or the CUDA graphs' status (kdbench.graphs.GraphedStep)
+        **_how_ran(step_fn, eval_fn),
+    }
+
+
+def _how_ran(step_fn: Any, eval_fn: Any) -> dict[str, str]:
+    """How a run's steps and evaluations ran: ``eager``, or the status of its CUDA graphs
+    (:class:`kdbench.graphs.GraphedStep`, :class:`kdbench.graphs.GraphedEval`)."""
+    return {
         "steps": getattr(step_fn, "status", "eager"),
         "evaluation": getattr(eval_fn, "status", "eager"),
     }
@@ -795,14 +802,18 @@ def _train_briefly(
         for sched in schedules:
             sched.step()
         val_loss, val_acc = evaluate(method.student, val, device, cfg, eval_fn)
-        loss = sum(totals.parts.values()) / train.num_samples
-        curve.append({"train_loss": loss, "train_correct": totals.correct, "val_loss": val_loss})
-        curve[-1]["val_acc"] = val_acc
+        curve.append(
+            {
+                "train_loss": sum(totals.parts.values()) / train.num_samples,
+                "train_correct": totals.correct,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+            }
+        )
     return {
         "curve": curve,
         "weights": {k: v.detach().float().cpu() for k, v in method.student.state_dict().items()},
-        "steps": getattr(step_fn, "status", "eager"),
-        "evaluation": getattr(eval_fn, "status", "eager"),
+        **_how_ran(step_fn, eval_fn),
     }
 
 

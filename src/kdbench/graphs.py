@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from kdbench.errors import one_line
 from kdbench.methods.base import Method
-from kdbench.train import StepResult, eval_batch
+from kdbench.train import StepResult, _fused, eval_batch
 
 log = logging.getLogger("kdbench")
 
@@ -106,11 +106,7 @@ class GraphedStep:
         return f"{self.mode}, prefetch" if self.prefetch else self.mode
 
     def _why_not(self) -> str | None:
-        unfused = [
-            name
-            for name, opt in self.optimizers.items()
-            if not all(g.get("fused") for g in opt.param_groups)
-        ]
+        unfused = [name for name, opt in self.optimizers.items() if not _fused({name: opt})]
         if unfused:
             return f"optimizer(s) {', '.join(unfused)} not fused (train.optimizer.fused)"
         if self.mode == "none":

@@ -7,12 +7,12 @@
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
 # KEY=VALUE` settings to the epochs, ablation, tucker, concurrent and compile steps and to the
-# default runs of spread (default: cuda_graphs=true prefetch_targets=true); each epochs row records how its steps
-# ran ("steps": whole/split graphs, or eager and why). epochs56 and epochs20 time every method
-# of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from
-# them. The limits add up to about 20 minutes: those of the first six steps (graphs epochs56
-# epochs20 concurrent grid ablation) to 560 s, one call of at most 10 minutes; the rest (tucker
-# methods spread compile) to another.
+# default runs of spread (default: cuda_graphs=true prefetch_targets=true); each epochs row
+# records how its steps ran ("steps": whole/split graphs, or eager and why). epochs56 and
+# epochs20 time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can
+# estimate its GPU-hours from them. The limits add up to about 20 minutes: those of the first
+# six steps (graphs epochs56 epochs20 concurrent grid ablation) to 560 s, one call of at most 10
+# minutes; the rest (tucker methods spread compile) to another.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
