@@ -112,7 +112,8 @@ def slurm_demo(cluster, tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # students grouped 4 to a GPU (the default is 1): the grouping is what is tested
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "KDBENCH_SLURM_RUNS_PER_GPU": "4"},
     )
     cancelled = None
     try:

@@ -207,5 +207,7 @@ def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():
     assert set(TrainConfig().record()) == first_release
     # the state's fingerprint has covered skip_nonfinite since it arrived
     assert set(TrainConfig().state_record()) == first_release | {"skip_nonfinite"}
-    changed = TrainConfig(cuda_graphs=True, fused=False, skip_nonfinite=3).record()
+    # cuda_graphs and prefetch_targets are on by default (since 2026-11-26): off is recorded
+    changed = TrainConfig(cuda_graphs=False, fused=False, skip_nonfinite=3).record()
     assert set(changed) - first_release == {"cuda_graphs", "fused", "skip_nonfinite"}
+    assert TrainConfig(cuda_graphs=True, prefetch_targets=True).record() == TrainConfig().record()

@@ -93,8 +93,10 @@ class TrainConfig:
     fused: bool | str = "auto"
     #: ``torch.compile`` mode for student and teacher (:data:`COMPILE_MODES`); ``none``: eager
     compile: str = "none"
-    #: capture the whole training step as one CUDA graph and replay it (:mod:`kdbench.graphs`)
-    cuda_graphs: bool = False
+    #: capture the whole training step as one CUDA graph and replay it (:mod:`kdbench.graphs`);
+    #: CUDA only (ignored on CPU). On by default: KD resnet110 → resnet56 3.4× faster on an H200,
+    #: the same losses and weights as eager steps (README, Performance)
+    cuda_graphs: bool = True
     #: read every step's finite check on the host (one synchronisation per step; the run stops
     #: at the bad step itself); false: the checks stay on the device and are read once per epoch
     check_every_step: bool = False
@@ -116,7 +118,7 @@ class TrainConfig:
     #: with ``cuda_graphs``, the Tucker methods (split graphs) compute the next batch's teacher
     #: targets (its decomposition) while the GPU runs this batch's student step
     #: (:mod:`kdbench.graphs`, ``prefetch``); same targets, same order
-    prefetch_targets: bool = False
+    prefetch_targets: bool = True
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
