@@ -169,3 +169,82 @@ def test_a_batch_of_host_eigendecompositions_is_split_over_the_threads_bit_for_b
     # differently with the thread count)
     assert all(map(torch.equal, one[1], two[1]))
     torch.testing.assert_close(one[0], two[0])
+
+
+def _psd(batch, n, rank=None, seed=0):
+    x = torch.randn(batch, n, rank or 2 * n, generator=torch.Generator().manual_seed(seed))
+    return torch.relu(x) @ torch.relu(x).mT if rank is None else x @ x.mT
+
+
+@pytest.mark.parametrize("n", [33, 64, 100])
+def test_block_jacobi_eigh_matches_lapack(n):
+    gram = _psd(6, n, seed=n)
+    values, vectors = tucker.block_jacobi_eigh(gram)
+    want_values, want_vectors = torch.linalg.eigh(gram.double())
+    assert values.shape == (6, n) and vectors.shape == (6, n, n)
+    scale = want_values.abs().amax(-1, keepdim=True)
+    assert ((values.double() - want_values).abs() / scale).max() < 1e-5
+    assert torch.allclose(vectors.mT @ vectors, torch.eye(n).expand(6, n, n), atol=1e-4)
+    residual = gram @ vectors - vectors * values[:, None, :]
+    assert (torch.linalg.matrix_norm(residual) / torch.linalg.matrix_norm(gram)).max() < 1e-4
+    # the top eigenvectors are LAPACK's, up to sign
+    cos = (vectors[..., -16:].double() * want_vectors[..., -16:]).sum(-2).abs()
+    assert cos.min() > 0.9999
+
+
+def test_block_jacobi_eigh_of_rank_deficient_and_zero_matrices():
+    gram = _psd(4, 64, rank=10)
+    values, vectors = tucker.block_jacobi_eigh(gram)
+    want = torch.linalg.eigh(gram.double())[1][..., -10:]
+    got = vectors[..., -10:].double()
+    # the range of the top 10 (the null space's basis is arbitrary)
+    assert torch.allclose(got @ got.mT, want @ want.mT, atol=1e-4)
+    values, vectors = tucker.block_jacobi_eigh(torch.zeros(2, 40, 40))
+    assert torch.equal(values, torch.zeros(2, 40))
+    assert torch.allclose(vectors.mT @ vectors, torch.eye(40).expand(2, 40, 40))
+
+
+@pytest.mark.parametrize("n", [33, 64, 100, 130])
+def test_block_jacobi_plan_pairs_every_two_blocks_once_per_sweep(n):
+    block, padded, start, perms = tucker._jacobi_plan(n, 32)
+    assert 2 * block <= 32 and padded >= n and padded % (2 * block) == 0
+    count = padded // block
+    layout = [start[i * block] // block for i in range(count)]  # the block at each position
+    assert sorted(layout) == list(range(count))
+    met = set()
+    for perm in perms:
+        assert sorted(perm) == list(range(padded))
+        # positions move block by block
+        moved = [perm[i * block] // block for i in range(count)]
+        assert perm == [b * block + i for b in moved for i in range(block)]
+        layout = [layout[b] for b in moved]
+        met.update(frozenset(layout[i : i + 2]) for i in range(0, count, 2))
+    assert len(met) == count * (count - 1) // 2  # every two blocks met, each once
+    # a sweep ends in the layout it began with, so the next sweep's permutations apply
+    assert layout == [start[i * block] // block for i in range(count)]
+
+
+def test_samplewise_decomposition_through_block_jacobi_matches_lapack(monkeypatch):
+    # a stage-3 batch of the CIFAR ResNets' shape (64 channels, 8×8)
+    x = torch.relu(torch.randn(16, 64, 8, 8, generator=torch.Generator().manual_seed(1)))
+    x = x * torch.linspace(2, 0.5, 64)[:, None, None]
+    want_core, want_factors = tucker.decompose_samplewise(x, (24, 8, 8))
+    monkeypatch.setattr(tucker, "_uses_block_jacobi", lambda gram: gram.ndim == 3)
+    eigh, sizes = torch.linalg.eigh, []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda g: sizes.append(g.shape[-1]) or eigh(g))
+    core, factors = tucker.decompose_samplewise(x, (24, 8, 8))
+    assert set(sizes) == {32}  # only 32×32 subproblems
+    sign = torch.sign((factors[0] * want_factors[0]).sum(-2, keepdim=True))
+    assert torch.allclose(factors[0] * sign, want_factors[0], atol=1e-3)
+    assert torch.allclose(core * sign.transpose(-1, -2)[..., None], want_core, atol=1e-3, rtol=1e-3)
+
+
+def test_only_cuda_batches_of_large_matrices_take_block_jacobi():
+    class Gram:
+        def __init__(self, device, shape):
+            self.device, self.shape, self.ndim = torch.device(device), shape, len(shape)
+
+    assert tucker._uses_block_jacobi(Gram("cuda", (128, 64, 64)))
+    assert not tucker._uses_block_jacobi(Gram("cuda", (128, 32, 32)))  # torch batches these
+    assert not tucker._uses_block_jacobi(Gram("cuda", (64, 64)))  # one matrix
+    assert not tucker._uses_block_jacobi(Gram("cpu", (128, 64, 64)))  # LAPACK, threaded
