@@ -1,9 +1,12 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 
 from kdbench import bench
+from kdbench.errors import KdbenchError
 
 
 def test_bench_methods_runs_on_cpu_and_saves_json(tmp_path, capsys):
@@ -147,9 +150,39 @@ def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
 def test_bench_bad_arguments_are_one_line(capsys):
     assert bench.main(["epochs", "--device", "cpu", "--pair", "resnet20"]) == 1
     assert bench.main(["epochs", "--device", "cpu", "--methods", "kdd"]) == 1
+    assert bench.main(["concurrent", "--device", "cpu", "--mps"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "kdbench bench: bench: --pair wants TEACHER:STUDENT, got 'resnet20'"
     assert err[1].startswith("kdbench bench: bench: unknown method(s) kdd")
+    assert err[2] == "kdbench bench: bench concurrent: --mps needs a CUDA device, not cpu"
+
+
+def test_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path, monkeypatch):
+    """With a stand-in for nvidia-cuda-mps-control that records its calls."""
+    calls = tmp_path / "calls"
+    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    control.parent.mkdir()
+    script = [
+        "#!/bin/sh",
+        'line=""; [ $# -gt 0 ] || read -r line',
+        f'echo "$* [$CUDA_MPS_PIPE_DIRECTORY] $line" >> "{calls}"',
+        f'[ "$1" != -d ] || [ ! -e "{tmp_path}/fail" ] || {{ echo "no GPU" >&2; exit 1; }}',
+    ]
+    control.write_text("\n".join(script) + "\n")
+    control.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{control.parent}:{os.environ['PATH']}")
+    with bench.mps_daemon(tmp_path / "mps") as env:
+        pipe = env["CUDA_MPS_PIPE_DIRECTORY"]
+        assert Path(pipe).is_dir() and Path(env["CUDA_MPS_LOG_DIRECTORY"]).is_dir()
+        assert calls.read_text().split("\n")[0].startswith(f"-d [{pipe}]")
+    assert calls.read_text().splitlines()[1].strip() == f"[{pipe}] quit"
+    (tmp_path / "fail").touch()  # a daemon that does not start: one line, nothing to stop
+    with (
+        pytest.raises(KdbenchError, match="the MPS daemon did not start: no GPU"),
+        bench.mps_daemon(tmp_path / "mps"),
+    ):
+        pass
+    assert len(calls.read_text().splitlines()) == 3
 
 
 def test_bench_graphs_compares_eager_and_graphed_training(tmp_path, capsys):

@@ -16,7 +16,8 @@ graphs, and compares the curves and weights (exit status 1 if they differ beyond
 if a graph fell back to eager steps on CUDA).
 
 ``concurrent`` runs N copies of ``epochs`` on one device at once (N = 1, 2, 4, 8 by default) and
-reports their total throughput.
+reports their total throughput; ``--mps`` runs them as clients of an NVIDIA MPS daemon of its
+own, so that their kernels can run side by side instead of taking turns.
 
 ``methods`` times one training step (``kdbench.train.train_step``: forward, losses, backward, the
 optimizer steps) of every method on the same student, teacher and batch, and prints each as a
@@ -29,16 +30,18 @@ Warm-up steps are excluded; CUDA timings are synchronised. ``--json`` saves ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -511,80 +514,128 @@ def _barrier(directory: str) -> Any:
     return wait
 
 
+@contextlib.contextmanager
+def mps_daemon(directory: Path) -> Iterator[dict[str, str]]:
+    """An NVIDIA MPS control daemon of this process's own (its pipes and logs under
+    ``directory``), running for the ``with`` block; yields the environment of its clients.
+
+    Under MPS the CUDA processes of one user share the GPU's SMs, so that their kernels can
+    run at the same time; without it, processes on one GPU take turns (time slicing).
+    """
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        raise KdbenchError("bench: --mps needs nvidia-cuda-mps-control (NVIDIA's driver tools)")
+    env = dict(os.environ)
+    for name, sub in (("CUDA_MPS_PIPE_DIRECTORY", "pipe"), ("CUDA_MPS_LOG_DIRECTORY", "log")):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+        env[name] = str(directory / sub)
+    started = subprocess.run(
+        [control, "-d"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if started.returncode:
+        why = (started.stderr or started.stdout).strip().splitlines()
+        raise KdbenchError(f"bench: the MPS daemon did not start: {why[-1] if why else '?'}")
+    try:
+        yield env
+    finally:
+        subprocess.run(
+            [control], input="quit\n", env=env, capture_output=True, text=True, timeout=60
+        )
+
+
 def bench_concurrent(
     args: argparse.Namespace,
     device: torch.device,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Total throughput of N simultaneous ``epochs`` runs on one device, for each N;
-    ``progress(partial result)`` is called after each N."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in args.runs:
-            barrier = Path(tmp) / f"{n}-runs"
-            barrier.mkdir()
-            cmd = [
-                sys.executable,
-                "-m",
-                "kdbench.bench",
-                "epochs",
-                "--no-reference",
-                "--device",
-                str(device),
-                "--methods",
-                args.method,
-                "--pair",
-                args.pair,
-                "--dataset",
-                args.dataset,
-                "--batch",
-                str(args.batch),
-                "--epochs",
-                str(args.epochs),
-                "--warmup",
-                str(args.warmup),
-                "--barrier",
-                str(barrier),
-                *(["--train-size", str(args.train_size)] if args.train_size else []),
-                *(x for kv in args.set for x in ("--set", kv)),
-            ]
-            procs = [
-                subprocess.Popen(
-                    [*cmd, "--json", str(barrier / f"run{i}.json")],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for i in range(n)
-            ]
-            errors = [p.communicate()[1] for p in procs]
-            if any(p.returncode for p in procs):
-                bad = next(e for p, e in zip(procs, errors, strict=True) if p.returncode)
-                raise KdbenchError(f"bench concurrent: a worker failed: {bad.strip()[-500:]}")
-            runs = [
-                json.loads((barrier / f"run{i}.json").read_text())["epochs"][0] for i in range(n)
-            ]
-            wall = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
-            images = sum(r["train_images"] * r["timed_epochs"] for r in runs)
-            row = {
-                "runs": n,
-                "wall_seconds": wall,
-                "images_per_second": images / wall,
-                "epoch_seconds_per_run": statistics.median(r["epoch_seconds"] for r in runs),
-                "peak_cuda_mb_per_run": max(r["peak_cuda_mb"] or 0 for r in runs) or None,
-            }
-            row["throughput_vs_one"] = (
-                row["images_per_second"] / rows[0]["images_per_second"] if rows else 1.0
+    """Total throughput of N simultaneous ``epochs`` runs on one device, for each N (under an
+    MPS daemon with ``args.mps``); ``progress(partial result)`` is called after each N."""
+    if args.mps and device.type != "cuda":
+        raise KdbenchError(f"bench concurrent: --mps needs a CUDA device, not {device}")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        env = stack.enter_context(mps_daemon(Path(tmp) / "mps")) if args.mps else None
+        return _concurrent_rows(args, device, Path(tmp), env, progress)
+
+
+def _concurrent_rows(
+    args: argparse.Namespace,
+    device: torch.device,
+    tmp: Path,
+    env: dict[str, str] | None,
+    progress: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """``bench_concurrent``'s runs, their barriers under ``tmp``, in environment ``env``."""
+    rows: list[dict[str, Any]] = []
+    for n in args.runs:
+        barrier = tmp / f"{n}-runs"
+        barrier.mkdir()
+        cmd = [
+            sys.executable,
+            "-m",
+            "kdbench.bench",
+            "epochs",
+            "--no-reference",
+            "--device",
+            str(device),
+            "--methods",
+            args.method,
+            "--pair",
+            args.pair,
+            "--dataset",
+            args.dataset,
+            "--batch",
+            str(args.batch),
+            "--epochs",
+            str(args.epochs),
+            "--warmup",
+            str(args.warmup),
+            "--barrier",
+            str(barrier),
+            *(["--train-size", str(args.train_size)] if args.train_size else []),
+            *(x for kv in args.set for x in ("--set", kv)),
+        ]
+        procs = [
+            subprocess.Popen(
+                [*cmd, "--json", str(barrier / f"run{i}.json")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
             )
-            print(
-                f"  {n} concurrent: {row['images_per_second']:8.0f} img/s in total "
-                f"({row['throughput_vs_one']:.2f}× one run), "
-                f"{row['epoch_seconds_per_run']:.2f} s per epoch per run",
-                flush=True,
-            )
-            rows.append(row)
-            if progress is not None:
-                progress({"concurrent": rows, "complete": False})
+            for i in range(n)
+        ]
+        errors = [p.communicate()[1] for p in procs]
+        if any(p.returncode for p in procs):
+            bad = next(e for p, e in zip(procs, errors, strict=True) if p.returncode)
+            raise KdbenchError(f"bench concurrent: a worker failed: {bad.strip()[-500:]}")
+        runs = [json.loads((barrier / f"run{i}.json").read_text())["epochs"][0] for i in range(n)]
+        wall = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
+        images = sum(r["train_images"] * r["timed_epochs"] for r in runs)
+        row = {
+            "runs": n,
+            "mps": env is not None,
+            "wall_seconds": wall,
+            "images_per_second": images / wall,
+            "epoch_seconds_per_run": statistics.median(r["epoch_seconds"] for r in runs),
+            "peak_cuda_mb_per_run": max(r["peak_cuda_mb"] or 0 for r in runs) or None,
+        }
+        row["throughput_vs_one"] = (
+            row["images_per_second"] / rows[0]["images_per_second"] if rows else 1.0
+        )
+        print(
+            f"  {n} concurrent: {row['images_per_second']:8.0f} img/s in total "
+            f"({row['throughput_vs_one']:.2f}× one run), "
+            f"{row['epoch_seconds_per_run']:.2f} s per epoch per run",
+            flush=True,
+        )
+        rows.append(row)
+        if progress is not None:
+            progress({"concurrent": rows, "complete": False})
     return {"concurrent": rows, "complete": True}
 
 
@@ -952,6 +1003,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--runs", type=int, nargs="+", default=[1, 2, 4, 8])
     c.add_argument("--method", default="kd")
     c.add_argument("--pair", default=None, help="default as for epochs")
+    c.add_argument(
+        "--mps",
+        action="store_true",
+        help="run the N processes under an NVIDIA MPS daemon of their own (CUDA)",
+    )
     sp = sub.add_parser("spread", help="run-to-run and seed spread of real training (digits)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--epochs", type=int, default=30, help="student epochs (default 30)")
