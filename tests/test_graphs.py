@@ -46,8 +46,8 @@ def events(monkeypatch):
     capturing = []
 
     @contextlib.contextmanager
-    def graph(g):
-        log.append("capture")
+    def graph(g, stream=None):
+        log.append("capture" if stream is None else "capture-on-side")
         capturing.append(True)
         try:
             yield
@@ -81,7 +81,9 @@ def events(monkeypatch):
     return log
 
 
-def _graphed(events, method_name="kd", fused=True, fail=False, autocast=None, **params):
+def _graphed(
+    events, method_name="kd", fused=True, fail=False, autocast=None, overlap=False, **params
+):
     student = models.build("resnet8", 10, 1)
     teacher = models.build("resnet8", 10, 1)
     if method_name.startswith("tucker"):
@@ -96,7 +98,8 @@ def _graphed(events, method_name="kd", fused=True, fail=False, autocast=None, **
         return torch.zeros(()), {"ce": torch.zeros(())}, torch.tensor(True)
 
     autocast = autocast or contextlib.nullcontext
-    return graphs.GraphedStep(method, opt, optimise, autocast), opt["student"]
+    step = graphs.GraphedStep(method, opt, optimise, autocast, overlap=overlap)
+    return step, opt["student"]
 
 
 FULL, LAST = torch.zeros(8, 1, 8, 8), torch.zeros(3, 1, 8, 8)
@@ -145,6 +148,33 @@ def test_tucker_steps_are_captured_in_two_graphs_around_the_decomposition(events
     assert calls == [True] * (1 + 2)
     assert g.status == "split"
     assert g.static_targets[0].shape == (8, 64, 2, 2)  # the teacher's stage 3 (8×8 input)
+
+
+def test_an_overlapped_teacher_runs_on_the_side_stream_beside_the_student_graph(events):
+    g, _ = _graphed(events, "kd", overlap=True)
+    xs = [torch.rand(8, 1, 8, 8) for _ in range(6)]
+    for i in range(3):  # the warm-up
+        g(xs[i], Y8, xs[i + 1])
+    events.clear()
+    g(xs[3], Y8, xs[4])
+    # the teacher's graph is captured on the side stream (its cuBLAS workspace is not the
+    # student graph's), and run once for the targets' shapes; then the student's step
+    assert events[:4] == ["capture-on-side", "replay", "capture", "step-in-capture"]
+    # this batch's teacher pass on the main stream (nothing ahead yet); the next batch's on
+    # the side stream, before the student graph, which the main stream runs beside it; the
+    # side stream's targets copied in behind
+    assert events[4:] == ["replay", "side", "replay", "event", "replay", "wait-event", "side"]
+    events.clear()
+    g(xs[4], Y8, xs[5])
+    assert events == ["side", "replay", "event", "replay", "wait-event", "side"]
+    assert g.status == "split, prefetch, overlap" and g.targets_for is xs[5]
+    # the targets are the teacher's outputs; the student's step read them, not the teacher
+    assert len(g.static_targets) == 4 and g.static_targets[-1].shape == (8, 10)
+    assert g.method._given is None
+    # nothing to overlap without a teacher, or where the step is not captured
+    assert _graphed(events, "vanilla", overlap=True)[0].status == "whole"
+    own = _graphed(events, "tucker", overlap=True, basis="own")[0]
+    assert own.status.startswith("eager")
 
 
 def test_a_failed_capture_trains_eagerly_from_then_on(events, caplog):
@@ -346,19 +376,34 @@ def _run(method, cfg, epochs, step_fn=None):
 
 
 @pytest.mark.parametrize(
-    ("name", "params", "prefetch"),
+    ("name", "params", "ahead"),
     [
-        ("kd", {}, False),
-        ("tucker", {"rank": 4}, False),
-        ("tucker", {"rank": 4}, True),
-        ("tucker", {"rank": 4, "decomposition": "sample"}, True),
-        ("tucker_recomp", {"rank": 4, "target": "both"}, True),
-        ("paraphraser", {}, False),  # FT's paraphraser, trained by the same step
+        ("kd", {}, ""),
+        ("tucker", {"rank": 4}, ""),
+        ("tucker", {"rank": 4}, "prefetch"),
+        ("tucker", {"rank": 4, "decomposition": "sample"}, "prefetch"),
+        ("tucker_recomp", {"rank": 4, "target": "both"}, "prefetch"),
+        ("paraphraser", {}, ""),  # FT's paraphraser, trained by the same step
+        # the teacher's graph for the next batch beside the student's (train.overlap_teacher)
+        ("kd", {}, "overlap"),
+        ("featuremap", {}, "overlap"),
+        ("ft", {}, "overlap"),
+        ("tucker", {"rank": 4}, "overlap"),
+        ("paraphraser", {}, "overlap"),
     ],
 )
-def test_replayed_graphs_train_exactly_as_eager_steps(events, monkeypatch, name, params, prefetch):
-    """Whole and split graphs, with and without prefetched targets, replayed on the CPU by
-    stand-ins that compute: the same weights, bit for bit, and the same epoch totals."""
+def test_replayed_graphs_train_exactly_as_eager_steps(
+    events, monkeypatch, tmp_path, name, params, ahead
+):
+    """Whole and split graphs, with and without prefetched targets or the teacher's pass
+    overlapped, replayed on the CPU by stand-ins that compute: the same weights, bit for bit,
+    and the same epoch totals."""
+    prefetch, overlap = ahead == "prefetch", ahead == "overlap"
+    assets = {}
+    if name == "ft":
+        assets["paraphraser"] = tmp_path / "paraphraser.pt"
+        torch.manual_seed(1)
+        io.save_torch(assets["paraphraser"], Paraphraser(64, 0.5).state_dict())
     cfg = TrainConfig(fused=True, epochs=2, lr=0.05)
 
     def build():
@@ -366,23 +411,24 @@ def test_replayed_graphs_train_exactly_as_eager_steps(events, monkeypatch, name,
         student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
         if name == "paraphraser":
             return Reconstruction(Paraphraser(64, 0.5), teacher, 3)
-        return methods.get(name)(student, teacher, params)
+        return methods.get(name)(student, teacher, params, assets)
 
     eager_method = build()
     eager, _ = _run(eager_method, cfg, 2)
 
     method = build()
-    trained = [*method.student.parameters(), *method.student.buffers()]
+    modules = method.trainable().values()  # the student, and FT's translator
+    trained = [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
     def state():  # what a step changes: the student's weights and statistics, the momenta
         momenta = [o.state[p]["momentum_buffer"] for o in opts.values() for p in o.state]
         return trained + momenta
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, state))
-    monkeypatch.setattr(graphs, "_record", lambda g, fn: g.record(fn))
+    monkeypatch.setattr(graphs, "_record", lambda g, fn, stream=None: g.record(fn))
     targets = []
-    teacher_targets = method.teacher_targets if prefetch else None
-    if prefetch:  # which batches the targets are computed for, in order
+    teacher_targets = method.teacher_targets if prefetch or overlap else None
+    if prefetch or overlap:  # which batches the targets are computed for, in order
         method.teacher_targets = lambda outs: (
             targets.append(outs[-1].sum().item()) or (teacher_targets(outs))
         )
@@ -391,23 +437,29 @@ def test_replayed_graphs_train_exactly_as_eager_steps(events, monkeypatch, name,
         nonlocal opts
         opts = o
         run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
-        return graphs.GraphedStep(m, o, run, contextlib.nullcontext, prefetch)
+        return graphs.GraphedStep(m, o, run, contextlib.nullcontext, prefetch, overlap)
 
     opts = {}
     totals, step = _run(method, cfg, 2, graphed)
     split = "split, prefetch" if prefetch else "split"
-    assert step.status == (split if name.startswith("tucker") else "whole")
+    want_status = split if name.startswith("tucker") else "whole"
+    assert step.status == ("split, prefetch, overlap" if overlap else want_status)
     assert events.count("replay") > 10
-    want, got = eager_method.student.state_dict(), method.student.state_dict()
-    assert all(torch.equal(want[k], got[k]) for k in want)
+    for k, m in method.trainable().items():
+        want, got = eager_method.trainable()[k].state_dict(), m.state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want)
     assert totals == eager
-    if prefetch:
+    if prefetch or overlap:
         # epoch 0: 3 eager warm-up steps, then batches 4–8 prefetched; epoch 1: batches 1–8
         assert events.count("wait-event") == 5 + 8
         # epoch 1, the targets computed, in order: at the capture and the first step (batch
         # 0, no prefetch), ahead for batches 1–8, and in the eager step of the last batch
+        # (where only the Tucker methods compute targets: the others' eager step has none)
         ids = [method.teacher_outputs(x)[-1].sum().item() for x, _ in _loader().epoch(1)]
-        assert targets[-11:] == [ids[0], *ids]
+        if name.startswith("tucker"):
+            assert targets[-11:] == [ids[0], *ids]
+        else:
+            assert targets[-10:] == [ids[0], *ids[:-1]]
 
 
 def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypatch, caplog):
@@ -416,7 +468,7 @@ def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypat
     student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
     method = methods.get("tucker")(student, teacher, {"rank": 4})
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, list))
-    monkeypatch.setattr(graphs, "_record", lambda g, fn: g.record(fn))
+    monkeypatch.setattr(graphs, "_record", lambda g, fn, stream=None: g.record(fn))
 
     def wait_event(self, event):
         raise RuntimeError("CUDA error: an illegal stream wait")

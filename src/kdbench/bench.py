@@ -227,6 +227,7 @@ LADDER: list[tuple[str, dict[str, Any]]] = [
             "cuda_graphs": False,
             "cudnn_benchmark": False,
             "fold_teacher": False,
+            "overlap_teacher": False,
         },
     ),
     ("+ data on device", {"data_on_device": True}),
@@ -237,6 +238,7 @@ LADDER: list[tuple[str, dict[str, Any]]] = [
     ("+ CUDA graphs", {"cuda_graphs": True}),
     ("+ cuDNN autotuning", {"cudnn_benchmark": True}),
     ("+ teacher BN folded", {"fold_teacher": True}),
+    ("+ teacher overlapped", {"overlap_teacher": True}),
 ]
 
 

@@ -26,6 +26,13 @@ and then replays it for every batch of the same shape: one launch instead of a t
   (``eigh``) then waits for the teacher's forward pass only, and the decomposition overlaps
   the student's step instead of standing between the two graphs. Every batch gets the
   targets of its own teacher outputs, as before.
+* ``overlap`` (``train.overlap_teacher``): the teacher's graph for the next batch is replayed on
+  the side stream, beside this batch's student graph on the main one, so that the GPU runs the
+  two at once instead of one after the other. It implies ``prefetch``, and every method with a
+  teacher is captured ``split`` for it (a ``whole`` one through ``Method.teacher_targets`` and
+  ``Method.student_loss``'s defaults: the teacher's outputs themselves are the targets). The
+  teacher's graph is captured on the side stream, so that the two graphs' cuBLAS calls do not
+  share the capture stream's workspace while they run at once.
 
 :class:`GraphedEval` does the same for the evaluation of a batch (see its docstring).
 """
@@ -52,9 +59,10 @@ log = logging.getLogger("kdbench")
 WARMUP_STEPS = 3
 
 
-def _record(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any]) -> Any:
-    """Capture ``fn()`` into ``graph``; its result's tensors are the graph's outputs."""
-    with torch.cuda.graph(graph):
+def _record(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], stream: Any = None) -> Any:
+    """Capture ``fn()`` into ``graph`` (on ``stream``, default torch's capture stream); its
+    result's tensors are the graph's outputs."""
+    with torch.cuda.graph(graph, stream=stream):
         return fn()
 
 
@@ -72,7 +80,8 @@ def _on_side_stream(fn: Callable[[], Any]) -> Any:
 class GraphedStep:
     """``(xb, yb, upcoming=None) -> (logits, loss parts, ok)`` from replayed CUDA graphs; see
     the module docstring. ``optimise(forward)`` is the eager step around a forward pass,
-    ``autocast()`` the step's autocast context, ``prefetch`` ``train.prefetch_targets``."""
+    ``autocast()`` the step's autocast context, ``prefetch`` ``train.prefetch_targets``,
+    ``overlap`` ``train.overlap_teacher``."""
 
     def __init__(
         self,
@@ -81,13 +90,18 @@ class GraphedStep:
         optimise: Callable[[Callable[[], Any]], StepResult],
         autocast: Callable[[], contextlib.AbstractContextManager[Any]],
         prefetch: bool = False,
+        overlap: bool = False,
     ) -> None:
         self.method = method
         self.optimizers = optimizers
         self.optimise = optimise
         self.autocast = autocast
         self.mode = method.graph_mode()
-        self.prefetch = prefetch and self.mode == "split"
+        #: the next batch's teacher graph on the side stream, beside this batch's student graph
+        self.overlap = overlap and method.needs_teacher and self.mode in ("whole", "split")
+        if self.overlap:
+            self.mode = "split"
+        self.prefetch = (prefetch or self.overlap) and self.mode == "split"
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.key: tuple[Any, ...] | None = None
         self.warm = 0
@@ -99,11 +113,12 @@ class GraphedStep:
 
     @property
     def status(self) -> str:
-        """``whole``, ``split`` or ``split, prefetch`` (how steps are captured), or
-        ``eager: <why>``."""
+        """``whole``, ``split``, ``split, prefetch`` or ``split, prefetch, overlap`` (how steps
+        are captured), or ``eager: <why>``."""
         if self.disabled:
             return f"eager: {self.disabled}"
-        return f"{self.mode}, prefetch" if self.prefetch else self.mode
+        status = f"{self.mode}, prefetch" if self.prefetch else self.mode
+        return f"{status}, overlap" if self.overlap else status
 
     def _why_not(self) -> str | None:
         unfused = [name for name, opt in self.optimizers.items() if not _fused({name: opt})]
@@ -148,10 +163,17 @@ class GraphedStep:
             and (tuple(upcoming.shape), upcoming.stride()) == self.key[:2]
         )
         if ahead:  # the next batch's teacher pass first: its targets overlap this step
-            self.static_tx.copy_(upcoming)
-            self.graphs[0].replay()
             done = torch.cuda.Event()
-            done.record()
+            if self.overlap:  # on the side stream, beside this batch's student graph
+                self.side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.side):
+                    self.static_tx.copy_(upcoming)
+                    self.graphs[0].replay()
+                    done.record()
+            else:
+                self.static_tx.copy_(upcoming)
+                self.graphs[0].replay()
+                done.record()
         self.graphs[-1].replay()
         if ahead:
             self._prefetch(done, upcoming)
@@ -172,8 +194,10 @@ class GraphedStep:
             main.wait_stream(self.side)
             self._set_targets(targets)
         except Exception as exc:
-            self.prefetch = False
+            self.prefetch = self.overlap = False
             log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
+            with contextlib.suppress(Exception):  # nothing later may overtake the side stream
+                torch.cuda.current_stream().wait_stream(self.side)
             return
         self.targets_for = upcoming
 
@@ -213,7 +237,9 @@ class GraphedStep:
                 self.side = torch.cuda.Stream()
                 teacher = torch.cuda.CUDAGraph()
                 self.static_teacher = _record(
-                    teacher, functools.partial(self._teacher_pass, self.static_tx)
+                    teacher,
+                    functools.partial(self._teacher_pass, self.static_tx),
+                    self.side if self.overlap else None,
                 )
                 teacher.replay()
                 graphs.append(teacher)

@@ -59,6 +59,7 @@ LATER_SETTINGS = (
     "fold_teacher",
     "eigh_on_host",
     "prefetch_targets",
+    "overlap_teacher",
 )
 
 
@@ -119,6 +120,11 @@ class TrainConfig:
     #: targets (its decomposition) while the GPU runs this batch's student step
     #: (:mod:`kdbench.graphs`, ``prefetch``); same targets, same order
     prefetch_targets: bool = True
+    #: with ``cuda_graphs``, replay the teacher's forward pass for the next batch on a second
+    #: CUDA stream while the GPU runs this batch's student step (:mod:`kdbench.graphs`,
+    #: ``overlap``): the two overlap on the GPU. Every method with a teacher; same targets,
+    #: same order. Off until measured on a GPU
+    overlap_teacher: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -456,7 +462,12 @@ def make_step(
         from kdbench.graphs import GraphedStep
 
         return GraphedStep(
-            method, optimizers, run, lambda: autocast(device, cfg), cfg.prefetch_targets
+            method,
+            optimizers,
+            run,
+            lambda: autocast(device, cfg),
+            cfg.prefetch_targets,
+            cfg.overlap_teacher,
         )
 
     def step(xb: Tensor, yb: Tensor, upcoming: Tensor | None = None) -> StepResult:

@@ -2,7 +2,7 @@
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
-# methods spread compile mps.
+# methods spread compile mps overlap.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -12,7 +12,9 @@
 # epochs20 time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can
 # estimate its GPU-hours from them. The limits add up to about 22 minutes: those of the first
 # six steps (graphs epochs56 epochs20 concurrent grid ablation) to 560 s, one call of at most 10
-# minutes; the rest (tucker methods spread compile mps) to 770 s, more than another: choose.
+# minutes; the rest (tucker methods spread compile mps overlap) to 920 s, more than another:
+# choose. Since 2026-11-26 (graphs measured) the open questions are methods (block-Jacobi
+# sample-wise Tucker), overlap, mps and spread with SET="fold_teacher=true compile=default".
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -36,7 +38,8 @@ B="$PY -m kdbench.bench"
 # the methods of config/config.yaml's grid (one rank each: the rank does not change the cost)
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
-for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps}; do
+for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
+    overlap}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back
     graphs) step graphs 50 $B graphs --json "$OUT/graphs.json" ;;
@@ -65,6 +68,14 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # KD resnet20 → resnet8
     spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 "${sets[@]}" \
         --json "$OUT/spread.json" ;;
+    # train.overlap_teacher: the graphs check with it (against eager steps), then KD,
+    # featuremap and full-tensor Tucker epochs with it (without it: epochs56 in the same call;
+    # the ablation's last rung adds it to KD in one process)
+    overlap) step overlap-graphs 50 $B graphs --set overlap_teacher=true \
+            --json "$OUT/graphs-overlap.json"
+        step overlap 100 $B epochs --no-reference --epochs 1 --methods kd featuremap \
+            "tucker full-teacher-r32" "${sets[@]}" --set overlap_teacher=true \
+            --json "$OUT/overlap.json" ;;
     # 1, 2, 4, 8 concurrent KD runs on the GPU under an MPS daemon (their kernels side by
     # side; without it, graphed runs took turns and 2-8 gave 0.99x of one)
     mps) step mps 110 $B concurrent --mps --train-size 20000 --epochs 1 "${sets[@]}" \

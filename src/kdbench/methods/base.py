@@ -51,6 +51,9 @@ class Method(nn.Module):
         self.student = student
         self.params = self.resolve_params(params)
         self.assets = dict(assets or {})
+        #: the teacher's outputs that :meth:`teacher_outputs` returns instead of running it
+        #: (:meth:`student_loss`)
+        self._given: list[Tensor] | None = None
         # The teacher is frozen: eval mode, no gradients, not a trainable submodule.
         self._teacher = [teacher] if teacher is not None else []
         if teacher is not None:
@@ -86,8 +89,11 @@ class Method(nn.Module):
         """The teacher's ``[stage1, stage2, stage3, logits]``, computed under inference mode.
 
         The results are cloned outside inference mode so that losses may combine them with the
-        student's tensors; no gradient ever reaches the teacher.
+        student's tensors; no gradient ever reaches the teacher. Inside :meth:`student_loss`
+        the given outputs are returned instead (the teacher is not run).
         """
+        if self._given is not None:
+            return list(self._given)
         with torch.inference_mode():
             outs = self.teacher(x)
         return [t.clone() for t in outs]
@@ -108,17 +114,28 @@ class Method(nn.Module):
           outputs))``, where only ``teacher_targets`` may synchronise: the teacher's forward
           pass and the student's step are captured, ``teacher_targets`` runs eagerly between;
         * ``none``: the step runs eagerly.
+
+        With ``train.overlap_teacher`` a ``whole`` method with a teacher is captured as
+        ``split`` too, through the defaults of :meth:`teacher_targets` and
+        :meth:`student_loss`, so that the teacher's pass can run on a stream of its own.
         """
         return "whole"
 
     def teacher_targets(self, teacher_outputs: list[Tensor]) -> Any:
-        """``split`` methods: what the loss needs from the teacher's ``[stage1, stage2, stage3,
-        logits]``, without gradient: tensors (and constants), nested in tuples or lists."""
-        raise NotImplementedError
+        """What the loss needs from the teacher's ``[stage1, stage2, stage3, logits]``,
+        without gradient: tensors (and constants), nested in tuples or lists. ``split``
+        methods compute theirs here; by default, the outputs themselves."""
+        return teacher_outputs
 
     def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """``split`` methods: ``forward_train`` given :meth:`teacher_targets`' result."""
-        raise NotImplementedError
+        """``forward_train`` given :meth:`teacher_targets`' result. ``split`` methods write
+        theirs; by default, ``forward_train`` with :meth:`teacher_outputs` returning
+        ``targets`` (the teacher's outputs) instead of running the teacher."""
+        self._given = list(targets)
+        try:
+            return self.forward_train(x, y)
+        finally:
+            self._given = None
 
     def checkpoint_extras(self) -> dict[str, nn.Module]:
         """Auxiliary modules whose weights are saved beside the student's."""
