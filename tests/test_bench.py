@@ -1,8 +1,10 @@
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 from kdbench import bench
@@ -99,6 +101,26 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     assert g["gpu_hours"]["paraphrasers"] == pytest.approx(
         4 * sec[("featuremap", "default")] / 3600
     )
+
+
+def test_timed_epochs_step_the_learning_rate_schedule_as_fit_does(monkeypatch):
+    """So that a timed epoch pays for a new learning rate (under CUDA graphs, a new capture)."""
+    from kdbench import methods, models, train
+
+    lrs = []
+    real = train.train_epoch
+
+    def train_epoch(method, optimizers, *args, **kwargs):
+        lrs.append(optimizers["student"].param_groups[0]["lr"])
+        return real(method, optimizers, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "train_epoch", train_epoch)
+    method = methods.get("vanilla")(models.build("resnet8", 10, 3), None, {})
+    cfg = train.TrainConfig(epochs=4, batch_size=8, lr=0.1, device="cpu")
+    data = bench._synthetic_data(3, 8, 10, (16, 8, 8))
+    bench.time_epochs(method, cfg, data, torch.device("cpu"), epochs=2, warmup=1)
+    # cosine over 4 epochs: each of the 3 epochs at its own learning rate
+    assert lrs == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05])
 
 
 def test_bench_epochs_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):

@@ -302,8 +302,12 @@ def time_epochs(
     warmup: int,
     before_timing: Any = None,
 ) -> dict[str, Any]:
-    """Median training and evaluation seconds per epoch of ``method`` under ``cfg``."""
+    """Median training and evaluation seconds per epoch of ``method`` under ``cfg``.
+
+    The learning-rate schedule steps after every epoch, as in ``fit``, so that an epoch's time
+    includes what a new learning rate costs the next one (with CUDA graphs, a new capture)."""
     train, evals, optimizers, step_fn, eval_fn = _trainer(method, cfg, data, device)
+    schedules = [make_schedule(o, cfg) for o in optimizers.values()]
     train_times: list[float] = []
     eval_times: list[float] = []
     for epoch in range(warmup + epochs):
@@ -321,6 +325,8 @@ def time_epochs(
         for loader in evals:
             evaluate(method.student, loader, device, cfg, eval_fn)
         t2 = time.perf_counter()
+        for sched in schedules:
+            sched.step()
         if epoch >= warmup:
             train_times.append(t1 - t0)
             eval_times.append(t2 - t1)
