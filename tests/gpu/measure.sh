@@ -50,10 +50,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # first rungs are the slow eager ones)
     ablation) step ablation 90 $B epochs --methods kd --ablation --no-reference \
         --train-size 15000 --epochs 1 --warmup 1 "${sets[@]}" --json "$OUT/ablation.json" ;;
-    # the Tucker methods against featuremap: their eigendecompositions on the GPU, then with
-    # the next batch's decomposition overlapping each step (train.prefetch_targets), then
-    # that on the host (train.eigh_on_host)
-    tucker) for both in false:false false:true true:true; do
+    # the Tucker methods against featuremap: the defaults (eigendecompositions on the GPU, the
+    # next batch's overlapping each step: train.prefetch_targets), then those on the host
+    # (train.eigh_on_host), then neither
+    tucker) for both in false:true true:true false:false; do
             host=${both%:*} ahead=${both#*:}
             step "tucker-host-$host-prefetch-$ahead" 100 $B epochs --no-reference --epochs 1 \
                 --methods featuremap "tucker full-teacher-r32" "tucker sample-teacher-r32" \
