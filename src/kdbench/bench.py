@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -282,16 +282,36 @@ def _build(
     return cls(student, teacher if cls.needs_teacher else None, params, assets)
 
 
-def _trainer(
-    method: methods.Method, cfg: TrainConfig, data: Dataset, device: torch.device
-) -> tuple[Any, list[Any], dict[str, torch.optim.Optimizer], Any, Any]:
-    """What ``fit`` sets up for a run (seed 0): the train loader, the validation and test
-    loaders, the optimizers, the step and the evaluation of a batch; ``method`` prepared."""
+class _Run(NamedTuple):
+    """What ``fit`` sets up for a run: the train loader, the validation and test loaders, the
+    optimizers and their learning-rate schedules, the step and the evaluation of a batch."""
+
+    train: Any
+    evals: list[Any]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedules: list[Any]
+    step_fn: Any
+    eval_fn: Any
+
+    def next_lr(self) -> None:
+        """The schedules' step at the end of an epoch, as in ``fit``."""
+        for schedule in self.schedules:
+            schedule.step()
+
+
+def _trainer(method: methods.Method, cfg: TrainConfig, data: Dataset, device: torch.device) -> _Run:
+    """:class:`_Run` of ``method`` (prepared) under ``cfg`` on ``data``, seed 0."""
     train, *evals = make_loaders(data, cfg, device, seed=0)
     prepare(method, cfg, device)
     optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
-    step_fn, eval_fn = make_step(method, optimizers, device, cfg), make_eval_batch(device, cfg)
-    return train, evals, optimizers, step_fn, eval_fn
+    return _Run(
+        train,
+        evals,
+        optimizers,
+        [make_schedule(o, cfg) for o in optimizers.values()],
+        make_step(method, optimizers, device, cfg),
+        make_eval_batch(device, cfg),
+    )
 
 
 def time_epochs(
@@ -307,8 +327,8 @@ def time_epochs(
 
     The learning-rate schedule steps after every epoch, as in ``fit``, so that an epoch's time
     includes what a new learning rate costs the next one (with CUDA graphs, a new capture)."""
-    train, evals, optimizers, step_fn, eval_fn = _trainer(method, cfg, data, device)
-    schedules = [make_schedule(o, cfg) for o in optimizers.values()]
+    run = _trainer(method, cfg, data, device)
+    train = run.train
     train_times: list[float] = []
     eval_times: list[float] = []
     for epoch in range(warmup + epochs):
@@ -320,14 +340,13 @@ def time_epochs(
             started = time.time()
         _sync(device)
         t0 = time.perf_counter()
-        train_epoch(method, optimizers, train, epoch, device, cfg, step_fn=step_fn)
+        train_epoch(method, run.optimizers, train, epoch, device, cfg, step_fn=run.step_fn)
         _sync(device)
         t1 = time.perf_counter()
-        for loader in evals:
-            evaluate(method.student, loader, device, cfg, eval_fn)
+        for loader in run.evals:
+            evaluate(method.student, loader, device, cfg, run.eval_fn)
         t2 = time.perf_counter()
-        for sched in schedules:
-            sched.step()
+        run.next_lr()
         if epoch >= warmup:
             train_times.append(t1 - t0)
             eval_times.append(t2 - t1)
@@ -344,7 +363,7 @@ def time_epochs(
         "peak_cuda_mb": (
             torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         ),
-        **_how_ran(step_fn, eval_fn),
+        **_how_ran(run.step_fn, run.eval_fn),
     }
 
 
@@ -567,85 +586,78 @@ def bench_concurrent(
     MPS daemon with ``args.mps``); ``progress(partial result)`` is called after each N."""
     if args.mps and device.type != "cuda":
         raise KdbenchError(f"bench concurrent: --mps needs a CUDA device, not {device}")
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        env = stack.enter_context(mps_daemon(Path(tmp) / "mps")) if args.mps else None
-        return _concurrent_rows(args, device, Path(tmp), env, progress)
-
-
-def _concurrent_rows(
-    args: argparse.Namespace,
-    device: torch.device,
-    tmp: Path,
-    env: dict[str, str] | None,
-    progress: Callable[[dict[str, Any]], None] | None,
-) -> dict[str, Any]:
-    """``bench_concurrent``'s runs, their barriers under ``tmp``, in environment ``env``."""
     rows: list[dict[str, Any]] = []
-    for n in args.runs:
-        barrier = tmp / f"{n}-runs"
-        barrier.mkdir()
-        cmd = [
-            sys.executable,
-            "-m",
-            "kdbench.bench",
-            "epochs",
-            "--no-reference",
-            "--device",
-            str(device),
-            "--methods",
-            args.method,
-            "--pair",
-            args.pair,
-            "--dataset",
-            args.dataset,
-            "--batch",
-            str(args.batch),
-            "--epochs",
-            str(args.epochs),
-            "--warmup",
-            str(args.warmup),
-            "--barrier",
-            str(barrier),
-            *(["--train-size", str(args.train_size)] if args.train_size else []),
-            *(x for kv in args.set for x in ("--set", kv)),
-        ]
-        procs = [
-            subprocess.Popen(
-                [*cmd, "--json", str(barrier / f"run{i}.json")],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mps_daemon(Path(tmp) / "mps") if args.mps else contextlib.nullcontext() as env,
+    ):
+        for n in args.runs:
+            barrier = Path(tmp) / f"{n}-runs"
+            barrier.mkdir()
+            cmd = [
+                sys.executable,
+                "-m",
+                "kdbench.bench",
+                "epochs",
+                "--no-reference",
+                "--device",
+                str(device),
+                "--methods",
+                args.method,
+                "--pair",
+                args.pair,
+                "--dataset",
+                args.dataset,
+                "--batch",
+                str(args.batch),
+                "--epochs",
+                str(args.epochs),
+                "--warmup",
+                str(args.warmup),
+                "--barrier",
+                str(barrier),
+                *(["--train-size", str(args.train_size)] if args.train_size else []),
+                *(x for kv in args.set for x in ("--set", kv)),
+            ]
+            procs = [
+                subprocess.Popen(
+                    [*cmd, "--json", str(barrier / f"run{i}.json")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+                for i in range(n)
+            ]
+            errors = [p.communicate()[1] for p in procs]
+            if any(p.returncode for p in procs):
+                bad = next(e for p, e in zip(procs, errors, strict=True) if p.returncode)
+                raise KdbenchError(f"bench concurrent: a worker failed: {bad.strip()[-500:]}")
+            runs = [
+                json.loads((barrier / f"run{i}.json").read_text())["epochs"][0] for i in range(n)
+            ]
+            wall = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
+            images = sum(r["train_images"] * r["timed_epochs"] for r in runs)
+            row = {
+                "runs": n,
+                "mps": env is not None,
+                "wall_seconds": wall,
+                "images_per_second": images / wall,
+                "epoch_seconds_per_run": statistics.median(r["epoch_seconds"] for r in runs),
+                "peak_cuda_mb_per_run": max(r["peak_cuda_mb"] or 0 for r in runs) or None,
+            }
+            row["throughput_vs_one"] = (
+                row["images_per_second"] / rows[0]["images_per_second"] if rows else 1.0
             )
-            for i in range(n)
-        ]
-        errors = [p.communicate()[1] for p in procs]
-        if any(p.returncode for p in procs):
-            bad = next(e for p, e in zip(procs, errors, strict=True) if p.returncode)
-            raise KdbenchError(f"bench concurrent: a worker failed: {bad.strip()[-500:]}")
-        runs = [json.loads((barrier / f"run{i}.json").read_text())["epochs"][0] for i in range(n)]
-        wall = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
-        images = sum(r["train_images"] * r["timed_epochs"] for r in runs)
-        row = {
-            "runs": n,
-            "mps": env is not None,
-            "wall_seconds": wall,
-            "images_per_second": images / wall,
-            "epoch_seconds_per_run": statistics.median(r["epoch_seconds"] for r in runs),
-            "peak_cuda_mb_per_run": max(r["peak_cuda_mb"] or 0 for r in runs) or None,
-        }
-        row["throughput_vs_one"] = (
-            row["images_per_second"] / rows[0]["images_per_second"] if rows else 1.0
-        )
-        print(
-            f"  {n} concurrent: {row['images_per_second']:8.0f} img/s in total "
-            f"({row['throughput_vs_one']:.2f}× one run), "
-            f"{row['epoch_seconds_per_run']:.2f} s per epoch per run",
-            flush=True,
-        )
-        rows.append(row)
-        if progress is not None:
-            progress({"concurrent": rows, "complete": False})
+            print(
+                f"  {n} concurrent: {row['images_per_second']:8.0f} img/s in total "
+                f"({row['throughput_vs_one']:.2f}× one run), "
+                f"{row['epoch_seconds_per_run']:.2f} s per epoch per run",
+                flush=True,
+            )
+            rows.append(row)
+            if progress is not None:
+                progress({"concurrent": rows, "complete": False})
     return {"concurrent": rows, "complete": True}
 
 
@@ -855,14 +867,13 @@ def _train_briefly(
     torch.manual_seed(1)
     teacher = models.build("resnet20", 100, 3)
     method = _build(case, teacher, "resnet8", 100, 3, paraphraser)
-    train, (val, _), optimizers, step_fn, eval_fn = _trainer(method, cfg, data, device)
-    schedules = [make_schedule(o, cfg) for o in optimizers.values()]
+    run = _trainer(method, cfg, data, device)
+    train, (val, _) = run.train, run.evals
     curve = []
     for epoch in range(cfg.epochs):
-        totals = train_epoch(method, optimizers, train, epoch, device, cfg, step_fn=step_fn)
-        for sched in schedules:
-            sched.step()
-        val_loss, val_acc = evaluate(method.student, val, device, cfg, eval_fn)
+        totals = train_epoch(method, run.optimizers, train, epoch, device, cfg, step_fn=run.step_fn)
+        run.next_lr()
+        val_loss, val_acc = evaluate(method.student, val, device, cfg, run.eval_fn)
         curve.append(
             {
                 "train_loss": sum(totals.parts.values()) / train.num_samples,
@@ -874,7 +885,7 @@ def _train_briefly(
     return {
         "curve": curve,
         "weights": {k: v.detach().float().cpu() for k, v in method.student.state_dict().items()},
-        **_how_ran(step_fn, eval_fn),
+        **_how_ran(run.step_fn, run.eval_fn),
     }
 
 

@@ -166,11 +166,7 @@ class GraphedStep:
             done = torch.cuda.Event()
             if self.overlap:  # on the side stream, beside this batch's student graph
                 self.side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(self.side):
-                    self.static_tx.copy_(upcoming)
-                    self.graphs[0].replay()
-                    done.record()
-            else:
+            with torch.cuda.stream(self.side) if self.overlap else contextlib.nullcontext():
                 self.static_tx.copy_(upcoming)
                 self.graphs[0].replay()
                 done.record()

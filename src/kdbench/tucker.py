@@ -191,6 +191,19 @@ def _jacobi_plan(n: int, size: int) -> tuple[int, int, list[int], list[list[int]
     return block, count * block, start, perms[count - 1 :]
 
 
+@functools.cache
+def _jacobi_indices(
+    n: int, size: int, device: torch.device
+) -> tuple[int, int, Tensor, list[Tensor], list[Tensor]]:
+    """:func:`_jacobi_plan` as index tensors on ``device`` (made once, not at every step):
+    block size, padded order, the starting permutation, and each round's permutation of the
+    rows and of the flattened matrix."""
+    block, padded, start, perms = _jacobi_plan(n, size)
+    rows = [torch.tensor(p, device=device) for p in perms]
+    flat = [(r[:, None] * padded + r[None, :]).reshape(-1) for r in rows]
+    return block, padded, torch.tensor(start, device=device), rows, flat
+
+
 def block_jacobi_eigh(gram: Tensor, size: int = BATCHED_EIGH_MAX) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of a batch of symmetric positive
     semi-definite matrices (B × n × n), as ``torch.linalg.eigh`` gives them, computed from
@@ -208,7 +221,7 @@ def block_jacobi_eigh(gram: Tensor, size: int = BATCHED_EIGH_MAX) -> tuple[Tenso
     subproblems no precision), which stay out of the result.
     """
     batch, n = gram.shape[0], gram.shape[-1]
-    block, padded, start, perms = _jacobi_plan(n, size)
+    block, padded, first, rows, flat = _jacobi_indices(n, size, gram.device)
     m, pairs = 2 * block, padded // (2 * block)
     norm = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(gram.dtype).tiny)
     a = gram.new_zeros(batch, padded, padded)
@@ -216,11 +229,8 @@ def block_jacobi_eigh(gram: Tensor, size: int = BATCHED_EIGH_MAX) -> tuple[Tenso
     if padded > n:  # distinct, below the spectrum of a PSD matrix (‖gram‖ bounds it), as large
         steps = torch.arange(1, padded - n + 1, device=gram.device, dtype=gram.dtype)
         a.diagonal(dim1=-2, dim2=-1)[:, n:] = -norm[:, None] * steps / (padded - n)
-    first = torch.tensor(start, device=gram.device)
     a = a[:, first][:, :, first]
     v = torch.eye(padded, device=gram.device, dtype=gram.dtype)[:, first].expand_as(a).contiguous()
-    rows = [torch.tensor(p, device=gram.device) for p in perms]
-    flat = [(r[:, None] * padded + r[None, :]).reshape(-1) for r in rows]
     rotation = a.new_zeros(batch, pairs, m, pairs, m)
     for _ in range(MAX_SWEEPS):
         for row, index in zip(rows, flat, strict=True):
