@@ -49,7 +49,7 @@ BAD = [
     (("data", "digits", "image_sise"), 8, "data.digits: unknown key 'image_sise'"),
     (("seeds",), [0, 0], "seeds"),
     (("train", "device"), "tpu", "train.device"),
-    (("train", "compile"), "fast", "train.compile: 'fast' is not one of none, default"),
+    (("train", "compile"), "fast", "train.compile: 'fast' is not one of auto, none, default"),
     (("train", "optimizer", "fused"), "yes", "train.optimizer.fused: 'yes' is not one of"),
     (("train", "deterministic"), 1, "train.deterministic: 1 is not of type 'boolean'"),
     (("train", "fold_teacher"), "yes", "train.fold_teacher: 'yes' is not of type 'boolean'"),

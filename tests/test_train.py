@@ -211,3 +211,39 @@ def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():
     changed = TrainConfig(cuda_graphs=False, fused=False, skip_nonfinite=3).record()
     assert set(changed) - first_release == {"cuda_graphs", "fused", "skip_nonfinite"}
     assert TrainConfig(cuda_graphs=True, prefetch_targets=True).record() == TrainConfig().record()
+    # so are overlap_teacher and compile: auto (since the second H200 session of 2026-11-26)
+    assert TrainConfig(overlap_teacher=True, compile="auto").record() == TrainConfig().record()
+    changed = TrainConfig(overlap_teacher=False, compile="none").record()
+    assert set(changed) - first_release == {"overlap_teacher", "compile"}
+
+
+@pytest.mark.parametrize(
+    "setting, device, mode",
+    [
+        ({}, "cuda", "default"),
+        ({}, "cpu", "none"),
+        ({"deterministic": True}, "cuda", "none"),
+        ({"compile": "none"}, "cuda", "none"),
+        ({"compile": "max-autotune"}, "cpu", "max-autotune"),
+    ],
+)
+def test_compile_auto_compiles_on_cuda_only_and_not_with_deterministic(setting, device, mode):
+    from kdbench.train import TrainConfig, compile_mode, graphed
+
+    cfg = TrainConfig(**setting)
+    assert compile_mode(cfg, torch.device(device)) == mode
+    # kdbench's own CUDA graphs stay on under auto's mode (it brings none of its own)
+    assert graphed(torch.device("cuda"), cfg) == (mode not in ("reduce-overhead", "max-autotune"))
+
+
+def test_compile_auto_leaves_the_models_of_a_cpu_run_eager(monkeypatch):
+    from kdbench import methods, models
+    from kdbench.train import TrainConfig, compile_models
+
+    asked = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, mode: asked.append(mode))
+    method = methods.get("kd")(models.build("resnet8", 10, 1), models.build("resnet8", 10, 1), {})
+    compile_models(method, TrainConfig())
+    assert asked == []
+    compile_models(method, TrainConfig(compile="default"))
+    assert asked == ["default", "default"]  # student and teacher

@@ -892,8 +892,15 @@ def _train_briefly(
 def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Train each method twice from the same weights and data, eagerly and from CUDA graphs
     (``cuda_graphs`` and ``prefetch_targets`` on), and compare: the check that the graphs train
-    as the eager steps do, and that nothing fell back to eager on CUDA."""
-    base = {"epochs": 2, "batch_size": 128, "device": str(device), **_parse_sets(args.set)}
+    as the eager steps do, and that nothing fell back to eager on CUDA. Both uncompiled unless
+    ``--set compile=MODE`` asks (a compiled step's kernels are its own)."""
+    base = {
+        "epochs": 2,
+        "batch_size": 128,
+        "device": str(device),
+        "compile": "none",
+        **_parse_sets(args.set),
+    }
     # CIFAR-100 shape, 1,000 training images: the last batch of 128 is smaller
     data = _synthetic_data(3, 32, 100, (1000, 300, 300))
     rows = []
