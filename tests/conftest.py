@@ -47,6 +47,35 @@ def repo() -> Path:
     return REPO
 
 
+def mps_stub(directory: Path) -> tuple[Path, Path]:
+    """A stand-in for NVIDIA's ``nvidia-cuda-mps-control`` in ``directory/bin``, which records
+    its calls ("start PIPE", "COMMAND PIPE") in ``directory/calls``: its daemon is a file
+    ``running`` in the pipe directory, and it does not start while ``directory/fail`` exists.
+    Returns (the bin folder to put on the PATH, the calls file)."""
+    calls, fail = directory / "calls", directory / "fail"
+    control = directory / "bin" / "nvidia-cuda-mps-control"
+    control.parent.mkdir(parents=True)
+    control.write_text(
+        f"""#!/bin/sh
+pipe="$CUDA_MPS_PIPE_DIRECTORY"
+if [ "$1" = -d ]; then
+    echo "start $pipe" >> "{calls}"
+    [ ! -e "{fail}" ] || {{ echo "no GPU" >&2; exit 1; }}
+    sleep 0.2
+    touch "$pipe/running"
+    exit 0
+fi
+read -r line
+echo "$line $pipe" >> "{calls}"
+[ -e "$pipe/running" ] || {{ echo "Cannot find MPS control daemon process"; exit 1; }}
+[ "$line" != quit ] || rm -f "$pipe/running"
+"""
+    )
+    control.chmod(0o755)
+    calls.touch()
+    return control.parent, calls
+
+
 OUTPUT_FILES = {
     "metrics": "metrics.json",
     "final_weights": "model_final.pt",

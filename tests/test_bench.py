@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, mps_stub
 
 from kdbench import bench
 from kdbench.errors import KdbenchError
@@ -181,23 +181,13 @@ def test_bench_bad_arguments_are_one_line(capsys):
 
 def test_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path, monkeypatch):
     """With a stand-in for nvidia-cuda-mps-control that records its calls."""
-    calls = tmp_path / "calls"
-    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
-    control.parent.mkdir()
-    script = [
-        "#!/bin/sh",
-        'line=""; [ $# -gt 0 ] || read -r line',
-        f'echo "$* [$CUDA_MPS_PIPE_DIRECTORY] $line" >> "{calls}"',
-        f'[ "$1" != -d ] || [ ! -e "{tmp_path}/fail" ] || {{ echo "no GPU" >&2; exit 1; }}',
-    ]
-    control.write_text("\n".join(script) + "\n")
-    control.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{control.parent}:{os.environ['PATH']}")
+    stub, calls = mps_stub(tmp_path)
+    monkeypatch.setenv("PATH", f"{stub}:{os.environ['PATH']}")
     with bench.mps_daemon(tmp_path / "mps") as env:
         pipe = env["CUDA_MPS_PIPE_DIRECTORY"]
         assert Path(pipe).is_dir() and Path(env["CUDA_MPS_LOG_DIRECTORY"]).is_dir()
-        assert calls.read_text().split("\n")[0].startswith(f"-d [{pipe}]")
-    assert calls.read_text().splitlines()[1].strip() == f"[{pipe}] quit"
+        assert calls.read_text().splitlines() == [f"start {pipe}"]
+    assert calls.read_text().splitlines()[1] == f"quit {pipe}"
     (tmp_path / "fail").touch()  # a daemon that does not start: one line, nothing to stop
     with (
         pytest.raises(KdbenchError, match="the MPS daemon did not start: no GPU"),

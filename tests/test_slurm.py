@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SNAKEMAKE, snakemake
+from conftest import REPO, SNAKEMAKE, mps_stub, snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -105,6 +105,8 @@ def slurm_demo(cluster, tmp_path_factory):
     demo = (REPO / "config" / "demo.yaml").read_text()
     assert "\nseeds: [0, 1]\n" in demo
     (work / "demo.yaml").write_text(demo.replace("\nseeds: [0, 1]\n", "\nseeds: [0]\n"))
+    # every training job a client of an MPS daemon per SLURM job (a stand-in for NVIDIA's)
+    stub, _ = mps_stub(work / "mps")
     log = (work / "head.log").open("w")
     proc = subprocess.Popen(
         _profile_run(work),
@@ -113,7 +115,13 @@ def slurm_demo(cluster, tmp_path_factory):
         stderr=subprocess.STDOUT,
         start_new_session=True,
         # students grouped 4 to a GPU (the default is 1): the grouping is what is tested
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "KDBENCH_SLURM_RUNS_PER_GPU": "4"},
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "KDBENCH_SLURM_RUNS_PER_GPU": "4",
+            "KDBENCH_MPS": "1",
+            "PATH": f"{stub}:{os.environ['PATH']}",
+        },
     )
     cancelled = None
     try:
@@ -209,6 +217,27 @@ def test_training_log_shows_the_slurm_job(slurm_demo):
     metrics = json.loads((run / "metrics.json").read_text())
     slurm = metrics["provenance"]["slurm"]
     assert slurm["job_id"] == job.group(1) and slurm["node"] == "kdnode"
+
+
+def test_the_students_of_one_slurm_job_share_one_mps_daemon(slurm_demo):
+    work, _, _ = slurm_demo
+    calls = (work / "mps" / "calls").read_text().splitlines()
+    clients: dict[str, list[str]] = {}
+    for log in (work / "results/logs/digits/students").rglob("*.log"):
+        text = log.read_text()
+        (job,) = set(re.findall(r"SLURM_JOB_ID=(\d+)", text))
+        (directory,) = set(re.findall(r"MPS: a client of the daemon in (\S+)", text))
+        assert directory.endswith(f"/kdbench-mps-{job}"), (log, directory)
+        clients.setdefault(directory, []).append(log.name)
+    # the 9 students in 3 SLURM jobs (4, 4, 1), each job's started its one daemon
+    assert sorted(len(logs) for logs in clients.values()) == [1, 4, 4], clients
+    for directory in clients:
+        assert calls.count(f"start {directory}/pipe") == 1, calls
+    run = work / "results/digits/students/resnet20-resnet8/kd/default/seed0"
+    provenance = json.loads((run / "metrics.json").read_text())["provenance"]
+    assert provenance["mps_pipe_directory"].endswith(
+        f"kdbench-mps-{provenance['slurm_job_id']}/pipe"
+    )
 
 
 def test_cancelled_training_resumes_to_the_uninterrupted_result(slurm_demo, tmp_path):

@@ -36,20 +36,19 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from kdbench import io, methods, models, provenance, reference, tucker
+from kdbench import io, methods, models, mps, provenance, reference, tucker
 from kdbench.data import Dataset, Split
 from kdbench.errors import KdbenchError
 from kdbench.methods.ft import Paraphraser
@@ -543,38 +542,8 @@ def _barrier(directory: str) -> Any:
     return wait
 
 
-@contextlib.contextmanager
-def mps_daemon(directory: Path) -> Iterator[dict[str, str]]:
-    """An NVIDIA MPS control daemon of this process's own (its pipes and logs under
-    ``directory``), running for the ``with`` block; yields the environment of its clients.
-
-    Under MPS the CUDA processes of one user share the GPU's SMs, so that their kernels can
-    run at the same time; without it, processes on one GPU take turns (time slicing).
-    """
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control is None:
-        raise KdbenchError("bench: --mps needs nvidia-cuda-mps-control (NVIDIA's driver tools)")
-    env = dict(os.environ)
-    for name, sub in (("CUDA_MPS_PIPE_DIRECTORY", "pipe"), ("CUDA_MPS_LOG_DIRECTORY", "log")):
-        (directory / sub).mkdir(parents=True, exist_ok=True)
-        env[name] = str(directory / sub)
-    started = subprocess.run(
-        [control, "-d"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if started.returncode:
-        why = (started.stderr or started.stdout).strip().splitlines()
-        raise KdbenchError(f"bench: the MPS daemon did not start: {why[-1] if why else '?'}")
-    try:
-        yield env
-    finally:
-        subprocess.run(
-            [control], input="quit\n", env=env, capture_output=True, text=True, timeout=60
-        )
+#: an NVIDIA MPS daemon for the ``with`` block (kept here for ``bench concurrent --mps``)
+mps_daemon = mps.daemon
 
 
 def bench_concurrent(
@@ -625,7 +594,7 @@ def bench_concurrent(
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                     text=True,
-                    env=env,
+                    env=None if env is None else {**os.environ, **env},
                 )
                 for i in range(n)
             ]

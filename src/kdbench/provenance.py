@@ -112,4 +112,6 @@ def collect(device: torch.device) -> dict[str, Any]:
         "device": device_info(device),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm": slurm_info(),
+        # the NVIDIA MPS daemon this process is a client of (KDBENCH_MPS, kdbench.mps)
+        "mps_pipe_directory": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
     }

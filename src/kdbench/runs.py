@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kdbench import io, methods, models
+from kdbench import io, methods, models, mps
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError, one_line
 from kdbench.train import RunOutputs, TrainConfig, file_sha256, fit
@@ -43,9 +43,16 @@ def setup_logging(log_path: str | Path | None) -> None:
 
 
 def run_job(
-    func: Callable[..., Any], log_path: str | Path | None, threads: int | None = None, **kwargs: Any
+    func: Callable[..., Any],
+    log_path: str | Path | None,
+    threads: int | None = None,
+    *,
+    gpu: bool = False,
+    **kwargs: Any,
 ) -> Any:
-    """Run ``func(**kwargs)`` as a workflow job (see the module docstring)."""
+    """Run ``func(**kwargs)`` as a workflow job (see the module docstring). A ``gpu`` job (a
+    training run) becomes a client of the workflow's NVIDIA MPS daemon first when
+    ``KDBENCH_MPS=1`` asks (:mod:`kdbench.mps`)."""
     setup_logging(log_path)
     if threads:
         torch.set_num_threads(int(threads))
@@ -59,6 +66,8 @@ def run_job(
         torch.get_num_threads(),
     )
     try:
+        if gpu and mps.wanted():
+            log.info("MPS: a client of the daemon in %s", mps.join())
         return func(**kwargs)
     except KdbenchError as exc:
         log.error("%s", one_line(exc))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kdbench import config as kdconfig
 from kdbench import methods as kdmethods
+from kdbench import mps as kdmps
 from kdbench.data import DATASETS
 
 RESULTS = config.get("results", "results")
@@ -20,6 +21,9 @@ ANCHORS = config.get("anchors") or str(
 )
 TUCKER_METHODS = [m for m in ("tucker", "tucker_recomp") if m in config["methods"]]
 PAIRS = kdconfig.pairs(config)
+# KDBENCH_MPS=1: the training jobs share their GPU as clients of an NVIDIA MPS daemon that the
+# first of them starts (kdbench.mps); one started outside SLURM stops when the workflow ends
+MPS = kdmps.wanted_or_exit()
 
 TEACHER_DIR = f"{RESULTS}/{{dataset}}/teachers/{{arch}}/seed{{seed}}"
 STUDENT_DIR = f"{RESULTS}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}/{{variant}}/seed{{seed}}"
@@ -242,3 +246,13 @@ def data_params(wildcards):
 
 def method_params(wildcards):
     return kdconfig.variants(config, wildcards.method)[wildcards.variant]
+
+
+onsuccess:
+    if MPS:
+        kdmps.stop()
+
+
+onerror:
+    if MPS:
+        kdmps.stop()

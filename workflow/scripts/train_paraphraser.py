@@ -7,6 +7,7 @@ run_job(
     train_paraphraser,
     snakemake.log[0],
     threads=snakemake.threads,
+    gpu=True,
     dataset=snakemake.wildcards.dataset,
     teacher=snakemake.wildcards.teacher,
     seed=int(snakemake.wildcards.seed),

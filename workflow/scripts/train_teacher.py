@@ -6,6 +6,7 @@ run_job(
     train,
     snakemake.log[0],
     threads=snakemake.threads,
+    gpu=True,
     role="teacher",
     dataset=snakemake.wildcards.dataset,
     arch=snakemake.wildcards.arch,

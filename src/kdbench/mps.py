@@ -1,0 +1,138 @@
+"""NVIDIA MPS (Multi-Process Service): several training processes on one GPU at once.
+
+Without MPS the CUDA processes on one GPU take turns (time slicing), so graphed runs, which each
+keep the GPU busy with small kernels, gain nothing from sharing it. As clients of one MPS daemon
+their kernels run side by side: 8 KD runs on an H200 gave 1.98x the throughput of one
+(README, Performance).
+
+``KDBENCH_MPS=1`` makes every training job of the workflow a client of an MPS daemon that the
+first of them starts: one per SLURM job (so the students that a ``students`` group job trains
+together share it, and it ends with that job), or, outside SLURM, one per user on the machine,
+which the workflow stops when it ends (:func:`stop`). :func:`daemon` is the ``with``-block
+daemon of ``python -m kdbench.bench concurrent --mps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from kdbench.errors import KdbenchError
+
+#: NVIDIA's MPS control program (driver tools)
+CONTROL = "nvidia-cuda-mps-control"
+#: the environment variable that asks for MPS in the workflow's training jobs
+VARIABLE = "KDBENCH_MPS"
+
+
+def wanted() -> bool:
+    """Whether ``KDBENCH_MPS`` asks for MPS (``1``/``true``/``yes``; unset, ``0``, ``false``,
+    ``no``: not)."""
+    value = os.environ.get(VARIABLE, "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise KdbenchError(f"{VARIABLE} must be 1 or 0, got {os.environ[VARIABLE]!r}")
+
+
+def wanted_or_exit() -> bool:
+    """:func:`wanted`, a bad value being one line on stderr and exit status 1 (the workflow
+    checks it before any job starts)."""
+    try:
+        return wanted()
+    except KdbenchError as exc:
+        raise SystemExit(f"kdbench: error: {exc}") from None
+
+
+def job_directory() -> Path:
+    """Where the workflow's MPS daemon keeps its pipes and logs: per SLURM job inside one,
+    else per user, under the temporary directory."""
+    owner = os.environ.get("SLURM_JOB_ID") or f"uid{os.getuid()}"
+    return Path(tempfile.gettempdir()) / f"kdbench-mps-{owner}"
+
+
+def client_env(directory: Path) -> dict[str, str]:
+    """The variables that make a CUDA process a client of the daemon of ``directory``
+    (creating its pipe and log folders)."""
+    env = {}
+    for name, sub in (("CUDA_MPS_PIPE_DIRECTORY", "pipe"), ("CUDA_MPS_LOG_DIRECTORY", "log")):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+        env[name] = str(directory / sub)
+    return env
+
+
+def _control(
+    directory: Path, *args: str, command: str | None = None
+) -> subprocess.CompletedProcess:
+    control = shutil.which(CONTROL)
+    if control is None:
+        raise KdbenchError(f"MPS needs {CONTROL} (NVIDIA's driver tools) on the PATH")
+    return subprocess.run(
+        [control, *args],
+        env={**os.environ, **client_env(directory)},
+        input=f"{command}\n" if command else None,
+        stdin=None if command else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def running(directory: Path) -> bool:
+    """Whether the MPS daemon of ``directory`` answers."""
+    return _control(directory, command="get_server_list").returncode == 0
+
+
+def start(directory: Path) -> dict[str, str]:
+    """Start an MPS control daemon with its pipes and logs under ``directory``; its clients'
+    environment (:func:`client_env`)."""
+    started = _control(directory, "-d")
+    if started.returncode:
+        why = (started.stderr or started.stdout).strip().splitlines()
+        raise KdbenchError(f"the MPS daemon did not start: {why[-1] if why else '?'}")
+    return client_env(directory)
+
+
+def stop(directory: Path | None = None) -> bool:
+    """Stop the MPS daemon of ``directory`` (default :func:`job_directory`) if one answers
+    there; whether one did."""
+    directory = directory or job_directory()
+    try:
+        if shutil.which(CONTROL) is None or not running(directory):
+            return False
+        _control(directory, command="quit")
+    except (OSError, subprocess.SubprocessError):  # nothing to stop, or it hung: leave it
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def daemon(directory: Path) -> Iterator[dict[str, str]]:
+    """An MPS control daemon of this process's own under ``directory``, running for the
+    ``with`` block; yields the environment of its clients."""
+    env = start(directory)
+    try:
+        yield env
+    finally:
+        _control(directory, command="quit")
+
+
+def join(directory: Path | None = None) -> Path:
+    """Make this process a client of the MPS daemon of ``directory`` (default
+    :func:`job_directory`), starting it unless it runs: the jobs that start at once take turns
+    under a file lock, so that one starts it. Call it before CUDA is initialised."""
+    directory = directory or job_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not running(directory):
+            start(directory)
+    os.environ.update(client_env(directory))
+    return directory

@@ -1,0 +1,147 @@
+"""kdbench.mps: the workflow's training jobs as clients of one NVIDIA MPS daemon (KDBENCH_MPS),
+with a stand-in for nvidia-cuda-mps-control (conftest.mps_stub)."""
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import REPO, mps_stub, snakemake
+
+from kdbench import mps, runs
+from kdbench.errors import KdbenchError
+
+
+@pytest.fixture
+def stub(tmp_path, monkeypatch):
+    path, calls = mps_stub(tmp_path / "stub")
+    monkeypatch.setenv("PATH", f"{path}:{os.environ['PATH']}")
+    for name in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY", "KDBENCH_MPS"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "value, want", [(None, False), ("0", False), ("no", False), ("1", True), ("True", True)]
+)
+def test_kdbench_mps_asks_for_it(monkeypatch, value, want):
+    if value is None:
+        monkeypatch.delenv("KDBENCH_MPS", raising=False)
+    else:
+        monkeypatch.setenv("KDBENCH_MPS", value)
+    assert mps.wanted() is want
+
+
+def test_a_bad_kdbench_mps_is_one_line(monkeypatch):
+    monkeypatch.setenv("KDBENCH_MPS", "mps")
+    with pytest.raises(KdbenchError, match="KDBENCH_MPS must be 1 or 0, got 'mps'"):
+        mps.wanted()
+    with pytest.raises(SystemExit, match="^kdbench: error: KDBENCH_MPS must be 1 or 0"):
+        mps.wanted_or_exit()
+
+
+def test_a_bad_kdbench_mps_stops_the_workflow_before_any_job(monkeypatch, tmp_path):
+    monkeypatch.setenv("KDBENCH_MPS", "mps")
+    (tmp_path / "demo.yaml").write_text((REPO / "config" / "demo.yaml").read_text())
+    proc = snakemake("-n", "--configfile", "demo.yaml", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == "kdbench: error: KDBENCH_MPS must be 1 or 0, got 'mps'\n"
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_daemon_is_per_slurm_job_or_else_per_user(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert mps.job_directory() == tmp_path / "kdbench-mps-1234"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert mps.job_directory() == tmp_path / f"kdbench-mps-uid{os.getuid()}"
+
+
+def test_joining_starts_the_daemon_once_and_makes_this_process_its_client(stub, tmp_path):
+    directory = tmp_path / "mps"
+    assert mps.join(directory) == directory
+    pipe = str(directory / "pipe")
+    assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+    assert os.environ["CUDA_MPS_LOG_DIRECTORY"] == str(directory / "log")
+    mps.join(directory)  # running: not started again
+    assert stub.read_text().splitlines() == [
+        f"get_server_list {pipe}",
+        f"start {pipe}",
+        f"get_server_list {pipe}",
+    ]
+    assert mps.stop(directory) and not mps.running(directory)
+    assert not mps.stop(directory)  # nothing left to stop
+    assert stub.read_text().splitlines()[3:] == [
+        f"get_server_list {pipe}",
+        f"quit {pipe}",
+        f"get_server_list {pipe}",
+        f"get_server_list {pipe}",
+    ]
+
+
+def _join(directory: Path) -> str:
+    mps.join(directory)
+    return os.environ["CUDA_MPS_PIPE_DIRECTORY"]
+
+
+def test_jobs_that_start_at_once_start_one_daemon(stub, tmp_path):
+    directory = tmp_path / "mps"
+    with ProcessPoolExecutor(4) as pool:
+        pipes = list(pool.map(_join, [directory] * 8))
+    assert pipes == [str(directory / "pipe")] * 8
+    assert [c for c in stub.read_text().splitlines() if c.startswith("start")] == [
+        f"start {directory / 'pipe'}"
+    ]
+
+
+def test_without_the_control_program_mps_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(KdbenchError, match="MPS needs nvidia-cuda-mps-control"):
+        mps.join(tmp_path / "mps")
+    assert not mps.stop(tmp_path / "mps")  # the workflow's end: nothing to stop, no error
+
+
+def _job(**kwargs) -> str:
+    return os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "-")
+
+
+def test_run_job_joins_for_gpu_jobs_when_asked(stub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    assert runs.run_job(_job, None, gpu=True) == "-"  # not asked
+    monkeypatch.setenv("KDBENCH_MPS", "1")
+    assert runs.run_job(_job, None) == "-"  # not a training job
+    pipe = str(mps.job_directory() / "pipe")
+    assert runs.run_job(_job, None, gpu=True) == pipe
+    assert f"start {pipe}" in stub.read_text().splitlines()
+    # a daemon that does not start: the job's one line, exit status 1
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY")
+    mps.stop()
+    (stub.parent / "fail").touch()
+    with pytest.raises(SystemExit) as exit_:
+        runs.run_job(_job, None, gpu=True)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.splitlines()  # the log, then the one line
+    assert err[-1] == "kdbench: error: the MPS daemon did not start: no GPU"
+
+
+@pytest.mark.slow
+def test_the_workflow_trains_under_mps_and_stops_the_daemon_at_its_end(stub, tmp_path, monkeypatch):
+    """One demo teacher through the workflow with KDBENCH_MPS=1."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "demo.yaml").write_text((REPO / "config" / "demo.yaml").read_text())
+    monkeypatch.setenv("KDBENCH_MPS", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    target = "results/digits/teachers/resnet20/seed0/metrics.json"
+    proc = snakemake(target, "--cores", "1", "--configfile", "demo.yaml", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = str(tmp_path / f"kdbench-mps-uid{os.getuid()}" / "pipe")
+    log = (work / "results/logs/digits/teachers/resnet20-seed0.log").read_text()
+    assert f"MPS: a client of the daemon in {Path(pipe).parent}" in log
+    metrics = json.loads((work / target).read_text())
+    assert metrics["provenance"]["mps_pipe_directory"] == pipe
+    calls = stub.read_text().splitlines()
+    assert calls.count(f"start {pipe}") == 1 and calls[-1] == f"quit {pipe}"
