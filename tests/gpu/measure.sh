@@ -7,14 +7,15 @@
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
 # KEY=VALUE` settings to the epochs, ablation, tucker, concurrent and compile steps and to the
-# default runs of spread (default: cuda_graphs=true prefetch_targets=true); each epochs row
-# records how its steps ran ("steps": whole/split graphs, or eager and why). epochs56 and
-# epochs20 time every method of config/config.yaml's grid, so `grid` (CPU only, seconds) can
-# estimate its GPU-hours from them. The limits add up to about 22 minutes: those of the first
-# six steps (graphs epochs56 epochs20 concurrent grid ablation) to 560 s, one call of at most 10
-# minutes; the rest (tucker methods spread compile mps overlap) to 920 s, more than another:
-# choose. Since 2026-11-26 (graphs measured) the open questions are methods (block-Jacobi
-# sample-wise Tucker), overlap, mps and spread with SET="fold_teacher=true compile=default".
+# default runs of spread (default: none, the defaults: CUDA graphs, prefetched targets, the
+# teacher overlapped, torch.compile); each epochs row records how its steps ran ("steps":
+# whole/split graphs, or eager and why). epochs56 and epochs20 time every method of
+# config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from them;
+# every row compiles in its warm-up epoch (about 25 s on an H200). The limits add up to about 30
+# minutes, more than the 10 of one call: choose. After the two H200 sessions of 2026-11-26 the
+# open questions are: epochs56 epochs20 grid with compile on (the defaults' grid), tucker (the
+# full-tensor Tucker methods at 1.30x featuremap on resnet20 once the teacher overlapped: the
+# host waits for eigh) and the workflow itself under KDBENCH_MPS=1.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -23,7 +24,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/kdbench-inductor}
 log="$OUT/log.txt"
 sets=()
-for kv in ${SET-cuda_graphs=true prefetch_targets=true}; do sets+=(--set "$kv"); done
+for kv in ${SET-}; do sets+=(--set "$kv"); done
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
@@ -44,21 +45,20 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back
     graphs) step graphs 50 $B graphs --json "$OUT/graphs.json" ;;
     # resnet110 → resnet56: the teacher, and the grid's methods against the reference loop
-    epochs56) step epochs56 180 $B epochs --teachers --epochs 1 --warmup 1 \
+    epochs56) step epochs56 330 $B epochs --teachers --epochs 1 --warmup 1 \
         --reference-steps 10 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
     # KD resnet110 → resnet56 with the speed switches on one at a time (15,000 images: the
     # first rungs are the slow eager ones)
     ablation) step ablation 90 $B epochs --methods kd --ablation --no-reference \
         --train-size 15000 --epochs 1 --warmup 1 "${sets[@]}" --json "$OUT/ablation.json" ;;
-    # the Tucker methods against featuremap: the defaults (eigendecompositions on the GPU, the
-    # next batch's overlapping each step: train.prefetch_targets), then those on the host
-    # (train.eigh_on_host), then neither
-    tucker) for both in false:true true:true false:false; do
-            host=${both%:*} ahead=${both#*:}
-            step "tucker-host-$host-prefetch-$ahead" 100 $B epochs --no-reference --epochs 1 \
-                --methods featuremap "tucker full-teacher-r32" "tucker sample-teacher-r32" \
-                "tucker_recomp teacher-r32" "${sets[@]}" --set eigh_on_host=$host \
-                --set prefetch_targets=$ahead --json "$OUT/tucker-host-$host-prefetch-$ahead.json"
+    # the Tucker methods against featuremap on resnet110 -> resnet20 (where their wait for the
+    # teacher's eigh shows most): the defaults (eigendecompositions on the GPU), then on the
+    # host (train.eigh_on_host)
+    tucker) for host in false true; do
+            step "tucker-host-$host" 200 $B epochs --no-reference --epochs 1 \
+                --pair resnet110:resnet20 --methods featuremap "tucker full-teacher-r32" \
+                "tucker sample-teacher-r32" "tucker_recomp teacher-r32" "${sets[@]}" \
+                --set eigh_on_host=$host --json "$OUT/tucker-host-$host.json"
         done ;;
     # one eager step of every method (resnet110 → resnet56, interleaved), and the Tucker
     # decomposition of a stage-3 batch alone (kdbench and tensorly): where a Tucker step's
@@ -68,13 +68,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # KD resnet20 → resnet8
     spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 "${sets[@]}" \
         --json "$OUT/spread.json" ;;
-    # train.overlap_teacher: the graphs check with it (against eager steps), then KD,
-    # featuremap and full-tensor Tucker epochs with it (without it: epochs56 in the same call;
-    # the ablation's last rung adds it to KD in one process)
-    overlap) step overlap-graphs 50 $B graphs --set overlap_teacher=true \
-            --json "$OUT/graphs-overlap.json"
-        step overlap 100 $B epochs --no-reference --epochs 1 --methods kd featuremap \
-            "tucker full-teacher-r32" "${sets[@]}" --set overlap_teacher=true \
+    # KD, featuremap and full-tensor Tucker epochs without train.overlap_teacher (on by
+    # default: with it, epochs56; `graphs` checks it against eager steps)
+    overlap) step overlap 200 $B epochs --no-reference --epochs 1 --methods kd featuremap \
+            "tucker full-teacher-r32" "${sets[@]}" --set overlap_teacher=false \
             --json "$OUT/overlap.json" ;;
     # 1, 2, 4, 8 concurrent KD runs on the GPU under an MPS daemon (their kernels side by
     # side; without it, graphed runs took turns and 2-8 gave 0.99x of one)
@@ -84,18 +81,17 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     concurrent) step concurrent 110 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
         --json "$OUT/concurrent.json" ;;
     # resnet110 → resnet20 (the grid's second pair) and the teacher, no reference
-    epochs20) step epochs20 100 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
+    epochs20) step epochs20 240 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
         --epochs 1 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs20.json" ;;
     # GPU-hours of the full CIFAR-100 grid from the two epochs files (and concurrent, if there)
     grid) conc=()
         [ -s "$OUT/concurrent.json" ] && conc=(--concurrency "$OUT/concurrent.json")
         step grid 30 $B grid "$OUT/epochs56.json" "$OUT/epochs20.json" --config config/config.yaml \
             "${conc[@]}" --json "$OUT/grid.json" ;;
-    # torch.compile of student and teacher (first epoch compiles; cache in
-    # TORCHINDUCTOR_CACHE_DIR), with SET's switches: by default the compiled step captured as
-    # CUDA graphs, fused kernels and one launch per step
+    # KD uncompiled (train.compile: none), against the compiled default of epochs56: what
+    # torch.compile adds on top of the graphs (compiled steps captured as CUDA graphs)
     compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
-        --epochs 1 "${sets[@]}" --set compile=default --json "$OUT/compile.json" ;;
+        --epochs 1 "${sets[@]}" --set compile=none --json "$OUT/compile.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
