@@ -82,7 +82,14 @@ def events(monkeypatch):
 
 
 def _graphed(
-    events, method_name="kd", fused=True, fail=False, autocast=None, overlap=False, **params
+    events,
+    method_name="kd",
+    fused=True,
+    fail=False,
+    autocast=None,
+    overlap=False,
+    pipeline=False,
+    **params,
 ):
     student = models.build("resnet8", 10, 1)
     teacher = models.build("resnet8", 10, 1)
@@ -98,7 +105,7 @@ def _graphed(
         return torch.zeros(()), {"ce": torch.zeros(())}, torch.tensor(True)
 
     autocast = autocast or contextlib.nullcontext
-    step = graphs.GraphedStep(method, opt, optimise, autocast, overlap=overlap)
+    step = graphs.GraphedStep(method, opt, optimise, autocast, overlap=overlap, pipeline=pipeline)
     return step, opt["student"]
 
 
@@ -175,6 +182,35 @@ def test_an_overlapped_teacher_runs_on_the_side_stream_beside_the_student_graph(
     assert _graphed(events, "vanilla", overlap=True)[0].status == "whole"
     own = _graphed(events, "tucker", overlap=True, basis="own")[0]
     assert own.status.startswith("eager")
+
+
+def test_a_pipelined_step_runs_the_teacher_two_batches_ahead_and_the_targets_one(events):
+    g, _ = _graphed(events, "tucker", overlap=True, pipeline=True)
+    xs = [torch.rand(8, 1, 8, 8) for _ in range(8)]
+    for i in range(3):  # the warm-up
+        g(xs[i], Y8, xs[i + 1], xs[i + 2])
+    events.clear()
+    g(xs[3], Y8, xs[4], xs[5])
+    assert events[:4] == ["capture-on-side", "replay", "capture", "step-in-capture"]
+    ahead = ["wait-event", "side", "replay", "event"]  # a teacher pass on the side stream
+    targets = ["wait-event", "side", "event"]  # targets on the third stream, after that pass
+    # this batch's teacher pass (nothing ran ahead yet), then this batch's student step first;
+    # the teacher on the next two batches, the next one's targets
+    assert events[4:] == ["replay", "event", "replay", *ahead, *ahead, *targets]
+    assert g.targets_for is xs[4] and [p[0] for p in g.pending] == [xs[5]]
+    events.clear()
+    g(xs[4], Y8, xs[5], xs[6])
+    # the student step, the teacher on the batch after next (into the slot whose targets are
+    # made: one more wait), the next batch's targets from the pass that ran a step ago
+    assert events == ["event", "replay", "wait-event", *ahead, *targets]
+    assert g.targets_for is xs[5] and [p[0] for p in g.pending] == [xs[6]]
+    assert g.status == "split, prefetch, overlap, pipeline"
+    events.clear()
+    g(xs[5], Y8, xs[6])  # nothing after the next batch (an epoch's end)
+    assert events == ["event", "replay", *targets]
+    assert g.targets_for is xs[6] and not g.pending
+    # only with the teacher overlapped
+    assert not _graphed(events, "tucker", pipeline=True)[0].pipeline
 
 
 def test_a_failed_capture_trains_eagerly_from_then_on(events, caplog):
@@ -390,6 +426,11 @@ def _run(method, cfg, epochs, step_fn=None):
         ("ft", {}, "overlap"),
         ("tucker", {"rank": 4}, "overlap"),
         ("paraphraser", {}, "overlap"),
+        # the teacher two batches ahead, the targets one ahead (train.pipeline_targets)
+        ("kd", {}, "pipeline"),
+        ("tucker", {"rank": 4}, "pipeline"),
+        ("tucker", {"rank": 4, "decomposition": "sample"}, "pipeline"),
+        ("tucker_recomp", {"rank": 4, "target": "both"}, "pipeline"),
     ],
 )
 def test_replayed_graphs_train_exactly_as_eager_steps(
@@ -398,7 +439,8 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
     """Whole and split graphs, with and without prefetched targets or the teacher's pass
     overlapped, replayed on the CPU by stand-ins that compute: the same weights, bit for bit,
     and the same epoch totals."""
-    prefetch, overlap = ahead == "prefetch", ahead == "overlap"
+    prefetch, pipeline = ahead == "prefetch", ahead == "pipeline"
+    overlap = ahead == "overlap" or pipeline
     assets = {}
     if name == "ft":
         assets["paraphraser"] = tmp_path / "paraphraser.pt"
@@ -437,21 +479,26 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         nonlocal opts
         opts = o
         run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
-        return graphs.GraphedStep(m, o, run, contextlib.nullcontext, prefetch, overlap)
+        return graphs.GraphedStep(m, o, run, contextlib.nullcontext, prefetch, overlap, pipeline)
 
     opts = {}
     totals, step = _run(method, cfg, 2, graphed)
     split = "split, prefetch" if prefetch else "split"
     want_status = split if name.startswith("tucker") else "whole"
-    assert step.status == ("split, prefetch, overlap" if overlap else want_status)
+    overlapped = "split, prefetch, overlap" + (", pipeline" if pipeline else "")
+    assert step.status == (overlapped if overlap else want_status)
     assert events.count("replay") > 10
     for k, m in method.trainable().items():
         want, got = eager_method.trainable()[k].state_dict(), m.state_dict()
         assert all(torch.equal(want[k], got[k]) for k in want)
     assert totals == eager
     if prefetch or overlap:
-        # epoch 0: 3 eager warm-up steps, then batches 4–8 prefetched; epoch 1: batches 1–8
-        assert events.count("wait-event") == 5 + 8
+        # epoch 0: 3 eager warm-up steps, then batches 4–8 prefetched; epoch 1: batches 1–8.
+        # Pipelined, each of those p teacher passes ahead (the first two at the epoch's first
+        # prefetch, then one per step) also waits for the loader's batches, and for its
+        # slot's last targets once both slots have been used: 2p - 2 more per epoch
+        waits = 5 + 8 + ((2 * 5 - 2) + (2 * 8 - 2) if pipeline else 0)
+        assert events.count("wait-event") == waits
         # epoch 1, the targets computed, in order: at the capture and the first step (batch
         # 0, no prefetch), ahead for batches 1–8, and in the eager step of the last batch
         # (where only the Tucker methods compute targets: the others' eager step has none)
@@ -462,7 +509,8 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
             assert targets[-10:] == [ids[0], *ids[:-1]]
 
 
-def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypatch, caplog):
+@pytest.mark.parametrize("ahead", ["prefetch", "pipeline"])
+def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypatch, caplog, ahead):
     cfg = TrainConfig(fused=True, epochs=1)
     torch.manual_seed(0)
     student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
@@ -475,12 +523,14 @@ def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypat
 
     def graphed(m, o):
         run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
-        step = graphs.GraphedStep(m, o, run, contextlib.nullcontext, prefetch=True)
-        return step
+        pipeline = ahead == "pipeline"
+        return graphs.GraphedStep(
+            m, o, run, contextlib.nullcontext, True, overlap=pipeline, pipeline=pipeline
+        )
 
     monkeypatch.setattr(torch.cuda.Stream, "wait_event", wait_event)
     totals, step = _run(method, cfg, 1, graphed)
-    assert step.status == "split" and step.targets_for is None
+    assert step.status == "split" and step.targets_for is None and not step.pending
     assert "prefetching targets off: CUDA error: an illegal stream wait" in caplog.text
     assert len(totals) == 1 and not totals[0].bad_steps
 

@@ -33,6 +33,14 @@ and then replays it for every batch of the same shape: one launch instead of a t
   ``Method.student_loss``'s defaults: the teacher's outputs themselves are the targets). The
   teacher's graph is captured on the side stream, so that the two graphs' cuBLAS calls do not
   share the capture stream's workspace while they run at once.
+* ``pipeline`` (``train.pipeline_targets``; with ``overlap``): two batches ahead. A step told
+  the next two batches (``upcoming`` and ``after``) replays its student graph first, then the
+  teacher's graph on ``after`` on the side stream (its outputs copied into one of two slots),
+  then computes ``upcoming``'s targets from its slot, filled a step earlier, on a third stream.
+  The decomposition's synchronisation then finds the teacher's pass done, and the side stream
+  runs the teacher passes back to back while the third runs the decompositions beside them,
+  instead of one after the other on one stream (where on a short student step, resnet20's,
+  their sum made the step). The same targets for every batch, in the same order.
 
 :class:`GraphedEval` does the same for the evaluation of a batch (see its docstring).
 """
@@ -81,7 +89,7 @@ class GraphedStep:
     """``(xb, yb, upcoming=None) -> (logits, loss parts, ok)`` from replayed CUDA graphs; see
     the module docstring. ``optimise(forward)`` is the eager step around a forward pass,
     ``autocast()`` the step's autocast context, ``prefetch`` ``train.prefetch_targets``,
-    ``overlap`` ``train.overlap_teacher``."""
+    ``overlap`` ``train.overlap_teacher``, ``pipeline`` ``train.pipeline_targets``."""
 
     def __init__(
         self,
@@ -91,6 +99,7 @@ class GraphedStep:
         autocast: Callable[[], contextlib.AbstractContextManager[Any]],
         prefetch: bool = False,
         overlap: bool = False,
+        pipeline: bool = False,
     ) -> None:
         self.method = method
         self.optimizers = optimizers
@@ -102,6 +111,10 @@ class GraphedStep:
         if self.overlap:
             self.mode = "split"
         self.prefetch = (prefetch or self.overlap) and self.mode == "split"
+        #: the teacher two batches ahead, the targets one ahead on a third stream
+        self.pipeline = pipeline and self.overlap
+        #: teacher passes run ahead and not yet turned into targets: (batch, slot, done event)
+        self.pending: list[tuple[Tensor, int, Any]] = []
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.key: tuple[Any, ...] | None = None
         self.warm = 0
@@ -113,12 +126,13 @@ class GraphedStep:
 
     @property
     def status(self) -> str:
-        """``whole``, ``split``, ``split, prefetch`` or ``split, prefetch, overlap`` (how steps
-        are captured), or ``eager: <why>``."""
+        """``whole``, ``split``, ``split, prefetch``, ``split, prefetch, overlap`` or ``split,
+        prefetch, overlap, pipeline`` (how steps are captured), or ``eager: <why>``."""
         if self.disabled:
             return f"eager: {self.disabled}"
         status = f"{self.mode}, prefetch" if self.prefetch else self.mode
-        return f"{status}, overlap" if self.overlap else status
+        status = f"{status}, overlap" if self.overlap else status
+        return f"{status}, pipeline" if self.pipeline else status
 
     def _why_not(self) -> str | None:
         unfused = [name for name, opt in self.optimizers.items() if not _fused({name: opt})]
@@ -136,8 +150,15 @@ class GraphedStep:
     def _lrs(self) -> tuple[float, ...]:
         return tuple(g["lr"] for o in self.optimizers.values() for g in o.param_groups)
 
-    def __call__(self, xb: Tensor, yb: Tensor, upcoming: Tensor | None = None) -> StepResult:
-        """One step on ``(xb, yb)``; ``upcoming`` is the next batch's input, if known."""
+    def _fits(self, x: Tensor | None) -> bool:
+        """Whether ``x`` is a batch the captured graphs take."""
+        return x is not None and (tuple(x.shape), x.stride()) == self.key[:2]
+
+    def __call__(
+        self, xb: Tensor, yb: Tensor, upcoming: Tensor | None = None, after: Tensor | None = None
+    ) -> StepResult:
+        """One step on ``(xb, yb)``; ``upcoming`` is the next batch's input and ``after`` the
+        one after it, if known."""
         if self.disabled:
             return self.eager(xb, yb)
         if self.warm < WARMUP_STEPS:
@@ -151,17 +172,18 @@ class GraphedStep:
             if self.disabled:
                 return self.eager(xb, yb)
         if self.mode == "split" and self.targets_for is not xb:
+            self._drain()  # no teacher pass may still run ahead on the side stream
             self.static_tx.copy_(xb)
             self.graphs[0].replay()  # the teacher's forward pass
             self._set_targets(self._targets())
         self.targets_for = None
         self.static_x.copy_(xb)
         self.static_y.copy_(yb)
-        ahead = (
-            self.prefetch
-            and upcoming is not None
-            and (tuple(upcoming.shape), upcoming.stride()) == self.key[:2]
-        )
+        ahead = self.prefetch and self._fits(upcoming)
+        if ahead and self.pipeline:
+            assert upcoming is not None
+            self._pipelined(upcoming, after if self._fits(after) else None)
+            return self.static_out
         if ahead:  # the next batch's teacher pass first: its targets overlap this step
             done = torch.cuda.Event()
             if self.overlap:  # on the side stream, beside this batch's student graph
@@ -197,15 +219,85 @@ class GraphedStep:
             return
         self.targets_for = upcoming
 
+    def _pipelined(self, upcoming: Tensor, after: Tensor | None) -> None:
+        """This batch's student graph, then the teacher's pass on ``after`` (and on
+        ``upcoming`` if none ran ahead for it) on the side stream, then ``upcoming``'s targets
+        on the third stream, copied into the student graph's inputs behind this step. A failure
+        turns the pipeline and prefetching off, with one warning."""
+        main = torch.cuda.current_stream()
+        batches_ready = torch.cuda.Event()  # the loader's batches, made before this step
+        batches_ready.record()
+        self.graphs[-1].replay()
+        try:
+            # a pass run ahead for a batch that did not come next (none in an epoch's order)
+            self.pending = [p for p in self.pending if p[0] is upcoming or p[0] is after]
+            pending = next((p for p in self.pending if p[0] is upcoming), None)
+            if pending is None:
+                pending = self._teacher_ahead(upcoming, batches_ready)
+            if after is not None:
+                self._teacher_ahead(after, batches_ready)
+            _, slot, done = pending
+            self.pending.remove(pending)
+            self.targets_stream.wait_event(done)
+            with torch.cuda.stream(self.targets_stream):
+                targets = self._targets(tree_unflatten(self.slots[slot], self.slot_spec))
+                read = torch.cuda.Event()  # the slot may be filled again after this
+                read.record()
+            self.slot_read[slot] = read
+            for t in tree_flatten(targets)[0]:
+                if isinstance(t, Tensor) and t.is_cuda:  # made on the third stream, read here
+                    t.record_stream(main)
+            main.wait_stream(self.targets_stream)
+            self._set_targets(targets)
+        except Exception as exc:
+            self.prefetch = self.overlap = self.pipeline = False
+            log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
+            with contextlib.suppress(Exception):
+                self._drain()
+            return
+        self.targets_for = upcoming
+
+    def _teacher_ahead(self, x: Tensor, batches_ready: Any) -> tuple[Tensor, int, Any]:
+        """Replay the teacher's graph on ``x`` on the side stream, after the loader made it,
+        into a free slot; the pending entry."""
+        used = {p[1] for p in self.pending}
+        slot = next(i for i in range(len(self.slots)) if i not in used)
+        self.side.wait_event(batches_ready)
+        if self.slot_read[slot] is not None:  # the targets of the slot's last batch are made
+            self.side.wait_event(self.slot_read[slot])
+        with torch.cuda.stream(self.side):
+            if x.is_cuda:  # made on the main stream, read on this one
+                x.record_stream(self.side)
+            self.static_tx.copy_(x)
+            self.graphs[0].replay()
+            outputs = tree_flatten(self.static_teacher)[0]
+            for dst, src in zip(self.slots[slot], outputs, strict=True):
+                dst.copy_(src)
+            done = torch.cuda.Event()
+            done.record()
+        entry = (x, slot, done)
+        self.pending.append(entry)
+        return entry
+
+    def _drain(self) -> None:
+        """Order the current stream after all work of the side streams; forget what ran
+        ahead."""
+        self.pending = []
+        if self.pipeline and self.graphs:
+            main = torch.cuda.current_stream()
+            main.wait_stream(self.side)
+            main.wait_stream(self.targets_stream)
+
     def _teacher_pass(self, x: Tensor) -> list[Tensor]:
         with self.autocast():
             return self.method.teacher_outputs(x)
 
-    def _targets(self) -> Any:
-        """The method's teacher targets from the teacher graph's outputs, eagerly, under the
-        step's autocast (as in an eager step, where they are computed inside it)."""
+    def _targets(self, outputs: Any = None) -> Any:
+        """The method's teacher targets from ``outputs`` (default: the teacher graph's),
+        eagerly, under the step's autocast (as in an eager step, where they are computed
+        inside it)."""
         with self.autocast():
-            return self.method.teacher_targets(self.static_teacher)
+            return self.method.teacher_targets(self.static_teacher if outputs is None else outputs)
 
     def _set_targets(self, targets: Any) -> None:
         """Copy ``targets`` into the student graph's inputs, on the current stream."""
@@ -217,6 +309,7 @@ class GraphedStep:
                 raise RuntimeError(f"a constant teacher target changed ({static} → {value})")
 
     def _capture(self, xb: Tensor, yb: Tensor, key: tuple[Any, ...]) -> None:
+        self._drain()
         self.graphs = []  # frees the previous captures' memory
         self.targets_for = None
         self.static_x = xb.clone(memory_format=torch.preserve_format)
@@ -239,6 +332,11 @@ class GraphedStep:
                 )
                 teacher.replay()
                 graphs.append(teacher)
+                if self.pipeline:  # two slots for teacher outputs run ahead, a third stream
+                    flat, self.slot_spec = tree_flatten(self.static_teacher)
+                    self.slots = [[t.clone() for t in flat] for _ in range(2)]
+                    self.slot_read: list[Any] = [None, None]
+                    self.targets_stream = torch.cuda.Stream()
                 flat, spec = tree_flatten(self._targets())
                 self.static_targets = [
                     v.clone(memory_format=torch.preserve_format) if isinstance(v, Tensor) else v

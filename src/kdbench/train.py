@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -68,6 +69,7 @@ LATER_SETTINGS = (
     "eigh_on_host",
     "prefetch_targets",
     "overlap_teacher",
+    "pipeline_targets",
 )
 
 
@@ -135,6 +137,10 @@ class TrainConfig:
     #: ``overlap``): the two overlap on the GPU. Every method with a teacher; same targets,
     #: same order, the same weights as eager steps; 1.17x on KD resnet110 -> resnet56 (H200)
     overlap_teacher: bool = True
+    #: with ``overlap_teacher``, run the teacher's pass two batches ahead and the methods'
+    #: targets (Tucker's decomposition) one batch ahead on a third CUDA stream, beside it
+    #: (:mod:`kdbench.graphs`, ``pipeline``); same targets, same order. Off until measured
+    pipeline_targets: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -451,7 +457,8 @@ def train_step(
     return (logits, parts) if bool(ok) else None
 
 
-#: ``(xb, yb, upcoming=None) -> StepResult``; ``upcoming`` is the next batch's input, if any
+#: ``(xb, yb, upcoming=None, after=None) -> StepResult``; ``upcoming`` is the next batch's input
+#: and ``after`` the one after it, if any
 Step = Callable[..., StepResult]
 
 
@@ -490,9 +497,12 @@ def make_step(
             lambda: autocast(device, cfg),
             cfg.prefetch_targets,
             cfg.overlap_teacher,
+            cfg.pipeline_targets,
         )
 
-    def step(xb: Tensor, yb: Tensor, upcoming: Tensor | None = None) -> StepResult:
+    def step(
+        xb: Tensor, yb: Tensor, upcoming: Tensor | None = None, after: Tensor | None = None
+    ) -> StepResult:
         return run(functools.partial(method.forward_train, xb, yb))
 
     return step
@@ -510,13 +520,14 @@ class EpochTotals:
     bad_steps: list[int]
 
 
-def _with_next(items: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
-    """``(item, the next item or None)``: one item ahead, so that a step may prepare the next."""
-    current = next(items, None)
-    while current is not None:
-        following = next(items, None)
-        yield current, following
-        current = following
+def _with_next(items: Iterator[Any], ahead: int = 2) -> Iterator[tuple[Any, list[Any]]]:
+    """``(item, the next ahead items, fewer at the end)``: so that a step may prepare the
+    next ones."""
+    window = list(itertools.islice(items, ahead + 1))
+    while window:
+        yield window[0], window[1:]
+        window = window[1:]
+        window.extend(itertools.islice(items, 1))
 
 
 def train_epoch(
@@ -542,9 +553,9 @@ def train_epoch(
     sums: dict[str, Tensor] = {}
     correct = torch.zeros((), device=device, dtype=torch.int64)
     bad = torch.zeros(max(len(loader), 1), device=device, dtype=torch.bool)
-    for step, ((xb, yb), upcoming) in enumerate(_with_next(loader.epoch(epoch))):
+    for step, ((xb, yb), following) in enumerate(_with_next(loader.epoch(epoch))):
         faults.point(f"step{step}")
-        logits, parts, ok = step_fn(xb, yb, None if upcoming is None else upcoming[0])
+        logits, parts, ok = step_fn(xb, yb, *(x for x, _ in following))
         if host_check and not bool(ok) and on_bad_step is not None:
             on_bad_step(step)
         with torch.no_grad():

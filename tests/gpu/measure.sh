@@ -13,9 +13,10 @@
 # config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from them;
 # every row compiles in its warm-up epoch (about 25 s on an H200). The limits add up to about 30
 # minutes, more than the 10 of one call: choose. After the two H200 sessions of 2026-11-26 the
-# open questions are: epochs56 epochs20 grid with compile on (the defaults' grid), tucker (the
-# full-tensor Tucker methods at 1.30x featuremap on resnet20 once the teacher overlapped: the
-# host waits for eigh) and the workflow itself under KDBENCH_MPS=1.
+# open questions are: tucker (the full-tensor Tucker methods at 1.30x featuremap on resnet20
+# once the teacher overlapped; train.pipeline_targets, built for it, checked and timed there),
+# epochs56 epochs20 grid with compile on (the defaults' grid) and the workflow itself under
+# KDBENCH_MPS=1.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -52,13 +53,16 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     ablation) step ablation 90 $B epochs --methods kd --ablation --no-reference \
         --train-size 15000 --epochs 1 --warmup 1 "${sets[@]}" --json "$OUT/ablation.json" ;;
     # the Tucker methods against featuremap on resnet110 -> resnet20 (where their wait for the
-    # teacher's eigh shows most): the defaults (eigendecompositions on the GPU), then on the
-    # host (train.eigh_on_host)
-    tucker) for host in false true; do
-            step "tucker-host-$host" 200 $B epochs --no-reference --epochs 1 \
+    # teacher's eigh shows most): the defaults (eigendecompositions on the GPU), on the host
+    # (train.eigh_on_host), and pipelined (train.pipeline_targets: the teacher two batches
+    # ahead, the decomposition one, on streams of their own), after the graphs check with it
+    tucker) step graphs-pipeline 60 $B graphs --set pipeline_targets=true \
+            --json "$OUT/graphs-pipeline.json"
+        for setting in eigh_on_host=false eigh_on_host=true pipeline_targets=true; do
+            step "tucker-$setting" 200 $B epochs --no-reference --epochs 1 \
                 --pair resnet110:resnet20 --methods featuremap "tucker full-teacher-r32" \
                 "tucker sample-teacher-r32" "tucker_recomp teacher-r32" "${sets[@]}" \
-                --set eigh_on_host=$host --json "$OUT/tucker-host-$host.json"
+                --set "$setting" --json "$OUT/tucker-${setting/=/-}.json"
         done ;;
     # one eager step of every method (resnet110 → resnet56, interleaved), and the Tucker
     # decomposition of a stage-3 batch alone (kdbench and tensorly): where a Tucker step's
