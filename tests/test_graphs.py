@@ -518,8 +518,13 @@ def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypat
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, list))
     monkeypatch.setattr(graphs, "_record", lambda g, fn, stream=None: g.record(fn))
 
-    def wait_event(self, event):
-        raise RuntimeError("CUDA error: an illegal stream wait")
+    waits, waited = [], []  # the stream waits; the side streams waited for after the failure
+
+    def wait_event(self, event):  # the first prefetches work, then one fails
+        waits.append(event)
+        if len(waits) > 4:
+            waited.clear()
+            raise RuntimeError("CUDA error: an illegal stream wait")
 
     def graphed(m, o):
         run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
@@ -529,7 +534,11 @@ def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypat
         )
 
     monkeypatch.setattr(torch.cuda.Stream, "wait_event", wait_event)
+    monkeypatch.setattr(torch.cuda.Stream, "wait_stream", lambda s, other: waited.append(other))
     totals, step = _run(method, cfg, 1, graphed)
+    # nothing after the failure may overtake what the side streams (two, pipelined) still run
+    side = [step.side, step.targets_stream] if ahead == "pipeline" else [step.side]
+    assert all(any(w is s for w in waited) for s in side)
     assert step.status == "split" and step.targets_for is None and not step.pending
     assert "prefetching targets off: CUDA error: an illegal stream wait" in caplog.text
     assert len(totals) == 1 and not totals[0].bad_steps

@@ -250,10 +250,10 @@ class GraphedStep:
             main.wait_stream(self.targets_stream)
             self._set_targets(targets)
         except Exception as exc:
+            with contextlib.suppress(Exception):  # nothing later may overtake the side streams
+                self._drain()
             self.prefetch = self.overlap = self.pipeline = False
             log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
-            with contextlib.suppress(Exception):
-                self._drain()
             return
         self.targets_for = upcoming
 
