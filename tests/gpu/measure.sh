@@ -87,9 +87,11 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # resnet110 → resnet20 (the grid's second pair) and the teacher, no reference
     epochs20) step epochs20 240 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
         --epochs 1 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs20.json" ;;
-    # GPU-hours of the full CIFAR-100 grid from the two epochs files (and concurrent, if there)
+    # GPU-hours of the full CIFAR-100 grid from the two epochs files (and the runs per GPU of
+    # mps, else concurrent, if there)
     grid) conc=()
         [ -s "$OUT/concurrent.json" ] && conc=(--concurrency "$OUT/concurrent.json")
+        [ -s "$OUT/mps.json" ] && conc=(--concurrency "$OUT/mps.json")
         step grid 30 $B grid "$OUT/epochs56.json" "$OUT/epochs20.json" --config config/config.yaml \
             "${conc[@]}" --json "$OUT/grid.json" ;;
     # KD uncompiled (train.compile: none), against the compiled default of epochs56: what
