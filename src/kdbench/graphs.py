@@ -86,9 +86,9 @@ def _on_side_stream(fn: Callable[[], Any]) -> Any:
 
 
 class GraphedStep:
-    """``(xb, yb, upcoming=None) -> (logits, loss parts, ok)`` from replayed CUDA graphs; see
-    the module docstring. ``optimise(forward)`` is the eager step around a forward pass,
-    ``autocast()`` the step's autocast context, ``prefetch`` ``train.prefetch_targets``,
+    """``(xb, yb, upcoming=None, after=None) -> (logits, loss parts, ok)`` from replayed CUDA
+    graphs; see the module docstring. ``optimise(forward)`` is the eager step around a forward
+    pass, ``autocast()`` the step's autocast context, ``prefetch`` ``train.prefetch_targets``,
     ``overlap`` ``train.overlap_teacher``, ``pipeline`` ``train.pipeline_targets``."""
 
     def __init__(
