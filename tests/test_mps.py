@@ -3,6 +3,8 @@ with a stand-in for nvidia-cuda-mps-control (conftest.mps_stub)."""
 
 import json
 import os
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -145,3 +147,25 @@ def test_the_workflow_trains_under_mps_and_stops_the_daemon_at_its_end(stub, tmp
     assert metrics["provenance"]["mps_pipe_directory"] == pipe
     calls = stub.read_text().splitlines()
     assert calls.count(f"start {pipe}") == 1 and calls[-1] == f"quit {pipe}"
+
+
+@pytest.mark.slow
+def test_the_gpu_check_of_the_workflow_jobs_under_mps_runs(stub, tmp_path):
+    """tests/gpu/mps_jobs.py (measure.sh mps-jobs) on the CPU: two jobs join one daemon."""
+    out = tmp_path / "mps-jobs.json"
+    script = REPO / "tests" / "gpu" / "mps_jobs.py"
+    argv = ["--device", "cpu", "--jobs", "2", "--epochs", "1", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["weights_identical_per_job"] == [True, True] and doc["daemon_stopped"]
+    assert [r["mps"] for r in doc["rounds"]] == [False, True]
+    assert all(run["mps_pipe_directory"] for run in doc["rounds"][1]["runs"])
+    assert not any(run["mps_pipe_directory"] for run in doc["rounds"][0]["runs"])
+    assert sum(c.startswith("start ") for c in stub.read_text().splitlines()) == 1

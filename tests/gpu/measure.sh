@@ -2,7 +2,7 @@
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
-# methods spread compile mps overlap.
+# methods spread compile mps overlap mps-jobs.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -15,8 +15,8 @@
 # minutes, more than the 10 of one call: choose. After the two H200 sessions of 2026-11-26 the
 # open questions are: tucker (the full-tensor Tucker methods at 1.30x featuremap on resnet20
 # once the teacher overlapped; train.pipeline_targets, built for it, checked and timed there),
-# epochs56 epochs20 grid with compile on (the defaults' grid) and the workflow itself under
-# KDBENCH_MPS=1.
+# epochs56 epochs20 grid with compile on (the defaults' grid) and the workflow's jobs under
+# KDBENCH_MPS=1 (mps-jobs).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -41,7 +41,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap}; do
+    overlap mps-jobs}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back
     graphs) step graphs 50 $B graphs --json "$OUT/graphs.json" ;;
@@ -81,6 +81,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # side; without it, graphed runs took turns and 2-8 gave 0.99x of one)
     mps) step mps 110 $B concurrent --mps --train-size 20000 --epochs 1 "${sets[@]}" \
         --json "$OUT/mps.json" ;;
+    # the workflow's own training jobs (kdbench.runs.run_job) under KDBENCH_MPS=1: 4 digits
+    # teachers at once without MPS, then joining the daemon the first starts; same weights?
+    mps-jobs) step mps-jobs 240 "$PY" tests/gpu/mps_jobs.py --jobs 4 --epochs 5 \
+        --json "$OUT/mps-jobs.json" ;;
     # 1, 2, 4, 8 concurrent KD runs on the GPU
     concurrent) step concurrent 110 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
         --json "$OUT/concurrent.json" ;;
