@@ -115,6 +115,8 @@ def test_run_job_joins_for_gpu_jobs_when_asked(stub, tmp_path, monkeypatch, caps
     assert runs.run_job(_job, None, gpu=True) == "-"  # not asked
     monkeypatch.setenv("KDBENCH_MPS", "1")
     assert runs.run_job(_job, None) == "-"  # not a training job
+    assert runs.run_job(_job, None, gpu=True, train={"device": "cpu"}) == "-"  # on the CPU
+    assert stub.read_text() == ""
     pipe = str(mps.job_directory() / "pipe")
     assert runs.run_job(_job, None, gpu=True) == pipe
     assert f"start {pipe}" in stub.read_text().splitlines()
@@ -134,7 +136,9 @@ def test_the_workflow_trains_under_mps_and_stops_the_daemon_at_its_end(stub, tmp
     """One demo teacher through the workflow with KDBENCH_MPS=1."""
     work = tmp_path / "work"
     work.mkdir()
-    (work / "demo.yaml").write_text((REPO / "config" / "demo.yaml").read_text())
+    # device auto, not the demo's cpu (no MPS for a run on the CPU; auto is the CPU here too)
+    demo = (REPO / "config" / "demo.yaml").read_text()
+    (work / "demo.yaml").write_text(demo.replace("  device: cpu\n", "  device: auto\n"))
     monkeypatch.setenv("KDBENCH_MPS", "1")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     target = "results/digits/teachers/resnet20/seed0/metrics.json"
@@ -154,7 +158,7 @@ def test_the_gpu_check_of_the_workflow_jobs_under_mps_runs(stub, tmp_path):
     """tests/gpu/mps_jobs.py (measure.sh mps-jobs) on the CPU: two jobs join one daemon."""
     out = tmp_path / "mps-jobs.json"
     script = REPO / "tests" / "gpu" / "mps_jobs.py"
-    argv = ["--device", "cpu", "--jobs", "2", "--epochs", "1", "--json", str(out)]
+    argv = ["--device", "auto", "--jobs", "2", "--epochs", "1", "--json", str(out)]
     proc = subprocess.run(
         [sys.executable, str(script), *argv],
         capture_output=True,

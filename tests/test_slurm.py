@@ -104,7 +104,10 @@ def slurm_demo(cluster, tmp_path_factory):
     # the demo with one student seed: every rule and request, half the jobs
     demo = (REPO / "config" / "demo.yaml").read_text()
     assert "\nseeds: [0, 1]\n" in demo
-    (work / "demo.yaml").write_text(demo.replace("\nseeds: [0, 1]\n", "\nseeds: [0]\n"))
+    demo = demo.replace("\nseeds: [0, 1]\n", "\nseeds: [0]\n")
+    # device auto (the CPU here too): a run on train.device cpu does not ask for MPS
+    assert "\n  device: cpu\n" in demo
+    (work / "demo.yaml").write_text(demo.replace("\n  device: cpu\n", "\n  device: auto\n"))
     # every training job a client of an MPS daemon per SLURM job (a stand-in for NVIDIA's)
     stub, _ = mps_stub(work / "mps")
     log = (work / "head.log").open("w")

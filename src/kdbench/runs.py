@@ -52,7 +52,7 @@ def run_job(
 ) -> Any:
     """Run ``func(**kwargs)`` as a workflow job (see the module docstring). A ``gpu`` job (a
     training run) becomes a client of the workflow's NVIDIA MPS daemon first when
-    ``KDBENCH_MPS=1`` asks (:mod:`kdbench.mps`)."""
+    ``KDBENCH_MPS=1`` asks (:mod:`kdbench.mps`), unless its ``train["device"]`` is ``cpu``."""
     setup_logging(log_path)
     if threads:
         torch.set_num_threads(int(threads))
@@ -67,7 +67,10 @@ def run_job(
     )
     try:
         if gpu and mps.wanted():
-            log.info("MPS: a client of the daemon in %s", mps.join())
+            if (kwargs.get("train") or {}).get("device") == "cpu":
+                log.info("MPS: not for a run on the CPU (train.device: cpu)")
+            else:
+                log.info("MPS: a client of the daemon in %s", mps.join())
         return func(**kwargs)
     except KdbenchError as exc:
         log.error("%s", one_line(exc))

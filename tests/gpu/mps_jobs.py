@@ -95,7 +95,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke run (with a stand-in daemon)")
+    ap.add_argument(
+        "--device", default="cuda", help="auto on a CPU machine: a smoke run (stand-in daemon)"
+    )
     ap.add_argument("--job", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
