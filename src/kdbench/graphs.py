@@ -212,10 +212,7 @@ class GraphedStep:
             main.wait_stream(self.side)
             self._set_targets(targets)
         except Exception as exc:
-            self.prefetch = self.overlap = False
-            log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
-            with contextlib.suppress(Exception):  # nothing later may overtake the side stream
-                torch.cuda.current_stream().wait_stream(self.side)
+            self._stop_prefetching(exc)
             return
         self.targets_for = upcoming
 
@@ -250,12 +247,17 @@ class GraphedStep:
             main.wait_stream(self.targets_stream)
             self._set_targets(targets)
         except Exception as exc:
-            with contextlib.suppress(Exception):  # nothing later may overtake the side streams
-                self._drain()
-            self.prefetch = self.overlap = self.pipeline = False
-            log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
+            self._stop_prefetching(exc)
             return
         self.targets_for = upcoming
+
+    def _stop_prefetching(self, exc: Exception) -> None:
+        """After a failure computing targets ahead: order the current stream after the side
+        streams' work and compute each step's targets in it from now on, with one warning."""
+        with contextlib.suppress(Exception):  # nothing later may overtake the side streams
+            self._drain()
+        self.prefetch = self.overlap = self.pipeline = False
+        log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
 
     def _teacher_ahead(self, x: Tensor, batches_ready: Any) -> tuple[Tensor, int, Any]:
         """Replay the teacher's graph on ``x`` on the side stream, after the loader made it,
@@ -283,10 +285,11 @@ class GraphedStep:
         """Order the current stream after all work of the side streams; forget what ran
         ahead."""
         self.pending = []
-        if self.pipeline and self.graphs:
+        if self.mode == "split" and self.graphs:
             main = torch.cuda.current_stream()
             main.wait_stream(self.side)
-            main.wait_stream(self.targets_stream)
+            if self.pipeline:
+                main.wait_stream(self.targets_stream)
 
     def _teacher_pass(self, x: Tensor) -> list[Tensor]:
         with self.autocast():
