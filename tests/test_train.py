@@ -212,9 +212,11 @@ def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():
     assert set(changed) - first_release == {"cuda_graphs", "fused", "skip_nonfinite"}
     assert TrainConfig(cuda_graphs=True, prefetch_targets=True).record() == TrainConfig().record()
     # so are overlap_teacher and compile: auto (since the second H200 session of 2026-11-26)
-    assert TrainConfig(overlap_teacher=True, compile="auto").record() == TrainConfig().record()
-    changed = TrainConfig(overlap_teacher=False, compile="none").record()
-    assert set(changed) - first_release == {"overlap_teacher", "compile"}
+    # and pipeline_targets (since the third)
+    on = TrainConfig(overlap_teacher=True, compile="auto", pipeline_targets=True)
+    assert on.record() == TrainConfig().record()
+    changed = TrainConfig(overlap_teacher=False, compile="none", pipeline_targets=False).record()
+    assert set(changed) - first_release == {"overlap_teacher", "compile", "pipeline_targets"}
 
 
 @pytest.mark.parametrize(

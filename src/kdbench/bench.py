@@ -228,6 +228,7 @@ LADDER: list[tuple[str, dict[str, Any]]] = [
             "cudnn_benchmark": False,
             "fold_teacher": False,
             "overlap_teacher": False,
+            "pipeline_targets": False,
         },
     ),
     ("+ data on device", {"data_on_device": True}),
@@ -239,6 +240,7 @@ LADDER: list[tuple[str, dict[str, Any]]] = [
     ("+ cuDNN autotuning", {"cudnn_benchmark": True}),
     ("+ teacher BN folded", {"fold_teacher": True}),
     ("+ teacher overlapped", {"overlap_teacher": True}),
+    ("+ teacher two batches ahead", {"pipeline_targets": True}),
 ]
 
 

@@ -139,8 +139,9 @@ class TrainConfig:
     overlap_teacher: bool = True
     #: with ``overlap_teacher``, run the teacher's pass two batches ahead and the methods'
     #: targets (Tucker's decomposition) one batch ahead on a third CUDA stream, beside it
-    #: (:mod:`kdbench.graphs`, ``pipeline``); same targets, same order. Off until measured
-    pipeline_targets: bool = False
+    #: (:mod:`kdbench.graphs`, ``pipeline``); same targets, same order, the same weights as
+    #: eager steps; full-tensor Tucker resnet110 -> resnet20 1.50x, at 1.04x featuremap (H200)
+    pipeline_targets: bool = True
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:

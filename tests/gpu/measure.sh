@@ -56,9 +56,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # teacher's eigh shows most): the defaults (eigendecompositions on the GPU), on the host
     # (train.eigh_on_host), and pipelined (train.pipeline_targets: the teacher two batches
     # ahead, the decomposition one, on streams of their own), after the graphs check with it
+    # (TUCKER_SETTINGS: the settings compared, a space-separated list)
     tucker) step graphs-pipeline 60 $B graphs --set pipeline_targets=true \
             --json "$OUT/graphs-pipeline.json"
-        for setting in eigh_on_host=false eigh_on_host=true pipeline_targets=true; do
+        for setting in ${TUCKER_SETTINGS:-eigh_on_host=false eigh_on_host=true pipeline_targets=true}; do
             step "tucker-$setting" 200 $B epochs --no-reference --epochs 1 \
                 --pair resnet110:resnet20 --methods featuremap "tucker full-teacher-r32" \
                 "tucker sample-teacher-r32" "tucker_recomp teacher-r32" "${sets[@]}" \
