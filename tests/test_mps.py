@@ -24,22 +24,35 @@ def stub(tmp_path, monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize(
-    "value, want", [(None, False), ("0", False), ("no", False), ("1", True), ("True", True)]
-)
+@pytest.mark.parametrize("value, want", [("0", False), ("no", False), ("1", True), ("True", True)])
 def test_kdbench_mps_asks_for_it(monkeypatch, value, want):
-    if value is None:
-        monkeypatch.delenv("KDBENCH_MPS", raising=False)
-    else:
-        monkeypatch.setenv("KDBENCH_MPS", value)
+    monkeypatch.setenv("KDBENCH_MPS", value)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # on or off whether in a SLURM job or not
     assert mps.wanted() is want
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert mps.wanted() is want
+
+
+@pytest.mark.parametrize("value", [None, "auto", " AUTO "])
+def test_kdbench_mps_auto_is_mps_in_a_slurm_job_on_a_node_with_the_control_program(
+    stub, monkeypatch, value
+):
+    if value is not None:
+        monkeypatch.setenv("KDBENCH_MPS", value)
+    assert mps.setting() == "auto"
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert not mps.wanted()  # not in a SLURM job: a workstation or the CI machine
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert mps.wanted()
+    monkeypatch.setenv("PATH", "/nonexistent")  # a node without NVIDIA's driver tools
+    assert not mps.wanted()
 
 
 def test_a_bad_kdbench_mps_is_one_line(monkeypatch):
     monkeypatch.setenv("KDBENCH_MPS", "mps")
-    with pytest.raises(KdbenchError, match="KDBENCH_MPS must be 1 or 0, got 'mps'"):
+    with pytest.raises(KdbenchError, match="KDBENCH_MPS must be 1, 0 or auto, got 'mps'"):
         mps.wanted()
-    with pytest.raises(SystemExit, match="^kdbench: error: KDBENCH_MPS must be 1 or 0"):
+    with pytest.raises(SystemExit, match="^kdbench: error: KDBENCH_MPS must be 1, 0 or auto"):
         mps.wanted_or_exit()
 
 
@@ -48,7 +61,7 @@ def test_a_bad_kdbench_mps_stops_the_workflow_before_any_job(monkeypatch, tmp_pa
     (tmp_path / "demo.yaml").write_text((REPO / "config" / "demo.yaml").read_text())
     proc = snakemake("-n", "--configfile", "demo.yaml", cwd=tmp_path)
     assert proc.returncode == 1
-    assert proc.stderr == "kdbench: error: KDBENCH_MPS must be 1 or 0, got 'mps'\n"
+    assert proc.stderr == "kdbench: error: KDBENCH_MPS must be 1, 0 or auto, got 'mps'\n"
     assert not (tmp_path / "results").exists()
 
 
@@ -112,7 +125,8 @@ def _job(**kwargs) -> str:
 def test_run_job_joins_for_gpu_jobs_when_asked(stub, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)
-    assert runs.run_job(_job, None, gpu=True) == "-"  # not asked
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert runs.run_job(_job, None, gpu=True) == "-"  # auto, outside SLURM
     monkeypatch.setenv("KDBENCH_MPS", "1")
     assert runs.run_job(_job, None) == "-"  # not a training job
     assert runs.run_job(_job, None, gpu=True, train={"device": "cpu"}) == "-"  # on the CPU
@@ -129,6 +143,24 @@ def test_run_job_joins_for_gpu_jobs_when_asked(stub, tmp_path, monkeypatch, caps
     assert exit_.value.code == 1
     err = capsys.readouterr().err.splitlines()  # the log, then the one line
     assert err[-1] == "kdbench: error: the MPS daemon did not start: no GPU"
+
+
+def test_under_auto_a_slurm_job_joins_or_goes_on_without_mps(stub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    log = tmp_path / "job.log"
+    pipe = str(tmp_path / "kdbench-mps-42" / "pipe")
+    assert runs.run_job(_job, log, gpu=True) == pipe  # KDBENCH_MPS unset: auto
+    assert stub.read_text().splitlines()[-1] == f"start {pipe}"
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY")
+    mps.stop()
+    (stub.parent / "fail").touch()  # a daemon that does not start: the job goes on without
+    assert runs.run_job(_job, log, gpu=True) == "-"
+    assert "MPS: not used (KDBENCH_MPS=auto): the MPS daemon did not start: no GPU" in (
+        log.read_text()
+    )
+    assert "kdbench: error" not in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -169,6 +201,7 @@ def test_the_gpu_check_of_the_workflow_jobs_under_mps_runs(stub, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["weights_identical_per_job"] == [True, True] and doc["daemon_stopped"]
+    assert doc["max_weight_difference_per_job"] == [0.0, 0.0] and doc["warmup_wall_seconds"] > 0
     assert [r["mps"] for r in doc["rounds"]] == [False, True]
     assert all(run["mps_pipe_directory"] for run in doc["rounds"][1]["runs"])
     assert not any(run["mps_pipe_directory"] for run in doc["rounds"][0]["runs"])

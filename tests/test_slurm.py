@@ -108,7 +108,8 @@ def slurm_demo(cluster, tmp_path_factory):
     # device auto (the CPU here too): a run on train.device cpu does not ask for MPS
     assert "\n  device: cpu\n" in demo
     (work / "demo.yaml").write_text(demo.replace("\n  device: cpu\n", "\n  device: auto\n"))
-    # every training job a client of an MPS daemon per SLURM job (a stand-in for NVIDIA's)
+    # every training job a client of an MPS daemon per SLURM job (a stand-in for NVIDIA's):
+    # KDBENCH_MPS=auto, the default, where the node has the control program
     stub, _ = mps_stub(work / "mps")
     log = (work / "head.log").open("w")
     proc = subprocess.Popen(
@@ -117,12 +118,12 @@ def slurm_demo(cluster, tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        # students grouped 4 to a GPU (the default is 1): the grouping is what is tested
+        # students grouped 4 to a GPU (the default is 8): the grouping is what is tested
         env={
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "KDBENCH_SLURM_RUNS_PER_GPU": "4",
-            "KDBENCH_MPS": "1",
+            "KDBENCH_MPS": "auto",
             "PATH": f"{stub}:{os.environ['PATH']}",
         },
     )
@@ -192,13 +193,14 @@ def test_sbatch_requests_gpu_and_partition(slurm_demo):
             assert job.get("TresPerJob") == "gres:gpu:1" and "mem=16000M" in job["TRES"], job
     for job in by_rule["students"]:  # --gres=gpu:1 (resource gres: "gpu:1")
         assert job.get("TresPerNode") == "gres:gpu:1", job
-    # the 9 students went out 4 to a job holding one GPU, all 4 at once (4 × 8 GB, 4 × 1 CPU)
+    # the 9 students went out 4 to a job holding one GPU, all 4 at once (4 × 8 GB; 4 × 2 CPUs:
+    # KDBENCH_SLURM_CPUS_PER_GPU, 8, over KDBENCH_SLURM_RUNS_PER_GPU, 4, added up by Snakemake)
     groups = sorted(
         (int(re.search(r"mem=(\d+)M", job["TRES"]).group(1)) // 8000, job["TRES"])
         for job in by_rule["students"]
     )
     assert [n for n, _ in groups] == [1, 4, 4], groups
-    assert all(f"cpu={n}," in tres for n, tres in groups), groups
+    assert all(f"cpu={2 * n}," in tres for n, tres in groups), groups
     for rule in ("features", "most_affected", "diagnose", "analyse_features"):
         for job in by_rule[rule]:
             assert job["Partition"] == "cpu", job
@@ -215,7 +217,8 @@ def test_training_log_shows_the_slurm_job(slurm_demo):
     log = (work / "results/logs/digits/students/resnet20-resnet8/kd-default-seed0.log").read_text()
     job = re.search(r"SLURM_JOB_ID=(\d+), node kdnode, CUDA_VISIBLE_DEVICES=(\d+)", log)
     assert job, log[:2000]
-    assert re.search(r"device cpu: .+, 1 threads", log)
+    # the profile's set-threads: KDBENCH_SLURM_CPUS_PER_GPU (8) over the 4 runs per GPU
+    assert re.search(r"device cpu: .+, 2 threads", log)
     run = work / "results/digits/students/resnet20-resnet8/kd/default/seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     slurm = metrics["provenance"]["slurm"]

@@ -8,8 +8,10 @@ their kernels run side by side: 8 KD runs on an H200 gave 1.98x the throughput o
 ``KDBENCH_MPS=1`` makes every training job of the workflow a client of an MPS daemon that the
 first of them starts: one per SLURM job (so the students that a ``students`` group job trains
 together share it, and it ends with that job), or, outside SLURM, one per user on the machine,
-which the workflow stops when it ends (:func:`stop`). :func:`daemon` is the ``with``-block
-daemon of ``python -m kdbench.bench concurrent --mps``.
+which the workflow stops when it ends (:func:`stop`). ``KDBENCH_MPS=auto``, the default, does
+so inside a SLURM job whose node has NVIDIA's control program, and goes on without MPS where
+its daemon does not start; ``0`` never. :func:`daemon` is the ``with``-block daemon of
+``python -m kdbench.bench concurrent --mps``.
 """
 
 from __future__ import annotations
@@ -31,15 +33,26 @@ CONTROL = "nvidia-cuda-mps-control"
 VARIABLE = "KDBENCH_MPS"
 
 
-def wanted() -> bool:
-    """Whether ``KDBENCH_MPS`` asks for MPS (``1``/``true``/``yes``; unset, ``0``, ``false``,
-    ``no``: not)."""
+def setting() -> str:
+    """``KDBENCH_MPS`` as ``on`` (``1``/``true``/``yes``), ``off`` (``0``/``false``/``no``) or
+    ``auto`` (``auto``, or unset: the default)."""
     value = os.environ.get(VARIABLE, "").strip().lower()
-    if value in ("", "0", "false", "no"):
-        return False
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("0", "false", "no"):
+        return "off"
     if value in ("1", "true", "yes"):
-        return True
-    raise KdbenchError(f"{VARIABLE} must be 1 or 0, got {os.environ[VARIABLE]!r}")
+        return "on"
+    raise KdbenchError(f"{VARIABLE} must be 1, 0 or auto, got {os.environ[VARIABLE]!r}")
+
+
+def wanted() -> bool:
+    """Whether the training jobs join an MPS daemon: ``KDBENCH_MPS=1``, or ``auto`` (the
+    default) inside a SLURM job (``SLURM_JOB_ID``) with :data:`CONTROL` on the PATH."""
+    mode = setting()
+    if mode == "auto":
+        return bool(os.environ.get("SLURM_JOB_ID")) and shutil.which(CONTROL) is not None
+    return mode == "on"
 
 
 def wanted_or_exit() -> bool:

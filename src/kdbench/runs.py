@@ -52,7 +52,8 @@ def run_job(
 ) -> Any:
     """Run ``func(**kwargs)`` as a workflow job (see the module docstring). A ``gpu`` job (a
     training run) becomes a client of the workflow's NVIDIA MPS daemon first when
-    ``KDBENCH_MPS=1`` asks (:mod:`kdbench.mps`), unless its ``train["device"]`` is ``cpu``."""
+    :func:`kdbench.mps.wanted` (``KDBENCH_MPS``), unless its ``train["device"]`` is ``cpu``;
+    under ``KDBENCH_MPS=auto`` a daemon that does not start is a warning, not an error."""
     setup_logging(log_path)
     if threads:
         torch.set_num_threads(int(threads))
@@ -70,7 +71,7 @@ def run_job(
             if (kwargs.get("train") or {}).get("device") == "cpu":
                 log.info("MPS: not for a run on the CPU (train.device: cpu)")
             else:
-                log.info("MPS: a client of the daemon in %s", mps.join())
+                _join_mps()
         return func(**kwargs)
     except KdbenchError as exc:
         log.error("%s", one_line(exc))
@@ -81,6 +82,15 @@ def run_job(
         where = f" (traceback in {log_path})" if log_path else ""
         print(f"kdbench: unexpected error: {one_line(exc)}{where}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def _join_mps() -> None:
+    try:
+        log.info("MPS: a client of the daemon in %s", mps.join())
+    except KdbenchError as exc:
+        if mps.setting() == "on":
+            raise
+        log.warning("MPS: not used (KDBENCH_MPS=auto): %s", one_line(exc))
 
 
 def train(

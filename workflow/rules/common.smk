@@ -21,8 +21,9 @@ ANCHORS = config.get("anchors") or str(
 )
 TUCKER_METHODS = [m for m in ("tucker", "tucker_recomp") if m in config["methods"]]
 PAIRS = kdconfig.pairs(config)
-# KDBENCH_MPS=1: the training jobs share their GPU as clients of an NVIDIA MPS daemon that the
-# first of them starts (kdbench.mps); one started outside SLURM stops when the workflow ends
+# KDBENCH_MPS=1 (or auto, the default, inside a SLURM job on a node with NVIDIA's MPS control
+# program): the training jobs share their GPU as clients of an NVIDIA MPS daemon that the first
+# of them starts (kdbench.mps); it stops when the workflow (or the group's job) ends
 MPS = kdmps.wanted_or_exit()
 
 TEACHER_DIR = f"{RESULTS}/{{dataset}}/teachers/{{arch}}/seed{{seed}}"
