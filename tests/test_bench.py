@@ -56,7 +56,7 @@ def test_bench_methods_runs_on_cpu_and_saves_json(tmp_path, capsys):
 def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsys):
     out = tmp_path / "epochs.json"
     args = ["epochs", "--device", "cpu", "--dataset", "digits", "--train-size", "48"]
-    args += ["--batch", "16", "--pair", "resnet20:resnet8", "--epochs", "1", "--warmup", "0"]
+    args += ["--batch", "16", "--pair", "resnet20:resnet8", "--epochs", "1", "--warmup", "1"]
     args += ["--teachers", "--ablation", "--reference-steps", "1", "--reference-warmup", "0"]
     assert bench.main([*args, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -86,21 +86,26 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     assert g["runs"] == {"teachers": 1, "paraphrasers": 1, "students": 18}
     # the demo: teacher 10 epochs, paraphrasers 4, students 4 (config/demo.yaml)
     sec = {k: r["epoch_seconds"] for k, r in rows.items()}
-    students = (
-        2
-        * 4
-        * sum(
-            sec[(m, "default")]
-            for m in ("vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32")
-            + ("tucker sample-teacher-r32", "tucker_recomp teacher-r32")
-            + ("tucker_recomp student-r32", "tucker_recomp both-r32")
-        )
-    )
+    demo_runs = ("vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32")
+    demo_runs += ("tucker sample-teacher-r32", "tucker_recomp teacher-r32")
+    demo_runs += ("tucker_recomp student-r32", "tucker_recomp both-r32")
+    students = 2 * 4 * sum(sec[(m, "default")] for m in demo_runs)
     assert g["gpu_hours"]["students"] == pytest.approx(students / 3600)
     assert g["gpu_hours"]["teachers"] == pytest.approx(10 * sec[("teacher", "teacher")] / 3600)
     assert g["gpu_hours"]["paraphrasers"] == pytest.approx(
         4 * sec[("featuremap", "default")] / 3600
     )
+    # apart: each run's start, what its row's warm-up epoch took beyond an epoch
+    start = {k: max(0.0, r["warmup_seconds"] - r["epoch_seconds"]) for k, r in rows.items()}
+    assert all(r["warmup_epochs"] == 1 and r["warmup_seconds"] > 0 for r in rows.values())
+    expected = start[("teacher", "teacher")] + start[("featuremap", "default")]
+    expected += 2 * sum(start[(m, "default")] for m in demo_runs)
+    assert g["startup_gpu_hours"] == pytest.approx(expected / 3600)
+    # a file of rows without their warm-up (before it was recorded): no start-up figure
+    doc["epochs"][1].pop("warmup_seconds")
+    out.write_text(json.dumps(doc))
+    assert bench.main(argv) == 0
+    assert json.loads(grid.read_text())["grid"]["startup_gpu_hours"] is None
 
 
 def test_timed_epochs_step_the_learning_rate_schedule_as_fit_does(monkeypatch):

@@ -34,6 +34,7 @@ import contextlib
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -327,11 +328,15 @@ def time_epochs(
     """Median training and evaluation seconds per epoch of ``method`` under ``cfg``.
 
     The learning-rate schedule steps after every epoch, as in ``fit``, so that an epoch's time
-    includes what a new learning rate costs the next one (with CUDA graphs, a new capture)."""
+    includes what a new learning rate costs the next one (with CUDA graphs, a new capture).
+    ``peak_cuda_mb`` counts what earlier rows of the process still hold (``cuda_mb_before``,
+    allocated before this row's trainer was built), ``peak_cuda_mb_row`` only this row's."""
+    before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
     run = _trainer(method, cfg, data, device)
     train = run.train
     train_times: list[float] = []
     eval_times: list[float] = []
+    warmup_seconds = 0.0
     for epoch in range(warmup + epochs):
         if epoch == warmup:
             if before_timing is not None:
@@ -351,7 +356,10 @@ def time_epochs(
         if epoch >= warmup:
             train_times.append(t1 - t0)
             eval_times.append(t2 - t1)
+        else:
+            warmup_seconds += t2 - t0
     seconds = statistics.median(train_times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
         "train_seconds": seconds,
         "eval_seconds": statistics.median(eval_times),
@@ -359,11 +367,14 @@ def time_epochs(
         "images_per_second": train.num_samples / seconds,
         "train_images": train.num_samples,
         "timed_epochs": epochs,
+        # the untimed first epochs, training and evaluation: compilation, graph capture
+        "warmup_seconds": warmup_seconds,
+        "warmup_epochs": warmup,
         "started": started,
         "ended": time.time(),
-        "peak_cuda_mb": (
-            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        ),
+        "peak_cuda_mb": peak,
+        "cuda_mb_before": before,
+        "peak_cuda_mb_row": None if peak is None else peak - before,
         **_how_ran(run.step_fn, run.eval_fn),
     }
 
@@ -499,7 +510,8 @@ def bench_epochs(
                 if progress is not None:
                     progress({"epochs": results, "complete": False})
                 del method
-                if device.type == "cuda":  # the row's graphs and their memory pools, too
+                if device.type == "cuda":  # the row's graphs and their memory pools, too,
+                    torch._dynamo.reset()  # and the compiled code that refers to its modules
                     gc.collect()
                     torch.cuda.empty_cache()
     doc: dict[str, Any] = {"epochs": results, "complete": True}
@@ -514,7 +526,9 @@ def bench_epochs(
 
 def _print_row(r: dict[str, Any]) -> None:
     name = r["method"] if r["setting"] == "default" else f"{r['method']} [{r['setting']}]"
-    mem = f"{r['peak_cuda_mb']:.0f} MiB" if r["peak_cuda_mb"] is not None else "-"
+    mem = "-"
+    if r["peak_cuda_mb"] is not None:
+        mem = f"{r['peak_cuda_mb_row']:.0f} MiB (+{r['cuda_mb_before']:.0f} held before)"
     line = (
         f"  {r['pair']:<20} {name:<40} train {r['train_seconds']:7.3f} s/epoch "
         f"({r['images_per_second']:8.0f} img/s), eval {r['eval_seconds']:6.3f} s, peak {mem}"
@@ -652,17 +666,32 @@ def grid_estimate(
 ) -> dict[str, Any]:
     """GPU-hours of ``dataset``'s whole grid in ``config_path`` from measured epoch seconds
     (training + evaluation): teachers, FT paraphrasers (costed as a featuremap epoch of the
-    pair, an upper bound: the paraphraser is far smaller than a student) and every student."""
+    pair, an upper bound: the paraphraser is far smaller than a student) and every student.
+    Apart from that total, ``startup_gpu_hours``: each run's start (compilation, graph
+    capture) as its row's warm-up took beyond the epochs it ran, where every row recorded one."""
     import yaml
 
     from kdbench import config as kdconfig
 
     cfg = kdconfig.resolve(yaml.safe_load(Path(config_path).read_text()))
-    measured = {
-        (r["pair"], r["method"]): r["epoch_seconds"]
-        for r in results
-        if r["setting"] in ("default", "teacher")
+    used = [r for r in results if r["setting"] in ("default", "teacher")]
+    measured = {(r["pair"], r["method"]): r["epoch_seconds"] for r in used}
+    # what a row's warm-up took beyond its epochs: a run's start (rows of older files lack it)
+    startup = {
+        (r["pair"], r["method"]): max(
+            0.0, r["warmup_seconds"] - r["warmup_epochs"] * r["epoch_seconds"]
+        )
+        for r in used
+        if "warmup_seconds" in r
     }
+    start_seconds: list[float] = []
+
+    def started(pair: str, label: str) -> None:
+        try:
+            start_seconds.append(_variant_cost(startup, pair, label))
+        except KdbenchError:
+            start_seconds.append(math.nan)
+
     student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
     teacher_epochs = int(kdconfig.train_params(cfg, "teacher")["epochs"])
     seconds = {"teachers": 0.0, "paraphrasers": 0.0, "students": 0.0}
@@ -672,6 +701,7 @@ def grid_estimate(
             seconds["teachers"] += teacher_epochs * _variant_cost(
                 measured, f"none:{t.arch}", "teacher"
             )
+            started(f"none:{t.arch}", "teacher")
             counts["teachers"] += 1
     ft = (cfg["methods"].get("ft") or {}) if "ft" in cfg["methods"] else None
     para_pairs = set()
@@ -685,11 +715,13 @@ def grid_estimate(
                 p for p, _ in measured if p.endswith(f":{r.student}") and not p.startswith("none")
             )
         seconds["students"] += student_epochs * _variant_cost(measured, pair, label)
+        started(pair, label)
         counts["students"] += 1
         if r.method == "ft" and r.teacher not in para_pairs:  # one per teacher (its seed)
             para_pairs.add(r.teacher)
             epochs = int(((ft or {}).get("paraphraser") or {}).get("epochs", 25))
             seconds["paraphrasers"] += epochs * _variant_cost(measured, pair, "featuremap")
+            started(pair, "featuremap")
             counts["paraphrasers"] += 1
     total = sum(seconds.values())
     out: dict[str, Any] = {
@@ -698,6 +730,10 @@ def grid_estimate(
         "runs": counts,
         "gpu_hours": {k: v / 3600 for k, v in seconds.items()},
         "gpu_hours_total": total / 3600,
+        # null unless every run's row recorded its warm-up
+        "startup_gpu_hours": (
+            None if any(math.isnan(s) for s in start_seconds) else sum(start_seconds) / 3600
+        ),
     }
     if concurrency:
         rows = json.loads(Path(concurrency).read_text())["concurrent"]
@@ -711,6 +747,11 @@ def grid_estimate(
         + (
             f", {out['gpu_hours_total_concurrent']:.2f} with {out['runs_per_gpu']} per GPU"
             if concurrency
+            else ""
+        )
+        + (
+            f"; runs' starts (compilation, graph capture) {out['startup_gpu_hours']:.2f} more"
+            if out["startup_gpu_hours"] is not None
             else ""
         ),
         flush=True,

@@ -11,12 +11,14 @@
 # teacher overlapped, torch.compile); each epochs row records how its steps ran ("steps":
 # whole/split graphs, or eager and why). epochs56 and epochs20 time every method of
 # config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from them;
-# every row compiles in its warm-up epoch (about 25 s on an H200). The limits add up to about 30
-# minutes, more than the 10 of one call: choose. After the two H200 sessions of 2026-11-26 the
-# open questions are: tucker (the full-tensor Tucker methods at 1.30x featuremap on resnet20
-# once the teacher overlapped; train.pipeline_targets, built for it, checked and timed there),
-# epochs56 epochs20 grid with compile on (the defaults' grid) and the workflow's jobs under
-# KDBENCH_MPS=1 (mps-jobs).
+# every row compiles in its warm-up epoch: 5-10 s a student row on an H200 once the inductor
+# cache ($TORCHINDUCTOR_CACHE_DIR) holds the pair's graphs, the first row of a pair about 30 s,
+# and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
+# over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
+# choose. After the three H200 sessions of 2026-11-26 the open questions are: epochs20 (kd, ft
+# and the recompositions compiled; cut off in the third), mps (concurrent runs with today's
+# defaults, compiled: the grid's MPS ratio was measured uncompiled), spread (with
+# pipeline_targets) and grid from them.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -89,8 +91,8 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # 1, 2, 4, 8 concurrent KD runs on the GPU
     concurrent) step concurrent 110 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
         --json "$OUT/concurrent.json" ;;
-    # resnet110 → resnet20 (the grid's second pair) and the teacher, no reference
-    epochs20) step epochs20 240 $B epochs --pair resnet110:resnet20 --teachers --no-reference \
+    # resnet110 → resnet20 (the grid's second pair), no reference (the teacher: epochs56)
+    epochs20) step epochs20 240 $B epochs --pair resnet110:resnet20 --no-reference \
         --epochs 1 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs20.json" ;;
     # GPU-hours of the full CIFAR-100 grid from the two epochs files (and the runs per GPU of
     # mps, else concurrent, if there)
