@@ -107,7 +107,11 @@ def slurm_demo(cluster, tmp_path_factory):
     demo = demo.replace("\nseeds: [0, 1]\n", "\nseeds: [0]\n")
     # device auto (the CPU here too): a run on train.device cpu does not ask for MPS
     assert "\n  device: cpu\n" in demo
-    (work / "demo.yaml").write_text(demo.replace("\n  device: cpu\n", "\n  device: auto\n"))
+    demo = demo.replace("\n  device: cpu\n", "\n  device: auto\n")
+    # 2 threads per training job, but a student gets the profile's set-threads:
+    # KDBENCH_SLURM_CPUS_PER_GPU (4) over KDBENCH_SLURM_RUNS_PER_GPU (4), 1
+    assert "\ntrain_threads: 1\n" in demo
+    (work / "demo.yaml").write_text(demo.replace("\ntrain_threads: 1\n", "\ntrain_threads: 2\n"))
     # every training job a client of an MPS daemon per SLURM job (a stand-in for NVIDIA's):
     # KDBENCH_MPS=auto, the default, where the node has the control program
     stub, _ = mps_stub(work / "mps")
@@ -123,6 +127,7 @@ def slurm_demo(cluster, tmp_path_factory):
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "KDBENCH_SLURM_RUNS_PER_GPU": "4",
+            "KDBENCH_SLURM_CPUS_PER_GPU": "4",
             "KDBENCH_MPS": "auto",
             "PATH": f"{stub}:{os.environ['PATH']}",
         },
@@ -193,14 +198,14 @@ def test_sbatch_requests_gpu_and_partition(slurm_demo):
             assert job.get("TresPerJob") == "gres:gpu:1" and "mem=16000M" in job["TRES"], job
     for job in by_rule["students"]:  # --gres=gpu:1 (resource gres: "gpu:1")
         assert job.get("TresPerNode") == "gres:gpu:1", job
-    # the 9 students went out 4 to a job holding one GPU, all 4 at once (4 × 8 GB; 4 × 2 CPUs:
-    # KDBENCH_SLURM_CPUS_PER_GPU, 8, over KDBENCH_SLURM_RUNS_PER_GPU, 4, added up by Snakemake)
+    # the 9 students went out 4 to a job holding one GPU, all 4 at once (4 × 8 GB; 4 × 1 CPU:
+    # KDBENCH_SLURM_CPUS_PER_GPU, 4, over KDBENCH_SLURM_RUNS_PER_GPU, 4, added up by Snakemake)
     groups = sorted(
         (int(re.search(r"mem=(\d+)M", job["TRES"]).group(1)) // 8000, job["TRES"])
         for job in by_rule["students"]
     )
     assert [n for n, _ in groups] == [1, 4, 4], groups
-    assert all(f"cpu={2 * n}," in tres for n, tres in groups), groups
+    assert all(f"cpu={n}," in tres for n, tres in groups), groups
     for rule in ("features", "most_affected", "diagnose", "analyse_features"):
         for job in by_rule[rule]:
             assert job["Partition"] == "cpu", job
@@ -217,8 +222,8 @@ def test_training_log_shows_the_slurm_job(slurm_demo):
     log = (work / "results/logs/digits/students/resnet20-resnet8/kd-default-seed0.log").read_text()
     job = re.search(r"SLURM_JOB_ID=(\d+), node kdnode, CUDA_VISIBLE_DEVICES=(\d+)", log)
     assert job, log[:2000]
-    # the profile's set-threads: KDBENCH_SLURM_CPUS_PER_GPU (8) over the 4 runs per GPU
-    assert re.search(r"device cpu: .+, 2 threads", log)
+    # the profile's set-threads (1), not the config's train_threads (2)
+    assert re.search(r"device cpu: .+, 1 threads", log)
     run = work / "results/digits/students/resnet20-resnet8/kd/default/seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     slurm = metrics["provenance"]["slurm"]
@@ -255,10 +260,10 @@ def test_cancelled_training_resumes_to_the_uninterrupted_result(slurm_demo, tmp_
     # Snakemake starts a retried job's log afresh: the retry's log names the cancelled job
     log = (work / "results/logs/digits/teachers/resnet20-seed0.log").read_text()
     assert re.search(rf"resuming from .* \(saved by job {cancelled} on ", log), log[:2000]
-    # the same teacher, uninterrupted, without SLURM
-    shutil.copy(REPO / "config" / "demo.yaml", tmp_path / "demo.yaml")
+    # the same teacher (the same config: 2 threads), uninterrupted, without SLURM
+    shutil.copy(work / "demo.yaml", tmp_path / "demo.yaml")
     target = f"{TEACHER_RUN}/metrics.json"
-    proc = snakemake("--cores", "1", target, "--configfile", "demo.yaml", cwd=tmp_path)
+    proc = snakemake("--cores", "2", target, "--configfile", "demo.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plain = json.loads((tmp_path / target).read_text())
     assert not plain["final"]["resumed_after_epochs"]
