@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -249,3 +250,12 @@ def test_compile_auto_leaves_the_models_of_a_cpu_run_eager(monkeypatch):
     assert asked == []
     compile_models(method, TrainConfig(compile="default"))
     assert asked == ["default", "default"]  # student and teacher
+
+
+def test_a_jobs_threads_bound_torch_compiles_worker_processes(monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this process keeps its own
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "")  # restored after the test
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")
+    assert runs.run_job(lambda: os.environ["TORCHINDUCTOR_COMPILE_THREADS"], None, 3) == "3"
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "16")  # the user's choice stands
+    assert runs.run_job(lambda: os.environ["TORCHINDUCTOR_COMPILE_THREADS"], None, 3) == "16"

@@ -57,6 +57,10 @@ def run_job(
     setup_logging(log_path)
     if threads:
         torch.set_num_threads(int(threads))
+        # torch.compile's worker processes: as many as the job's threads, not one per CPU of
+        # the node (8 students of a SLURM job would otherwise start 8 each); read when
+        # torch._inductor is first imported, which no kdbench import does
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(int(threads)))
     log.info(
         "job %s on %s (SLURM_JOB_ID=%s, node %s, CUDA_VISIBLE_DEVICES=%s, %d threads)",
         func.__name__,
