@@ -34,7 +34,6 @@ import contextlib
 import functools
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -684,14 +683,7 @@ def grid_estimate(
         for r in used
         if "warmup_seconds" in r
     }
-    start_seconds: list[float] = []
-
-    def started(pair: str, label: str) -> None:
-        try:
-            start_seconds.append(_variant_cost(startup, pair, label))
-        except KdbenchError:
-            start_seconds.append(math.nan)
-
+    started: list[tuple[str, str]] = []  # (pair, label) of every run
     student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
     teacher_epochs = int(kdconfig.train_params(cfg, "teacher")["epochs"])
     seconds = {"teachers": 0.0, "paraphrasers": 0.0, "students": 0.0}
@@ -701,7 +693,7 @@ def grid_estimate(
             seconds["teachers"] += teacher_epochs * _variant_cost(
                 measured, f"none:{t.arch}", "teacher"
             )
-            started(f"none:{t.arch}", "teacher")
+            started.append((f"none:{t.arch}", "teacher"))
             counts["teachers"] += 1
     ft = (cfg["methods"].get("ft") or {}) if "ft" in cfg["methods"] else None
     para_pairs = set()
@@ -715,25 +707,26 @@ def grid_estimate(
                 p for p, _ in measured if p.endswith(f":{r.student}") and not p.startswith("none")
             )
         seconds["students"] += student_epochs * _variant_cost(measured, pair, label)
-        started(pair, label)
+        started.append((pair, label))
         counts["students"] += 1
         if r.method == "ft" and r.teacher not in para_pairs:  # one per teacher (its seed)
             para_pairs.add(r.teacher)
             epochs = int(((ft or {}).get("paraphraser") or {}).get("epochs", 25))
             seconds["paraphrasers"] += epochs * _variant_cost(measured, pair, "featuremap")
-            started(pair, "featuremap")
+            started.append((pair, "featuremap"))
             counts["paraphrasers"] += 1
     total = sum(seconds.values())
+    try:  # null unless every run's row recorded its warm-up
+        startup_hours = sum(_variant_cost(startup, p, label) for p, label in started) / 3600
+    except KdbenchError:
+        startup_hours = None
     out: dict[str, Any] = {
         "config": str(config_path),
         "dataset": dataset,
         "runs": counts,
         "gpu_hours": {k: v / 3600 for k, v in seconds.items()},
         "gpu_hours_total": total / 3600,
-        # null unless every run's row recorded its warm-up
-        "startup_gpu_hours": (
-            None if any(math.isnan(s) for s in start_seconds) else sum(start_seconds) / 3600
-        ),
+        "startup_gpu_hours": startup_hours,
     }
     if concurrency:
         rows = json.loads(Path(concurrency).read_text())["concurrent"]
