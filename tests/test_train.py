@@ -157,6 +157,33 @@ def test_train_config_validation():
         TrainConfig.from_config({"cudnn_benchmark": True, "deterministic": True})
 
 
+@pytest.mark.parametrize(
+    ("setting", "device", "deterministic", "want"),
+    [
+        ("auto", "cuda", False, True),
+        ("auto", "cuda", True, False),
+        ("auto", "cpu", False, False),
+        (False, "cuda", False, False),
+        (True, "cpu", False, True),
+    ],
+)
+def test_cudnn_autotuning_auto_is_on_for_cuda_unless_deterministic(
+    setting, device, deterministic, want
+):
+    from kdbench.train import TrainConfig, cudnn_autotuning
+
+    cfg = TrainConfig.from_config({"cudnn_benchmark": setting, "deterministic": deterministic})
+    assert cudnn_autotuning(cfg, torch.device(device)) is want
+
+
+def test_cudnn_benchmark_rejects_other_values():
+    from kdbench.train import TrainConfig
+
+    assert TrainConfig().cudnn_benchmark == "auto"
+    with pytest.raises(KdbenchError, match="cudnn_benchmark must be true, false or auto"):
+        TrainConfig.from_config({"cudnn_benchmark": "yes"})
+
+
 def test_prepare_folds_the_teacher_and_sets_cudnn_autotuning():
     from kdbench import methods, models
     from kdbench.train import TrainConfig, prepare

@@ -213,7 +213,11 @@ SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     "digits": (1, 16, 10, 1150, 270, 360),
 }
 
-#: ``--ablation``: the speed switches, switched on one at a time from the plain path
+#: ``--ablation``: the speed switches, switched on one at a time from the plain path. Not
+#: ``cudnn_benchmark`` (off on every rung): cuDNN keeps, per process and thread, the algorithm it
+#: first chose for each convolution (keyed by shapes, dtype and layout, not by autotuning), so
+#: in one process a rung that turns autotuning on would reuse the choices of the rungs before
+#: it. Compare it in two processes (``epochs --set cudnn_benchmark=false`` and ``=true``).
 LADDER: list[tuple[str, dict[str, Any]]] = [
     (
         "plain",
@@ -237,7 +241,6 @@ LADDER: list[tuple[str, dict[str, Any]]] = [
     ("+ fused SGD", {"fused": True}),
     ("+ no host sync per step", {"check_every_step": False}),
     ("+ CUDA graphs", {"cuda_graphs": True}),
-    ("+ cuDNN autotuning", {"cudnn_benchmark": True}),
     ("+ teacher BN folded", {"fold_teacher": True}),
     ("+ teacher overlapped", {"overlap_teacher": True}),
     ("+ teacher two batches ahead", {"pipeline_targets": True}),

@@ -2,23 +2,24 @@
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
-# methods spread compile mps overlap mps-jobs.
+# methods spread compile mps overlap mps-jobs profile cudnn.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
 # KEY=VALUE` settings to the epochs, ablation, tucker, concurrent and compile steps and to the
 # default runs of spread (default: none, the defaults: CUDA graphs, prefetched targets, the
-# teacher overlapped, torch.compile); each epochs row records how its steps ran ("steps":
+# teacher overlapped and pipelined, torch.compile, cuDNN autotuning); each epochs row records how its steps ran ("steps":
 # whole/split graphs, or eager and why). epochs56 and epochs20 time every method of
 # config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from them;
 # every row compiles in its warm-up epoch: 5-10 s a student row on an H200 once the inductor
 # cache ($TORCHINDUCTOR_CACHE_DIR) holds the pair's graphs, the first row of a pair about 30 s,
 # and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
-# choose. After the three H200 sessions of 2026-11-26 the open questions are: epochs20 (kd, ft
-# and the recompositions compiled; cut off in the third), mps (concurrent runs with today's
-# defaults, compiled: the grid's MPS ratio was measured uncompiled), spread (with
-# pipeline_targets) and grid from them.
+# choose (a KD row of 45,000 images takes over 55 s cold). After the four H200 sessions of
+# 2026-11-26 the open questions are: cudnn (KD with cuDNN autotuning, the default since the
+# fourth, against without it: does bench epochs confirm the profile's 1.18x, KD <= 2 s?),
+# epochs56 and epochs20 with it, then mps and grid from them, and spread (pipeline_targets
+# and cuDNN autotuning: results within seed noise?).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -43,7 +44,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs}; do
+    overlap mps-jobs profile cudnn}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back
     graphs) step graphs 50 $B graphs --json "$OUT/graphs.json" ;;
@@ -88,6 +89,12 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # teachers at once without MPS, then joining the daemon the first starts; same weights?
     mps-jobs) step mps-jobs 240 "$PY" tests/gpu/mps_jobs.py --jobs 4 --epochs 5 \
         --json "$OUT/mps-jobs.json" ;;
+    # where a graphed step's GPU time goes (resnet110 -> resnet56, 5,000 images): wall, busy
+    # and kernel time per step, and the costliest kernels, for vanilla and KD (the defaults),
+    # vanilla uncompiled and vanilla without channels_last
+    profile) step profile 200 "$PY" tests/gpu/profile_step.py --train-size 5000 --row vanilla \
+        --row kd --row vanilla:compile=none --row vanilla:channels_last=false \
+        --json "$OUT/profile.json" ;;
     # 1, 2, 4, 8 concurrent KD runs on the GPU
     concurrent) step concurrent 110 $B concurrent --train-size 20000 --epochs 1 "${sets[@]}" \
         --json "$OUT/concurrent.json" ;;
@@ -105,6 +112,13 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # torch.compile adds on top of the graphs (compiled steps captured as CUDA graphs)
     compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
         --epochs 1 "${sets[@]}" --set compile=none --json "$OUT/compile.json" ;;
+    # KD and vanilla resnet110 -> resnet56 with cuDNN autotuning (the default) and without, each
+    # in a process of its own: cuDNN keeps, per process, the algorithm it first chose for each
+    # convolution, whatever the switch says later
+    cudnn) for b in true false; do
+            step "cudnn-$b" 150 $B epochs --no-reference --epochs 1 --methods kd vanilla \
+                "${sets[@]}" --set cudnn_benchmark=$b --json "$OUT/cudnn-$b.json"
+        done ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
