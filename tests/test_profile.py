@@ -84,13 +84,13 @@ def test_one_profile_file_with_the_required_keys(monkeypatch):
         assert "attempt" in str(res["runtime"])
     for rule in ("train_teacher", "train_paraphraser"):
         assert profile["set-resources"][rule]["gpu"] == 1
-    # 8 students per GPU by default (a group of 8, MPS where the node has it); the GPU as a
-    # string, which the group shares (numbers are summed: 8 CPUs, 64 GB in all)
+    # 4 students per GPU by default (a group of 4, MPS where the node has it); the GPU as a
+    # string, which the group shares (numbers are summed: 8 CPUs, 32 GB in all)
     distill = profile["set-resources"]["distill"]
     assert distill["gres"] == "'gpu:1'" and "gpu" not in distill
-    assert profile["group-components"] == {"features": 20, "students": 8}
-    assert profile["set-threads"] == {"distill": 1}
-    assert profile["resources"]["mem_mb"] == 8 * distill["mem_mb"]
+    assert profile["group-components"] == {"features": 20, "students": 4}
+    assert profile["set-threads"] == {"distill": 2}
+    assert profile["resources"]["mem_mb"] == 4 * distill["mem_mb"]
 
 
 def test_every_profile_key_is_commented():
@@ -109,13 +109,13 @@ def test_site_settings_come_from_the_environment(monkeypatch):
         KDBENCH_SLURM_GPU_MODEL="a100",
         KDBENCH_SLURM_JOBS="7",
         KDBENCH_SLURM_STATUS="sacct",
-        KDBENCH_SLURM_RUNS_PER_GPU="4",
-        KDBENCH_SLURM_CPUS_PER_GPU="16",
+        KDBENCH_SLURM_RUNS_PER_GPU="8",
+        KDBENCH_SLURM_CPUS_PER_GPU="32",
     )
     assert profile["jobs"] == 7 and profile["slurm-status-command"] == "sacct"
-    assert profile["group-components"]["students"] == 4
+    assert profile["group-components"]["students"] == 8
     assert profile["set-threads"] == {"distill": 4}
-    assert profile["resources"]["mem_mb"] == 32000
+    assert profile["resources"]["mem_mb"] == 64000
     assert profile["set-resources"]["distill"]["gres"] == "'gpu:a100:1'"
     assert profile["default-resources"]["slurm_partition"] == "'short'"
     assert profile["default-resources"]["slurm_account"] == "'kd-lab'"
