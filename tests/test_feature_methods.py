@@ -102,6 +102,29 @@ def test_tucker_recomposition_targets(tensors, target):
     assert got == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize(("target", "in_step"), [("teacher", 0), ("student", 1), ("both", 1)])
+def test_tucker_recomposition_of_the_teacher_is_a_target_not_part_of_the_step(
+    tensors, monkeypatch, target, in_step
+):
+    """The teacher's recomposition is made with its decomposition (which CUDA graphs run beside
+    the student's step), so the step recomposes only the student's side."""
+    from kdbench import tucker
+
+    t, s, logits, y = tensors
+    method = methods.get("tucker_recomp")(
+        Fixed(s, logits), Fixed(t, logits), {"beta": BETA, "rank": 5, "target": target}
+    )
+    a, _, _ = targets = method.teacher_targets(method.teacher_outputs(torch.zeros(6, 1)))
+    u = channel_basis(t.numpy(), 5)
+    want = t.numpy() if target == "student" else recompose(project(t.numpy(), u), u)
+    np.testing.assert_allclose(a.numpy(), want, rtol=1e-4, atol=1e-5)
+    calls = []
+    original = tucker.recompose
+    monkeypatch.setattr(tucker, "recompose", lambda *a: calls.append(1) or original(*a))
+    method.student_loss(torch.zeros(6, 1), y, targets)
+    assert len(calls) == in_step
+
+
 @pytest.mark.parametrize("decomposition", ["full", "sample"])
 def test_own_basis_guard_counts_and_contains_non_finite_factors(
     tensors, monkeypatch, decomposition

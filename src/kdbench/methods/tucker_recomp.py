@@ -8,6 +8,9 @@ and U are its factors. The loss is β·D(N(a), N(b)) + CE, with (a, b) chosen by
 * ``both``: (recompose(core_t, U), recompose(project(s, U), U))
 
 Variants are ``<target>-r<rank>``, the product of the config lists ``targets`` and ``ranks``.
+The teacher's side, a, is computed with the decomposition (``teacher_targets``), not in the
+student's step: under CUDA graphs it then runs beside the student's step (``pipeline_targets``)
+instead of inside it.
 """
 
 from __future__ import annotations
@@ -36,12 +39,21 @@ class TuckerRecomp(TuckerBase):
     def variant_name(cls, params: dict[str, Any]) -> str:
         return f"{params['target']}-{rank_name(params['rank'])}"
 
+    def teacher_targets(  # type: ignore[override]
+        self, teacher_outputs: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], list[int]]:
+        """a (the teacher's stage, recomposed from its core for ``teacher`` and ``both``), the
+        factors and the truncated modes."""
+        t, core_t, factors, modes = super().teacher_targets(teacher_outputs)
+        if self.params["target"] in ("teacher", "both"):
+            t = tucker.recompose(core_t, factors, modes)
+        return t, factors, modes
+
     def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        t, core_t, factors, modes = targets
+        a, factors, modes = targets
         outs = self.student(x)
         s, logits = outs[int(self.params["stage"]) - 1], outs[-1]
         target = self.params["target"]
-        a = tucker.recompose(core_t, factors, modes) if target in ("teacher", "both") else t
         if target in ("student", "both"):
             b = tucker.recompose(tucker.project(s, factors, modes), factors, modes)
         else:
