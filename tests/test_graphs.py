@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from kdbench import bench, faults, graphs, io, methods, models
+from kdbench.cohort import Cohort
 from kdbench.data import Loader, Split
 from kdbench.methods.ft import Paraphraser, Reconstruction
 from kdbench.train import (
@@ -431,6 +432,9 @@ def _run(method, cfg, epochs, step_fn=None):
         ("tucker", {"rank": 4}, "pipeline"),
         ("tucker", {"rank": 4, "decomposition": "sample"}, "pipeline"),
         ("tucker_recomp", {"rank": 4, "target": "both"}, "pipeline"),
+        # several students on one teacher pass per batch (kdbench.cohort)
+        ("cohort", {}, "prefetch"),
+        ("cohort", {}, "pipeline"),
     ],
 )
 def test_replayed_graphs_train_exactly_as_eager_steps(
@@ -453,6 +457,10 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         student, teacher = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
         if name == "paraphraser":
             return Reconstruction(Paraphraser(64, 0.5), teacher, 3)
+        if name == "cohort":
+            members = [("vanilla", {}), ("kd", {}), ("tucker_recomp", {"rank": 4})]
+            built = [methods.get(n)(models.build("resnet8", 10, 3), teacher, p) for n, p in members]
+            return Cohort(built, [n for n, _ in members])
         return methods.get(name)(student, teacher, params, assets)
 
     eager_method = build()
@@ -484,7 +492,8 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
     opts = {}
     totals, step = _run(method, cfg, 2, graphed)
     split = "split, prefetch" if prefetch else "split"
-    want_status = split if name.startswith("tucker") else "whole"
+    decomposes = name.startswith("tucker") or name == "cohort"  # the cohort's last member
+    want_status = split if decomposes else "whole"
     overlapped = "split, prefetch, overlap" + (", pipeline" if pipeline else "")
     assert step.status == (overlapped if overlap else want_status)
     assert events.count("replay") > 10
@@ -503,7 +512,7 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         # 0, no prefetch), ahead for batches 1–8, and in the eager step of the last batch
         # (where only the Tucker methods compute targets: the others' eager step has none)
         ids = [method.teacher_outputs(x)[-1].sum().item() for x, _ in _loader().epoch(1)]
-        if name.startswith("tucker"):
+        if decomposes:
             assert targets[-11:] == [ids[0], *ids]
         else:
             assert targets[-10:] == [ids[0], *ids[:-1]]

@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import torch
 
 from kdbench import io, methods, models, mps, provenance, reference, tucker
+from kdbench.cohort import Cohort
 from kdbench.data import Dataset, Split
 from kdbench.errors import KdbenchError
 from kdbench.methods.ft import Paraphraser
@@ -352,7 +353,8 @@ def time_epochs(
         _sync(device)
         t1 = time.perf_counter()
         for loader in run.evals:
-            evaluate(method.student, loader, device, cfg, run.eval_fn)
+            for student in method.students():
+                evaluate(student, loader, device, cfg, run.eval_fn)
         t2 = time.perf_counter()
         run.next_lr()
         if epoch >= warmup:
@@ -492,15 +494,28 @@ def bench_epochs(
                     rows.append(
                         (first, student_arch, TrainConfig.from_config({**base, **acc}), label)
                     )
+            if getattr(args, "cohort", False):
+                rows.append((None, student_arch, cfg, "cohort"))
             for case, arch, row_cfg, tag in rows:
-                method = _build(case, teacher, arch, classes, channels, paraphraser)
+                if case is None:  # every chosen method, on one teacher pass per batch
+                    labels = [_label(*c) for c in cases]
+                    members = [
+                        _build(c, teacher, arch, classes, channels, paraphraser) for c in cases
+                    ]
+                    method: methods.Method = Cohort(members, labels)
+                    name = f"cohort of {len(labels)}"
+                else:
+                    method = _build(case, teacher, arch, classes, channels, paraphraser)
+                    name = _label(*case) if tag != "teacher" else "teacher"
                 r = time_epochs(method, row_cfg, data, device, args.epochs, args.warmup, barrier)
                 r.update(
                     pair=f"{teacher_arch}:{arch}" if tag != "teacher" else f"none:{arch}",
-                    method=_label(*case) if tag != "teacher" else "teacher",
+                    method=name,
                     setting=tag or "default",
                     train_config=asdict(row_cfg),
                 )
+                if case is None:
+                    r.update(_cohort_ratio(labels, r, results))
                 if args.reference and not tag:
                     ref = time_reference(
                         case, teacher, teacher_arch, args, arch, data.train, paraphraser, device
@@ -526,6 +541,23 @@ def bench_epochs(
     return doc
 
 
+def _cohort_ratio(
+    labels: list[str], row: dict[str, Any], results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A cohort row's members, and its training time against the sum of theirs timed one by
+    one in the same run (when every member has a row)."""
+    own = {
+        r["method"]: r["train_seconds"]
+        for r in results
+        if r["pair"] == row["pair"] and r["setting"] == "default"
+    }
+    out: dict[str, Any] = {"members": labels}
+    if all(label in own for label in labels):
+        out["members_train_seconds"] = sum(own[label] for label in labels)
+        out["ratio_to_members"] = row["train_seconds"] / out["members_train_seconds"]
+    return out
+
+
 def _print_row(r: dict[str, Any]) -> None:
     name = r["method"] if r["setting"] == "default" else f"{r['method']} [{r['setting']}]"
     mem = "-"
@@ -535,6 +567,11 @@ def _print_row(r: dict[str, Any]) -> None:
         f"  {r['pair']:<20} {name:<40} train {r['train_seconds']:7.3f} s/epoch "
         f"({r['images_per_second']:8.0f} img/s), eval {r['eval_seconds']:6.3f} s, peak {mem}"
     )
+    if "ratio_to_members" in r:
+        line += (
+            f"; its members one by one {r['members_train_seconds']:.3f} s/epoch, "
+            f"ratio {r['ratio_to_members']:.2f}"
+        )
     if "reference" in r:
         line += (
             f"; reference {r['reference']['train_seconds']:8.2f} s/epoch, "
@@ -1031,6 +1068,12 @@ def _parser() -> argparse.ArgumentParser:
         "--ablation-compile",
         default="none",
         help="last ablation step: this train.compile mode (default none: no step)",
+    )
+    e.add_argument(
+        "--cohort",
+        action="store_true",
+        help="also train the chosen methods together on one teacher pass per batch "
+        "(kdbench.cohort) and compare with their own rows",
     )
     e.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     c = sub.add_parser("concurrent", help="total throughput of N runs sharing one device")

@@ -319,7 +319,8 @@ def compile_models(method: Method, cfg: TrainConfig, device: torch.device | None
     mode = compile_mode(cfg, device)
     if mode == "none":
         return
-    method.student.compile(mode=mode)
+    for student in method.students():
+        student.compile(mode=mode)
     if method.needs_teacher:
         method.teacher.compile(mode=mode)
 

@@ -2,7 +2,7 @@
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
-# methods spread compile mps overlap mps-jobs profile cudnn.
+# methods spread compile mps overlap mps-jobs profile cudnn cohort.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -19,7 +19,8 @@
 # 2026-11-26 the open questions are: cudnn (KD with cuDNN autotuning, the default since the
 # fourth, against without it: does bench epochs confirm the profile's 1.18x, KD <= 2 s?),
 # epochs56 and epochs20 with it, then mps and grid from them, and spread (pipeline_targets
-# and cuDNN autotuning: results within seed noise?).
+# and cuDNN autotuning: results within seed noise?), and cohort (how much of the grid a teacher
+# pass shared by all students of a dataset and seed would save).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -44,7 +45,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs profile cudnn}; do
+    overlap mps-jobs profile cudnn cohort}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back
     graphs) step graphs 50 $B graphs --json "$OUT/graphs.json" ;;
@@ -119,6 +120,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
             step "cudnn-$b" 150 $B epochs --no-reference --epochs 1 --methods kd vanilla \
                 "${sets[@]}" --set cudnn_benchmark=$b --json "$OUT/cudnn-$b.json"
         done ;;
+    # the grid's methods on resnet20 one by one, then all of them as one cohort (one teacher
+    # pass per batch for all: kdbench.cohort): what sharing the teacher would save the grid
+    cohort) step cohort 300 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
+        --methods "${GRID[@]}" --cohort "${sets[@]}" --json "$OUT/cohort.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done

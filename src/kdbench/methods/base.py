@@ -98,6 +98,11 @@ class Method(nn.Module):
             outs = self.teacher(x)
         return [t.clone() for t in outs]
 
+    def students(self) -> list[nn.Module]:
+        """The networks compiled and evaluated as students: this method's student (a
+        :class:`kdbench.cohort.Cohort`'s: every member's)."""
+        return [self.student]
+
     def trainable(self) -> dict[str, nn.Module]:
         """Modules that get their own optimizer and schedule (the student first)."""
         return {"student": self.student}

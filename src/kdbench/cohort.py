@@ -1,0 +1,93 @@
+"""Several students trained on one teacher pass per batch: :class:`Cohort`.
+
+Students of one dataset and seed see the same batches, whatever their method, so the frozen
+teacher's forward pass on a batch is the same for all of them. A cohort runs it once and hands
+its outputs to every member: each member's ``teacher_targets`` (the Tucker decompositions, for
+instance) and then its ``student_loss``. To the trainer a cohort is one method whose loss parts
+are the members' (named ``<member>/<part>``) and whose trainable modules are all of theirs, each
+with its own optimizer and schedule; so ``kdbench.train`` and ``kdbench.graphs`` run it unchanged:
+one teacher graph and one student graph that steps every member. A member's gradients come from
+its own loss alone (the members share no parameters), so on CPU each member's weights are those
+of its own run, bit for bit (tested). One difference: a non-finite loss or gradient in any member
+skips the step for all of them.
+
+``python -m kdbench.bench epochs --cohort`` times a cohort of the chosen methods against their
+runs one by one (README, Performance).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from kdbench.errors import KdbenchError
+from kdbench.methods.base import Method
+
+
+class Cohort(Method):
+    """``members`` (labelled by ``labels``) trained together on one pass of their shared teacher."""
+
+    name = "cohort"
+
+    def __init__(self, members: list[Method], labels: list[str]) -> None:
+        teachers = {id(m.teacher) for m in members if m.needs_teacher}
+        if len(teachers) != 1:
+            raise KdbenchError(
+                "a cohort needs members that share one teacher "
+                f"(got {len(teachers)} teachers among {len(members)} members)"
+            )
+        if len(set(labels)) != len(labels) or len(labels) != len(members):
+            raise KdbenchError(f"a cohort needs one distinct label per member, got {labels}")
+        teacher = next(m.teacher for m in members if m.needs_teacher)
+        super().__init__(members[0].student, teacher, {})
+        self.members = nn.ModuleList(members)
+        self.labels = list(labels)
+
+    def students(self) -> list[nn.Module]:
+        return [m.student for m in self.members]
+
+    def to(self, *args: Any, **kwargs: Any) -> Cohort:  # type: ignore[override]
+        super().to(*args, **kwargs)
+        for m in self.members:  # what a member keeps outside its modules (FT's paraphraser)
+            m.to(*args, **kwargs)
+        return self
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {
+            f"{label}/{key}": module
+            for label, m in zip(self.labels, self.members, strict=True)
+            for key, module in m.trainable().items()
+        }
+
+    def graph_mode(self) -> str:
+        modes = {m.graph_mode() for m in self.members}
+        return "none" if "none" in modes else "split" if "split" in modes else "whole"
+
+    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.student_loss(x, y, self.teacher_targets(self.teacher_outputs(x)))
+
+    def teacher_targets(self, teacher_outputs: list[Tensor]) -> tuple[Any, ...]:
+        """Every member's targets from the one teacher pass (none for a member without a
+        teacher)."""
+        return tuple(
+            m.teacher_targets(teacher_outputs) if m.needs_teacher else () for m in self.members
+        )
+
+    def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The first member's logits and every member's loss parts, ``<label>/<part>``."""
+        parts: dict[str, Tensor] = {}
+        first = None
+        for label, m, t in zip(self.labels, self.members, targets, strict=True):
+            logits, own = m.student_loss(x, y, t)
+            first = logits if first is None else first
+            parts.update({f"{label}/{k}": v for k, v in own.items()})
+        assert first is not None
+        return first, parts
+
+    def pop_stats(self) -> dict[str, Tensor]:
+        return {
+            f"{label}/{k}": v
+            for label, m in zip(self.labels, self.members, strict=True)
+            for k, v in m.pop_stats().items()
+        }
