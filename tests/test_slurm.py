@@ -122,7 +122,7 @@ def slurm_demo(cluster, tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        # students grouped 4 to a GPU (the default is 8): the grouping is what is tested
+        # students grouped 4 to a GPU (the default), 1 thread each (the default gives 2)
         env={
             **os.environ,
             "PYTHONUNBUFFERED": "1",
