@@ -494,7 +494,7 @@ def bench_epochs(
                     rows.append(
                         (first, student_arch, TrainConfig.from_config({**base, **acc}), label)
                     )
-            if getattr(args, "cohort", False):
+            if args.cohort:
                 rows.append((None, student_arch, cfg, "cohort"))
             for case, arch, row_cfg, tag in rows:
                 if case is None:  # every chosen method, on one teacher pass per batch

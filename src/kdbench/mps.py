@@ -2,8 +2,8 @@
 
 Without MPS the CUDA processes on one GPU take turns (time slicing), so graphed runs, which each
 keep the GPU busy with small kernels, gain nothing from sharing it. As clients of one MPS daemon
-their kernels run side by side: 8 KD runs on an H200 gave 1.98x the throughput of one
-(README, Performance).
+their kernels run side by side: 4 compiled, graphed KD runs on an H200 gave 1.54x the throughput
+of one (uncompiled, 8 gave 1.98x; README, Performance).
 
 ``KDBENCH_MPS=1`` makes every training job of the workflow a client of an MPS daemon that the
 first of them starts: one per SLURM job (so the students that a ``students`` group job trains

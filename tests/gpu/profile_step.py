@@ -31,11 +31,6 @@ from kdbench.methods.ft import Paraphraser
 from kdbench.train import TrainConfig, train_epoch
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _union(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
@@ -61,7 +56,7 @@ def profile_row(spec: str, args: argparse.Namespace, data, teacher, paraphraser)
     train_epoch(
         method, run.optimizers, run.train, 0, torch.device(args.device), cfg, step_fn=run.step_fn
     )
-    _sync(args.device)
+    bench._sync(torch.device(args.device))
     warm = time.perf_counter() - t0
     cuda = torch.autograd.DeviceType.CUDA
     activity = torch.profiler.ProfilerActivity
@@ -78,11 +73,9 @@ def profile_row(spec: str, args: argparse.Namespace, data, teacher, paraphraser)
             cfg,
             step_fn=run.step_fn,
         )
-        _sync(args.device)
+        bench._sync(torch.device(args.device))
         wall = time.perf_counter() - t0
-    kernels = [e for e in prof.events() if e.device_type == cuda] or [
-        e for e in prof.events() if args.device == "cpu" and e.name.startswith("aten::conv")
-    ]
+    kernels = [e for e in prof.events() if e.device_type == cuda]  # none on the CPU
     steps = len(run.train)
     per: dict[str, list[float]] = {}
     for e in kernels:
