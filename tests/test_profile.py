@@ -18,8 +18,8 @@ SITE_VARIABLES = (
     "KDBENCH_SLURM_GPU_MODEL",
     "KDBENCH_SLURM_JOBS",
     "KDBENCH_SLURM_STATUS",
+    "KDBENCH_SLURM_STUDENTS_PER_JOB",
     "KDBENCH_SLURM_RUNS_PER_GPU",
-    "KDBENCH_SLURM_CPUS_PER_GPU",
 )
 
 
@@ -74,7 +74,6 @@ def test_one_profile_file_with_the_required_keys(monkeypatch):
     for key in ("jobs", "latency-wait", "retries", "rerun-incomplete", "keep-going"):
         assert profile[key], key
     assert profile["show-failed-logs"] and profile["slurm-status-command"] == "squeue"
-    assert profile["resources"]["mem_mb"] >= 16000  # one training job fits a grouped job's cap
     assert "slurm-array-jobs" not in profile  # job arrays deadlock the plugin
     defaults = profile["default-resources"]
     assert defaults["slurm_partition"] == "'cpu'" and "attempt" in str(defaults["runtime"])
@@ -84,13 +83,17 @@ def test_one_profile_file_with_the_required_keys(monkeypatch):
         assert "attempt" in str(res["runtime"])
     for rule in ("train_teacher", "train_paraphraser"):
         assert profile["set-resources"][rule]["gpu"] == 1
-    # 4 students per GPU by default (a group of 4, MPS where the node has it); the GPU as a
-    # string, which the group shares (numbers are summed: 8 CPUs, 32 GB in all)
+    # a SLURM job per student by default; the GPU as a string, which a group shares
     distill = profile["set-resources"]["distill"]
     assert distill["gres"] == "'gpu:1'" and "gpu" not in distill
-    assert profile["group-components"] == {"features": 20, "students": 4}
-    assert profile["set-threads"] == {"distill": 2}
-    assert profile["resources"]["mem_mb"] == 4 * distill["mem_mb"]
+    assert profile["group-components"] == {"features": 20, "students": 1}
+    assert "set-threads" not in profile  # students get train_threads, as the teacher does
+    # a SLURM job runs its group's jobs one after another: each grouped job takes the job's one
+    # step (a local resource), so Snakemake sizes the job for one member and sums the runtimes
+    assert profile["resources"] == {"job_steps": 1}
+    assert profile["set-resource-scopes"] == {"job_steps": "local"}
+    for rule in ("distill", "extract_features_metrics"):
+        assert profile["set-resources"][rule]["job_steps"] == 1
 
 
 def test_every_profile_key_is_commented():
@@ -109,18 +112,22 @@ def test_site_settings_come_from_the_environment(monkeypatch):
         KDBENCH_SLURM_GPU_MODEL="a100",
         KDBENCH_SLURM_JOBS="7",
         KDBENCH_SLURM_STATUS="sacct",
-        KDBENCH_SLURM_RUNS_PER_GPU="8",
-        KDBENCH_SLURM_CPUS_PER_GPU="32",
+        KDBENCH_SLURM_STUDENTS_PER_JOB="8",
     )
     assert profile["jobs"] == 7 and profile["slurm-status-command"] == "sacct"
     assert profile["group-components"]["students"] == 8
-    assert profile["set-threads"] == {"distill": 4}
-    assert profile["resources"]["mem_mb"] == 64000
     assert profile["set-resources"]["distill"]["gres"] == "'gpu:a100:1'"
     assert profile["default-resources"]["slurm_partition"] == "'short'"
     assert profile["default-resources"]["slurm_account"] == "'kd-lab'"
     teacher = profile["set-resources"]["train_teacher"]
     assert teacher["slurm_partition"] == "'a100'" and teacher["gpu_model"] == "'a100'"
+
+
+def test_students_per_job_keeps_its_old_name(monkeypatch):
+    old = _profile(monkeypatch, KDBENCH_SLURM_RUNS_PER_GPU="4")
+    assert old["group-components"]["students"] == 4
+    both = _profile(monkeypatch, KDBENCH_SLURM_RUNS_PER_GPU="4", KDBENCH_SLURM_STUDENTS_PER_JOB="2")
+    assert both["group-components"]["students"] == 2
 
 
 @pytest.mark.slow

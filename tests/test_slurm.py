@@ -8,6 +8,7 @@ answers, unless KDBENCH_REQUIRE_SLURM=1 (CI as root), where that is a failure.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, SNAKEMAKE, mps_stub, snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -91,6 +93,13 @@ def _submitted(output: str) -> set[str]:
     return set(re.findall(r"submitted with SLURM jobid (\d+)", output))
 
 
+def _minutes(limit: str) -> int:
+    """A SLURM time limit ("[D-]HH:MM:SS") in whole minutes."""
+    days, _, clock = limit.rpartition("-")
+    h, m, _ = (int(x) for x in clock.split(":"))
+    return (24 * int(days or 0) + h) * 60 + m
+
+
 def _cancel_all(work: Path) -> None:
     for job in _jobs(work):
         if job.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"):
@@ -101,17 +110,22 @@ def _cancel_all(work: Path) -> None:
 def slurm_demo(cluster, tmp_path_factory):
     """The demo through the profile; the teacher's job is cancelled after epoch 1."""
     work = tmp_path_factory.mktemp("slurm")
-    # the demo with one student seed: every rule and request, half the jobs
-    demo = (REPO / "config" / "demo.yaml").read_text()
-    assert "\nseeds: [0, 1]\n" in demo
-    demo = demo.replace("\nseeds: [0, 1]\n", "\nseeds: [0]\n")
+    # the demo with one student seed: every rule and request, half the jobs; what the
+    # jobs compute is cut down (the teacher keeps enough epochs to be cancelled mid-run)
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    assert demo["seeds"] == [0, 1] and demo["teacher"]["train"]["epochs"] > 5
+    demo["seeds"] = [0]
+    demo["teacher"]["train"]["epochs"] = 5
+    demo["train"]["epochs"] = 2
+    demo["methods"]["ft"]["paraphraser"]["epochs"] = 2
+    demo["analysis"]["n_images"] = 100
     # device auto (the CPU here too): a run on train.device cpu does not ask for MPS
-    assert "\n  device: cpu\n" in demo
-    demo = demo.replace("\n  device: cpu\n", "\n  device: auto\n")
-    # 2 threads per training job, but a student gets the profile's set-threads:
-    # KDBENCH_SLURM_CPUS_PER_GPU (4) over KDBENCH_SLURM_RUNS_PER_GPU (4), 1
-    assert "\ntrain_threads: 1\n" in demo
-    (work / "demo.yaml").write_text(demo.replace("\ntrain_threads: 1\n", "\ntrain_threads: 2\n"))
+    assert demo["train"]["device"] == "cpu"
+    demo["train"]["device"] = "auto"
+    # 2 threads per training job
+    assert demo["train_threads"] == 1
+    demo["train_threads"] = 2
+    (work / "demo.yaml").write_text(yaml.safe_dump(demo, sort_keys=False))
     # every training job a client of an MPS daemon per SLURM job (a stand-in for NVIDIA's):
     # KDBENCH_MPS=auto, the default, where the node has the control program
     stub, _ = mps_stub(work / "mps")
@@ -122,12 +136,11 @@ def slurm_demo(cluster, tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        # students grouped 4 to a GPU (the default), 1 thread each (the default gives 2)
+        # students grouped 4 to a SLURM job (the default is 1)
         env={
             **os.environ,
             "PYTHONUNBUFFERED": "1",
-            "KDBENCH_SLURM_RUNS_PER_GPU": "4",
-            "KDBENCH_SLURM_CPUS_PER_GPU": "4",
+            "KDBENCH_SLURM_STUDENTS_PER_JOB": "4",
             "KDBENCH_MPS": "auto",
             "PATH": f"{stub}:{os.environ['PATH']}",
         },
@@ -198,21 +211,21 @@ def test_sbatch_requests_gpu_and_partition(slurm_demo):
             assert job.get("TresPerJob") == "gres:gpu:1" and "mem=16000M" in job["TRES"], job
     for job in by_rule["students"]:  # --gres=gpu:1 (resource gres: "gpu:1")
         assert job.get("TresPerNode") == "gres:gpu:1", job
-    # the 9 students went out 4 to a job holding one GPU, all 4 at once (4 × 8 GB; 4 × 1 CPU:
-    # KDBENCH_SLURM_CPUS_PER_GPU, 4, over KDBENCH_SLURM_RUNS_PER_GPU, 4, added up by Snakemake)
-    groups = sorted(
-        (int(re.search(r"mem=(\d+)M", job["TRES"]).group(1)) // 8000, job["TRES"])
-        for job in by_rule["students"]
-    )
-    assert [n for n, _ in groups] == [1, 4, 4], groups
-    assert all(f"cpu={n}," in tres for n, tres in groups), groups
+    # the 9 students went out 4 to a job holding one GPU (KDBENCH_SLURM_STUDENTS_PER_JOB), which
+    # runs them one after another: the CPUs (train_threads, 2) and memory (8 GB) of one student,
+    # the sum of their runtimes (6 h each)
+    minutes = sorted(_minutes(job["TimeLimit"]) for job in by_rule["students"])
+    assert minutes == [360, 1440, 1440], [job["TimeLimit"] for job in by_rule["students"]]
+    for job in by_rule["students"]:
+        assert "cpu=2," in job["TRES"] and "mem=8000M" in job["TRES"], job
     for rule in ("features", "most_affected", "diagnose", "analyse_features"):
         for job in by_rule[rule]:
             assert job["Partition"] == "cpu", job
             assert "gpu" not in job.get("TresPerJob", ""), job
-    # the 10 extraction jobs went out as one grouped SLURM job, 4 at a time within 32 GB
+    # the 10 extraction jobs went out as one grouped SLURM job: one at a time, 10 min each
     (group,) = by_rule["features"]
-    assert "cpu=4," in group["TRES"] and "mem=32000M" in group["TRES"], group
+    assert "cpu=1," in group["TRES"] and "mem=8000M" in group["TRES"], group
+    assert _minutes(group["TimeLimit"]) == 100, group["TimeLimit"]
     # local rules never reach SLURM
     assert not {"aggregate", "learning_curves", "rank_chart"} & set(by_rule)
 
@@ -222,24 +235,33 @@ def test_training_log_shows_the_slurm_job(slurm_demo):
     log = (work / "results/logs/digits/students/resnet20-resnet8/kd-default-seed0.log").read_text()
     job = re.search(r"SLURM_JOB_ID=(\d+), node kdnode, CUDA_VISIBLE_DEVICES=(\d+)", log)
     assert job, log[:2000]
-    # the profile's set-threads (1), not the config's train_threads (2)
-    assert re.search(r"device cpu: .+, 1 threads", log)
+    # the config's train_threads
+    assert re.search(r"device cpu: .+, 2 threads", log)
     run = work / "results/digits/students/resnet20-resnet8/kd/default/seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     slurm = metrics["provenance"]["slurm"]
     assert slurm["job_id"] == job.group(1) and slurm["node"] == "kdnode"
 
 
-def test_the_students_of_one_slurm_job_share_one_mps_daemon(slurm_demo):
+def test_the_students_of_one_slurm_job_run_in_turn_and_share_one_mps_daemon(slurm_demo):
     work, _, _ = slurm_demo
     calls = (work / "mps" / "calls").read_text().splitlines()
     clients: dict[str, list[str]] = {}
+    spans: dict[str, list[tuple[str, str]]] = {}
     for log in (work / "results/logs/digits/students").rglob("*.log"):
         text = log.read_text()
         (job,) = set(re.findall(r"SLURM_JOB_ID=(\d+)", text))
         (directory,) = set(re.findall(r"MPS: a client of the daemon in (\S+)", text))
         assert directory.endswith(f"/kdbench-mps-{job}"), (log, directory)
         clients.setdefault(directory, []).append(log.name)
+        # from the job's first line to "done" (HH:MM:SS, all on one day)
+        (done,) = re.findall(r"^(\S+) INFO done:", text, re.M)
+        spans.setdefault(job, []).append((text[:8], done))
+    # the plugin runs a SLURM job's students one after another (which the profile sizes the job
+    # for: the sum of their runtimes); if it ever runs them at once, revisit profiles/slurm
+    for job, runs in spans.items():
+        runs.sort()
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(runs)), (job, runs)
     # the 9 students in 3 SLURM jobs (4, 4, 1), each job's started its one daemon
     assert sorted(len(logs) for logs in clients.values()) == [1, 4, 4], clients
     for directory in clients:

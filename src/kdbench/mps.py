@@ -6,8 +6,9 @@ their kernels run side by side: 4 compiled, graphed KD runs on an H200 gave 1.54
 of one (uncompiled, 8 gave 1.98x; README, Performance).
 
 ``KDBENCH_MPS=1`` makes every training job of the workflow a client of an MPS daemon that the
-first of them starts: one per SLURM job (so the students that a ``students`` group job trains
-together share it, and it ends with that job), or, outside SLURM, one per user on the machine,
+first of them starts: one per SLURM job (the students of a ``students`` group job join it in
+turn: the SLURM plugin runs them one after another; it ends with that job), or, outside SLURM,
+one per user on the machine,
 which the workflow stops when it ends (:func:`stop`). ``KDBENCH_MPS=auto``, the default, does
 so inside a SLURM job whose node has NVIDIA's control program, and goes on without MPS where
 its daemon does not start; ``0`` never. :func:`daemon` is the ``with``-block daemon of

@@ -38,7 +38,7 @@ rule distill:
         f"{LOG_DIR}/{{dataset}}/students/{{teacher}}-{{student}}/{{method}}-{{variant}}-seed{{seed}}.log",
     benchmark:
         f"{STUDENT_DIR}/benchmark.tsv"
-    # several students share one GPU: a SLURM run submits them in groups (profiles/slurm)
+    # a SLURM run may submit several students to one job, run in turn (profiles/slurm)
     group:
         "students"
     conda:
