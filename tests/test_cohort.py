@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from kdbench import bench, io, methods, models
+from kdbench import bench, io, methods, models, runs
 from kdbench.cohort import Cohort
-from kdbench.data import Loader, Split
+from kdbench.data import Loader, Split, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.methods.ft import Paraphraser
 from kdbench.train import TrainConfig, make_schedule, make_sgd, train_epoch
@@ -78,8 +78,8 @@ def test_each_member_trains_as_it_does_alone(tmp_path):
         for epoch in range(2):
             parts = {k: v for k, v in totals[epoch].parts.items() if k.startswith(f"{label}/")}
             assert parts == {f"{label}/{k}": v for k, v in own[epoch].parts.items()}
-    # the first member's predictions count as the cohort's
-    assert [t.correct for t in totals] == [t.correct for t in alone_totals[0]]
+    for i, own in enumerate(alone_totals):  # every member's own training accuracy
+        assert [t.correct[i] for t in totals] == [t.correct for t in own]
 
 
 def test_a_cohort_needs_one_teacher_and_distinct_labels():
@@ -112,3 +112,90 @@ def test_bench_epochs_times_a_cohort_against_its_members(tmp_path, capsys):
     assert cohort["members_train_seconds"] == pytest.approx(total)
     assert cohort["ratio_to_members"] == pytest.approx(cohort["train_seconds"] / total)
     assert "its members one by one" in capsys.readouterr().out
+
+
+def _digits_runs(tmp_path):
+    """A digits setting, a teacher checkpoint and 4 members (kd, featuremap, both Tucker
+    methods), each with its own outputs below ``tmp_path/<where>/<label>``."""
+    data = {"image_size": 8, "val_fraction": 0.15, "test_fraction": 0.2, "split_seed": 0}
+    ds = load_dataset("digits", **data)
+    torch.manual_seed(5)
+    teacher = tmp_path / "teacher.pt"
+    io.save_torch(teacher, models.build("resnet8", ds.num_classes, ds.in_channels).state_dict())
+    members = []
+    for method, block in (
+        ("kd", {}),
+        ("featuremap", {}),
+        ("tucker", {"ranks": [4]}),
+        ("tucker_recomp", {"ranks": [4], "targets": ["both"]}),
+    ):
+        ((variant, params),) = methods.get(method).expand_variants(block).items()
+        members.append(
+            {"arch": "resnet8", "method": method, "variant": variant, "method_params": params}
+        )
+    train = {"epochs": 3, "batch_size": 128, "device": "cpu", "optimizer": {"lr": 0.05}}
+    common = {"dataset": "digits", "data": data, "teacher": "resnet8", "seed": 3, "train": train}
+    return common, teacher, members
+
+
+def _outputs(root, label):
+    names = {
+        "metrics": "metrics.json",
+        "final_weights": "model_final.pt",
+        "best_weights": "model_best.pt",
+        "loss_plot": "Loss.png",
+        "accuracy_plot": "Accuracy.png",
+    }
+    return {k: str(root / label / v) for k, v in names.items()}
+
+
+def test_train_cohort_writes_each_members_own_run_and_resumes(tmp_path, monkeypatch):
+    common, teacher, members = _digits_runs(tmp_path)
+    labels = [f"resnet8-{m['method']}-{m['variant']}" for m in members]
+    for m, label in zip(members, labels, strict=True):
+        runs.train(
+            role="student",
+            arch=m["arch"],
+            method=m["method"],
+            variant=m["variant"],
+            method_params=m["method_params"],
+            teacher_weights=teacher,
+            outputs=_outputs(tmp_path / "alone", label),
+            state=tmp_path / "state" / f"{label}.pt",
+            **common,
+        )
+    cohort = [
+        {**m, "outputs": _outputs(tmp_path / "cohort", label)}
+        for m, label in zip(members, labels, strict=True)
+    ]
+    kwargs = {"name": "c0", "teacher_weights": teacher, "state": tmp_path / "c0.pt", **common}
+    # killed while writing its second epoch's metrics: the state of 2 epochs is saved
+    write_json, calls = io.write_json, []
+
+    def interrupted(path, doc):
+        calls.append(path)
+        if len(calls) == len(members) + 1:
+            raise KeyboardInterrupt
+        write_json(path, doc)
+
+    monkeypatch.setattr(io, "write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runs.train_cohort(members=cohort, **kwargs)
+    monkeypatch.setattr(io, "write_json", write_json)
+    docs = runs.train_cohort(members=cohort, **kwargs)
+    assert not (tmp_path / "c0.pt").exists()
+    for doc, label in zip(docs, labels, strict=True):
+        own = json.loads((tmp_path / "alone" / label / "metrics.json").read_text())
+        got = json.loads((tmp_path / "cohort" / label / "metrics.json").read_text())
+        assert got == json.loads(json.dumps(doc)) and got["status"] == "complete"
+        assert got["cohort"] == {"name": "c0", "members": labels}
+        assert got["final"]["resumed_after_epochs"] == [2]
+        assert got["run"] == own["run"] and got["config"] == own["config"]
+        for a, b in zip(got["epochs"], own["epochs"], strict=True):
+            a.pop("epoch_seconds"), b.pop("epoch_seconds")
+            assert a == b, label
+        for name in ("model_final.pt", "model_best.pt"):
+            want = io.load_torch(tmp_path / "alone" / label / name)
+            have = io.load_torch(tmp_path / "cohort" / label / name)
+            assert all(torch.equal(want[k], have[k]) for k in want), (label, name)
+        assert (tmp_path / "cohort" / label / "Loss.png").stat().st_size > 0

@@ -74,6 +74,8 @@ BAD = [
     (("analysis",), {"checkpoint": "last"}, "analysis.checkpoint: 'last' is not one of"),
     (("analysis",), {"imgs": [0]}, "analysis: unknown key 'imgs'"),
     (("methods", "vanilla"), KeyError, "the analysis compares every distilled student with"),
+    (("cohort_size",), -1, "cohort_size: -1 is less than the minimum of 0"),
+    (("cohort_size",), 2.5, "cohort_size: 2.5 is not of type 'integer'"),
 ]
 
 
@@ -115,6 +117,23 @@ def test_run_grid_of_the_full_config():
     vanilla = [s for s in students if s.method == "vanilla"]
     assert {s.teacher for s in vanilla} == {"none"}
     assert kdconfig.train_params(FULL, "teacher")["epochs"] == 150
+
+
+def test_cohorts_split_the_students_of_a_teacher_and_seed_in_config_order():
+    assert kdconfig.cohorts(FULL) == []  # cohort_size 0, the default: a job per student
+    cohorts = kdconfig.cohorts({**FULL, "cohort_size": 8})
+    students = [s for s in kdconfig.student_runs(FULL) if s.teacher != "none"]
+    order = FULL["datasets"]  # config order, within a dataset and seed too (a stable sort)
+    assert [m for c in cohorts for m in c.members] == sorted(
+        students, key=lambda s: (order.index(s.dataset), s.seed)
+    )
+    # per dataset and seed: 2 students × 19 distilling variants = 38, in cohorts of 8 (6 the last)
+    assert len(cohorts) == 2 * 3 * 5 and [len(c.members) for c in cohorts[:5]] == [8] * 4 + [6]
+    for c in cohorts:
+        assert {(m.dataset, m.teacher, m.seed) for m in c.members} == {
+            (c.dataset, c.teacher, c.seed)
+        }
+    assert cohorts[6].name == "resnet110-seed1-c1"
 
 
 def test_speed_switches_reach_the_jobs_only_when_set():

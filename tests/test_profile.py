@@ -45,7 +45,7 @@ def _resources(output: str) -> dict[str, set[str]]:
     return found
 
 
-def _dry_run(tmp_path: Path, configfile: str, env: dict[str, str] | None = None):
+def _dry_run(tmp_path: Path, configfile: str, env: dict[str, str] | None = None, *extra: str):
     old = dict(os.environ)
     for name in SITE_VARIABLES:
         os.environ.pop(name, None)
@@ -57,6 +57,7 @@ def _dry_run(tmp_path: Path, configfile: str, env: dict[str, str] | None = None)
             "-n",
             "--configfile",
             str(REPO / configfile),
+            *extra,
             cwd=tmp_path,
             timeout=300,
         )
@@ -81,8 +82,9 @@ def test_one_profile_file_with_the_required_keys(monkeypatch):
         res = profile["set-resources"][rule]
         assert res["slurm_partition"] == "'gpu'" and "gpu_model" not in res
         assert "attempt" in str(res["runtime"])
-    for rule in ("train_teacher", "train_paraphraser"):
+    for rule in ("train_teacher", "train_paraphraser", "distill_cohort"):
         assert profile["set-resources"][rule]["gpu"] == 1
+    assert profile["set-resources"]["distill_cohort"]["slurm_partition"] == "'gpu'"
     # a SLURM job per student by default; the GPU as a string, which a group shares
     distill = profile["set-resources"]["distill"]
     assert distill["gres"] == "'gpu:1'" and "gpu" not in distill
@@ -119,8 +121,9 @@ def test_site_settings_come_from_the_environment(monkeypatch):
     assert profile["set-resources"]["distill"]["gres"] == "'gpu:a100:1'"
     assert profile["default-resources"]["slurm_partition"] == "'short'"
     assert profile["default-resources"]["slurm_account"] == "'kd-lab'"
-    teacher = profile["set-resources"]["train_teacher"]
-    assert teacher["slurm_partition"] == "'a100'" and teacher["gpu_model"] == "'a100'"
+    for rule in ("train_teacher", "distill_cohort"):
+        res = profile["set-resources"][rule]
+        assert res["slurm_partition"] == "'a100'" and res["gpu_model"] == "'a100'"
 
 
 def test_students_per_job_keeps_its_old_name(monkeypatch):
@@ -157,3 +160,15 @@ def test_dry_run_passes_site_settings_to_the_jobs(tmp_path):
     resources = _resources(_dry_run(tmp_path, "config/demo.yaml", env))
     (line,) = resources["train_teacher"]
     assert "slurm_partition=a100" in line and "slurm_account=kd-lab" in line
+
+
+@pytest.mark.slow
+def test_dry_run_of_cohorts_puts_each_on_a_gpu(tmp_path):
+    output = _dry_run(tmp_path, "config/demo.yaml", None, "--config", "cohort_size=4")
+    counts = job_counts(output)
+    # 8 distilling students per seed, 4 to a cohort; vanilla alone
+    assert counts["distill_cohort"] == 4 and counts["cohort_member"] == 16
+    assert counts["distill"] == 2
+    resources = _resources(output)
+    (line,) = resources["distill_cohort"]
+    assert "slurm_partition=gpu" in line and "gpu=1" in line and "runtime=1440" in line

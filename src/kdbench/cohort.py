@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
@@ -75,15 +76,15 @@ class Cohort(Method):
         )
 
     def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """The first member's logits and every member's loss parts, ``<label>/<part>``."""
+        """Every member's logits, stacked (members, batch, classes), and every member's loss
+        parts, ``<label>/<part>``."""
         parts: dict[str, Tensor] = {}
-        first = None
+        logits = []
         for label, m, t in zip(self.labels, self.members, targets, strict=True):
-            logits, own = m.student_loss(x, y, t)
-            first = logits if first is None else first
+            own_logits, own = m.student_loss(x, y, t)
+            logits.append(own_logits.detach().float())
             parts.update({f"{label}/{k}": v for k, v in own.items()})
-        assert first is not None
-        return first, parts
+        return torch.stack(logits), parts
 
     def pop_stats(self) -> dict[str, Tensor]:
         return {

@@ -300,3 +300,37 @@ def student_runs(config: dict[str, Any]) -> list[StudentRun]:
         for variant in variants(config, method):
             runs[StudentRun(dataset, t, student, method, variant, int(seed))] = None
     return list(runs)
+
+
+@dataclass(frozen=True)
+class CohortJob:
+    """Students of one dataset, teacher and seed trained in one job on one teacher pass per
+    batch (``cohort_size``; :func:`kdbench.runs.train_cohort`)."""
+
+    dataset: str
+    teacher: str
+    seed: int
+    index: int
+    members: tuple[StudentRun, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher}-seed{self.seed}-c{self.index}"
+
+
+def cohorts(config: dict[str, Any]) -> list[CohortJob]:
+    """The cohort jobs of ``config``: with ``cohort_size`` N > 0, the students that learn from a
+    teacher, per dataset, teacher and seed in config order (pairs, methods, variants), N to a
+    cohort; none with 0 (the default). Teacher-free students (vanilla) train alone."""
+    size = int(config.get("cohort_size") or 0)
+    if size <= 0:
+        return []
+    groups: dict[tuple[str, str, int], list[StudentRun]] = {}
+    for run in student_runs(config):
+        if run.teacher != NO_TEACHER:
+            groups.setdefault((run.dataset, run.teacher, run.seed), []).append(run)
+    return [
+        CohortJob(dataset, teacher, seed, i // size, tuple(runs[i : i + size]))
+        for (dataset, teacher, seed), runs in groups.items()
+        for i in range(0, len(runs), size)
+    ]

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from io import BytesIO
@@ -96,6 +97,23 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def link_outputs(source: str | os.PathLike[str], outputs: list[str]) -> None:
+    """Make each of ``outputs`` the file of its name in ``source`` (a cohort member's outputs,
+    written by its cohort's job): a hard link where the file system allows one, else a copy,
+    each put in place atomically and dated now (so that it is newer than the cohort's job)."""
+    for out in map(Path, outputs):
+        src = Path(source, out.name)
+        if not src.is_file():
+            raise KdbenchError(f"{src} is missing: its cohort's job did not write it")
+        with atomic_path(out) as tmp:
+            tmp.unlink()
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            os.utime(tmp)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

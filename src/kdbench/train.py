@@ -530,8 +530,9 @@ class EpochTotals:
 
     #: loss part → its sum over the epoch's samples (skipped batches excluded)
     parts: dict[str, float]
-    #: correctly classified training samples (skipped batches excluded)
-    correct: int
+    #: correctly classified training samples (skipped batches excluded); one count per
+    #: student for logits stacked as (students, batch, classes) (:class:`kdbench.cohort.Cohort`)
+    correct: int | list[int]
     #: steps (from 0) whose loss or gradient was not finite, in order
     bad_steps: list[int]
 
@@ -567,7 +568,7 @@ def train_epoch(
     step_fn = step_fn or make_step(method, optimizers, device, cfg)
     method.train()
     sums: dict[str, Tensor] = {}
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    correct: Tensor = torch.zeros((), device=device, dtype=torch.int64)
     bad = torch.zeros(max(len(loader), 1), device=device, dtype=torch.bool)
     for step, ((xb, yb), following) in enumerate(_with_next(loader.epoch(epoch))):
         faults.point(f"step{step}")
@@ -582,12 +583,13 @@ def train_epoch(
                 acc = sums.get(key)
                 sums[key] = term if acc is None else acc + term
             if logits is not None:
-                correct += torch.where(ok, (logits.detach().argmax(1) == yb).sum(), 0)
+                hits = (logits.detach().argmax(-1) == yb).sum(-1)  # one per stacked student
+                correct = correct + torch.where(ok, hits, 0)
     bad_steps = bad.nonzero().flatten().tolist()  # the epoch's one host synchronisation
     if not host_check and on_bad_step is not None:
         for step in bad_steps:
             on_bad_step(step)
-    return EpochTotals({k: float(v) for k, v in sums.items()}, int(correct), bad_steps)
+    return EpochTotals({k: float(v) for k, v in sums.items()}, correct.tolist(), bad_steps)
 
 
 def eval_batch(model: nn.Module, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
@@ -708,6 +710,29 @@ def nonfinite_batch(where: str, skipped: int, limit: int, saved: int, state: Pat
     )
 
 
+@dataclass
+class Run:
+    """One student that :func:`fit_runs` trains and writes out: its record (what metrics.json
+    says of it), outputs and where its loss parts, statistics and modules lie in the method."""
+
+    student: nn.Module
+    record: dict[str, Any]
+    outputs: RunOutputs
+    #: its keys' prefix in the method's loss parts, statistics and trainable modules:
+    #: ``""`` alone, ``"<label>/"`` in a :class:`kdbench.cohort.Cohort`
+    prefix: str = ""
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": 0, "val_acc": -math.inf, "weights": None}
+    )
+    doc: dict[str, Any] = field(default_factory=dict)
+
+    def own(self, values: dict[str, Any]) -> dict[str, Any]:
+        """This run's entries of a method-wide mapping, without the prefix."""
+        n = len(self.prefix)
+        return {k[n:]: v for k, v in values.items() if k.startswith(self.prefix)}
+
+
 def fit(
     method: Method,
     data: Dataset,
@@ -725,6 +750,36 @@ def fit(
     metrics.json and its hash guards the resumable state. ``on_epoch_end(epoch)`` is called
     after an epoch's state is saved (tests use it to interrupt a run).
     """
+    (doc,) = fit_runs(
+        method,
+        data,
+        cfg,
+        seed=seed,
+        runs=[Run(method.student, record, outputs)],
+        state_path=state_path,
+        record=record,
+        on_epoch_end=on_epoch_end,
+    )
+    return doc
+
+
+def fit_runs(
+    method: Method,
+    data: Dataset,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    runs: list[Run],
+    state_path: str | Path,
+    record: dict[str, Any],
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`fit` for the students of ``runs``, trained together as ``method`` (one run: the
+    method's student; several: the members of a :class:`kdbench.cohort.Cohort`, whose logits
+    come stacked). Each run gets its own curves, best epoch and outputs; they share the steps,
+    the resumable state (guarded by the hash of ``record``) and the epoch time, which each run
+    records as its share (the epoch's seconds over the number of runs). Returns their final
+    metrics documents."""
     state_path = Path(state_path)
     device = resolve_device(cfg.device)
     fp = fingerprint({"record": record, "seed": seed, "train": cfg.state_record()})
@@ -735,14 +790,13 @@ def fit(
     train_loader, val_loader, test_loader = make_loaders(data, cfg, device, seed)
     step_fn = make_step(method, optimizers, device, cfg)
     eval_fn = make_eval_batch(device, cfg)
+    alone = len(runs) == 1
 
-    epochs: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "weights": None}
     resumed: list[int] = []
     skipped = 0  # batches skipped for a non-finite loss or gradient (train.skip_nonfinite)
     # the earlier processes (SLURM jobs) that trained this run: host, job id, epochs they reached
     sessions: list[dict[str, Any]] = []
-    io.remove_stale_temps(state_path, *outputs.paths())
+    io.remove_stale_temps(state_path, *(p for run in runs for p in run.outputs.paths()))
     state = load_state(state_path, fp)
     if state is not None:
         for name, mod in modules.items():
@@ -752,49 +806,53 @@ def fit(
         for name, sched in schedules.items():
             sched.load_state_dict(state["schedules"][name])
         set_rng_state(state["rng"], device)
-        epochs = list(state["epochs"])
-        best = dict(state["best"])
-        skipped = sum(e.get("skipped_batches", 0) for e in epochs)
-        resumed = list(state.get("resumed", [])) + [len(epochs)]
+        for run in runs:
+            run.epochs = list(state["epochs"] if alone else state["epochs"][run.prefix])
+            run.best = dict(state["best"] if alone else state["best"][run.prefix])
+        skipped = sum(e.get("skipped_batches", 0) for e in runs[0].epochs)
+        resumed = list(state.get("resumed", [])) + [len(runs[0].epochs)]
         sessions = list(state.get("sessions", []))
         writer = sessions[-1] if sessions else {}
         log.info(
             "resuming from %s after epoch %d/%d (saved by job %s on %s)",
             state_path,
-            len(epochs),
+            len(runs[0].epochs),
             cfg.epochs,
             writer.get("slurm_job_id") or "-",
             writer.get("host", "?"),
         )
 
-    doc: dict[str, Any] = {
-        "status": "running",
-        "run": record.get("run", {}),
-        "seed": seed,
-        "config": {**record.get("config", {}), "train": asdict(cfg)},
-        "data": data.summary(),
-        "epochs": epochs,
-        "provenance": {
-            **provenance.collect(device),
-            "cudnn_benchmark": cudnn_autotuning(cfg, device),
-            "previous_sessions": sessions,
-        },
+    shared = {
+        **provenance.collect(device),
+        "cudnn_benchmark": cudnn_autotuning(cfg, device),
+        "previous_sessions": sessions,
     }
-    me = {"host": doc["provenance"]["host"], "slurm_job_id": doc["provenance"]["slurm_job_id"]}
-    dev = doc["provenance"]["device"]
+    for run in runs:
+        run.doc = {
+            "status": "running",
+            "run": run.record.get("run", {}),
+            "seed": seed,
+            "config": {**run.record.get("config", {}), "train": asdict(cfg)},
+            "data": data.summary(),
+            "epochs": run.epochs,
+            "provenance": shared,
+        }
+        if "cohort" in run.record:
+            run.doc["cohort"] = run.record["cohort"]
+    me = {"host": shared["host"], "slurm_job_id": shared["slurm_job_id"]}
+    dev = shared["device"]
     log.info("device %s: %s, %d threads", device, dev["name"], dev["threads"])
     session_seconds: list[float] = []
-    student = method.student
-    for epoch in range(len(epochs), cfg.epochs):
+    for epoch in range(len(runs[0].epochs), cfg.epochs):
         t0 = time.perf_counter()
-        lr = optimizers["student"].param_groups[0]["lr"]
+        lr = optimizers[f"{runs[0].prefix}student"].param_groups[0]["lr"]
         faults.phase(f"e{epoch + 1}")
 
         def on_bad_step(step: int, epoch: int = epoch) -> None:
             nonlocal skipped
             skipped += 1
             where = f"{_describe(record)} epoch {epoch + 1} step {step + 1}"
-            nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
+            nonfinite_batch(where, skipped, cfg.skip_nonfinite, epoch, state_path)
 
         totals = train_epoch(
             method,
@@ -809,37 +867,49 @@ def fit(
         for sched in schedules.values():
             sched.step()
         n_train = train_loader.num_samples
-        parts_mean = {k: v / n_train for k, v in totals.parts.items()}
-        train_acc = 100.0 * totals.correct / n_train
-        val_loss, val_acc = evaluate(student, val_loader, device, cfg, eval_fn)
-        test_loss, test_acc = evaluate(student, test_loader, device, cfg, eval_fn)
+        scores = [
+            (
+                evaluate(run.student, val_loader, device, cfg, eval_fn),
+                evaluate(run.student, test_loader, device, cfg, eval_fn),
+            )
+            for run in runs
+        ]
         stats = {k: float(v) for k, v in method.pop_stats().items()}
         seconds = time.perf_counter() - t0
-        entry = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": sum(parts_mean.values()),
-            "train_loss_parts": parts_mean,
-            "train_acc": train_acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "epoch_seconds": seconds,
-        }
-        if stats:
-            entry["method_stats"] = stats
-        if totals.bad_steps:
-            entry["skipped_batches"] = len(totals.bad_steps)
-        if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
-            raise KdbenchError(
-                f"{_describe(record)}: non-finite loss at epoch {epoch + 1} "
-                f"(train {entry['train_loss']}, val {val_loss}); "
-                f"last good state kept in {state_path}"
-            )
-        epochs.append(entry)
-        if val_acc > best["val_acc"]:
-            best = {"epoch": epoch + 1, "val_acc": val_acc, "weights": cpu_state_dict(student)}
+        correct = [totals.correct] if isinstance(totals.correct, int) else totals.correct
+        for run, hits, ((val_loss, val_acc), (test_loss, test_acc)) in zip(
+            runs, correct, scores, strict=True
+        ):
+            parts_mean = {k: v / n_train for k, v in run.own(totals.parts).items()}
+            entry = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": sum(parts_mean.values()),
+                "train_loss_parts": parts_mean,
+                "train_acc": 100.0 * hits / n_train,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "epoch_seconds": seconds / len(runs),
+            }
+            if run.own(stats):
+                entry["method_stats"] = run.own(stats)
+            if totals.bad_steps:
+                entry["skipped_batches"] = len(totals.bad_steps)
+            if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
+                raise KdbenchError(
+                    f"{_describe(run.record)}: non-finite loss at epoch {epoch + 1} "
+                    f"(train {entry['train_loss']}, val {val_loss}); "
+                    f"last good state kept in {state_path}"
+                )
+            run.epochs.append(entry)
+            if val_acc > run.best["val_acc"]:
+                run.best = {
+                    "epoch": epoch + 1,
+                    "val_acc": val_acc,
+                    "weights": cpu_state_dict(run.student),
+                }
         io.save_state(
             state_path,
             {
@@ -849,33 +919,48 @@ def fit(
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "schedules": {k: s.state_dict() for k, s in schedules.items()},
                 "rng": rng_state(device),
-                "epochs": epochs,
-                "best": best,
+                "epochs": runs[0].epochs if alone else {r.prefix: r.epochs for r in runs},
+                "best": runs[0].best if alone else {r.prefix: r.best for r in runs},
                 "resumed": resumed,
                 "sessions": [*sessions, {**me, "epochs": epoch + 1}],
             },
         )
-        io.write_json(outputs.metrics, doc)
+        for run in runs:
+            io.write_json(run.outputs.metrics, run.doc)
         session_seconds.append(seconds)
         remaining = (cfg.epochs - epoch - 1) * sum(session_seconds) / len(session_seconds)
-        parts_txt = " ".join(f"{k} {v:.4f}" for k, v in parts_mean.items())
-        log.info(
-            "epoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% test %.2f%% lr %.4g %.1fs ETA %s",
-            epoch + 1,
-            cfg.epochs,
-            entry["train_loss"],
-            parts_txt,
-            train_acc,
-            val_acc,
-            test_acc,
-            lr,
-            seconds,
-            fmt_duration(remaining),
-        )
+        for run in runs:
+            entry = run.epochs[-1]
+            parts_txt = " ".join(f"{k} {v:.4f}" for k, v in entry["train_loss_parts"].items())
+            log.info(
+                "%sepoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% test %.2f%% lr %.4g %.1fs "
+                "ETA %s",
+                f"{run.prefix[:-1]}: " if run.prefix else "",
+                epoch + 1,
+                cfg.epochs,
+                entry["train_loss"],
+                parts_txt,
+                entry["train_acc"],
+                entry["val_acc"],
+                entry["test_acc"],
+                lr,
+                seconds,
+                fmt_duration(remaining),
+            )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
 
     faults.phase("final")
+    memory = peak_memory(device)
+    for run in runs:
+        _finish(run, resumed, memory)
+    io.remove_state(state_path)
+    return [run.doc for run in runs]
+
+
+def _finish(run: Run, resumed: list[int], memory: dict[str, float | None]) -> None:
+    """Write ``run``'s weights and curves, then its complete metrics.json."""
+    epochs, best, doc = run.epochs, run.best, run.doc
     best_entry = epochs[best["epoch"] - 1]
     last = epochs[-1]
     doc["final"] = {
@@ -887,7 +972,7 @@ def fit(
         "test_acc_best_val": best_entry["test_acc"],
         "train_seconds": sum(e["epoch_seconds"] for e in epochs),
         "seconds_per_epoch": sum(e["epoch_seconds"] for e in epochs) / len(epochs),
-        **peak_memory(device),
+        **memory,
         "resumed_after_epochs": resumed,
     }
     totals: dict[str, float] = {}
@@ -896,21 +981,24 @@ def fit(
             totals[key] = totals.get(key, 0.0) + value
     if totals:
         doc["final"]["method_stats"] = totals
-    io.save_torch(outputs.final_weights, cpu_state_dict(student))
-    io.save_torch(outputs.best_weights, best["weights"])
+    io.save_torch(run.outputs.final_weights, cpu_state_dict(run.student))
+    io.save_torch(run.outputs.best_weights, best["weights"])
     plots.learning_curves(
-        epochs, best["epoch"], outputs.loss_plot, outputs.accuracy_plot, _describe(record)
+        epochs,
+        best["epoch"],
+        run.outputs.loss_plot,
+        run.outputs.accuracy_plot,
+        _describe(run.record),
     )
     doc["status"] = "complete"
-    io.write_json(outputs.metrics, doc)
-    io.remove_state(state_path)
+    io.write_json(run.outputs.metrics, doc)
     log.info(
-        "done: test %.2f%% at the last epoch, %.2f%% at the best validation epoch (%d)",
+        "%sdone: test %.2f%% at the last epoch, %.2f%% at the best validation epoch (%d)",
+        f"{run.prefix[:-1]}: " if run.prefix else "",
         last["test_acc"],
         best_entry["test_acc"],
         best["epoch"],
     )
-    return doc
 
 
 def _describe(record: dict[str, Any]) -> str:

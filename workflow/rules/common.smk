@@ -21,6 +21,10 @@ ANCHORS = config.get("anchors") or str(
 )
 TUCKER_METHODS = [m for m in ("tucker", "tucker_recomp") if m in config["methods"]]
 PAIRS = kdconfig.pairs(config)
+# cohort_size N > 0: the students of one dataset, teacher and seed train N to a job on one
+# teacher pass per batch (rule distill_cohort), each then linked to its own directory
+COHORTS = kdconfig.cohorts(config)
+COHORT_OF = {run: cohort for cohort in COHORTS for run in cohort.members}
 # KDBENCH_MPS=1 (or auto, the default, inside a SLURM job on a node with NVIDIA's MPS control
 # program): the training jobs share their GPU as clients of an NVIDIA MPS daemon that the first
 # of them starts (kdbench.mps); it stops when the workflow (or the group's job) ends
@@ -32,7 +36,16 @@ PARAPHRASER_DIR = f"{RESULTS}/{{dataset}}/paraphrasers/{{teacher}}/seed{{seed}}"
 FEATURES_DIR = f"{RESULTS}/{{dataset}}/{{model}}/features"
 ANALYSIS_DIR = f"{RESULTS}/{{dataset}}/analysis"
 PAIR_DIR = f"{ANALYSIS_DIR}/{{teacher}}-{{student}}"
+COHORT_DIR = f"{RESULTS}/{{dataset}}/cohorts/{{teacher}}-seed{{seed}}/c{{cohort}}"
 STATE_DIR = f"{RESULTS}/state"
+# what a student's training writes, by output name (kdbench.train.RunOutputs)
+STUDENT_FILES = {
+    "metrics": "metrics.json",
+    "final_weights": "model_final.pt",
+    "best_weights": "model_best.pt",
+    "loss_plot": "Loss.png",
+    "accuracy_plot": "Accuracy.png",
+}
 LOG_DIR = f"{RESULTS}/logs"
 # torch.compile's cache (train.compile): one for every training job of the workflow
 os.environ.setdefault(
@@ -48,6 +61,7 @@ wildcard_constraints:
     method="|".join(kdmethods.available()),
     variant="[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*",
     seed="[0-9]+",
+    cohort="[0-9]+",
     # a trained model's directory below the dataset: teachers/… or students/…
     model="(teachers/[^/]+|students/[^/]+/[^/]+/[^/]+)/seed[0-9]+",
 
@@ -69,8 +83,9 @@ def student_metrics():
 
 
 def benchmarks():
+    """The benchmark files of the training jobs that trained one run (not the cohorts')."""
     dirs = [teacher_dir(r) for r in TEACHER_RUNS] + [
-        student_dir(r) for r in STUDENT_RUNS
+        student_dir(r) for r in STUDENT_RUNS if r not in COHORT_OF
     ]
     return [f"{d}/benchmark.tsv" for d in dirs]
 
@@ -239,6 +254,94 @@ def ft_params():
             if k != "variants"
         }
     )
+
+
+def student_outputs():
+    """A student's outputs (the same whichever rule trains it), its curves in the report."""
+    labels = {
+        "dataset": "{dataset}",
+        "pair": "{teacher} → {student}",
+        "method": "{method} {variant}",
+        "seed": "{seed}",
+    }
+    outputs = {key: f"{STUDENT_DIR}/{name}" for key, name in STUDENT_FILES.items()}
+    for key, caption in (("loss_plot", "loss"), ("accuracy_plot", "accuracy")):
+        outputs[key] = report(
+            outputs[key],
+            caption=f"../report/{caption}_curve.rst",
+            category="Learning curves",
+            subcategory="{dataset}",
+            labels=labels,
+        )
+    return outputs
+
+
+def cohort_job(wildcards):
+    """The cohort of a distill_cohort job."""
+    key = (
+        wildcards.dataset,
+        wildcards.teacher,
+        int(wildcards.seed),
+        int(wildcards.cohort),
+    )
+    for cohort in COHORTS:
+        if (cohort.dataset, cohort.teacher, cohort.seed, cohort.index) == key:
+            return cohort
+    raise ValueError(f"no cohort {wildcards.cohort} of {key[:3]} in the config")
+
+
+def cohort_dir(cohort):
+    return COHORT_DIR.format(
+        dataset=cohort.dataset,
+        teacher=cohort.teacher,
+        seed=cohort.seed,
+        cohort=cohort.index,
+    )
+
+
+def member_path(run):
+    """Where a cohort's job writes the outputs of its member ``run``."""
+    return f"{cohort_dir(COHORT_OF[run])}/{run.student}/{run.method}/{run.variant}"
+
+
+def cohort_inputs(wildcards):
+    """The teacher's weights and every asset the members' methods need."""
+    inputs = {"teacher": teacher_checkpoint(wildcards)}
+    for run in cohort_job(wildcards).members:
+        inputs.update(method_assets(run))
+    return inputs
+
+
+def cohort_members(wildcards):
+    """Each member's student, method, variant, parameters, assets and outputs."""
+    return [
+        {
+            "arch": run.student,
+            "method": run.method,
+            "variant": run.variant,
+            "method_params": method_params(run),
+            "assets": method_assets(run),
+            "outputs": {
+                key: f"{member_path(run)}/{name}" for key, name in STUDENT_FILES.items()
+            },
+        }
+        for run in cohort_job(wildcards).members
+    ]
+
+
+def cohort_member_source(wildcards):
+    """The directory of the cohort job that trained the student of ``wildcards``."""
+    run = kdconfig.StudentRun(
+        wildcards.dataset,
+        wildcards.teacher,
+        wildcards.student,
+        wildcards.method,
+        wildcards.variant,
+        int(wildcards.seed),
+    )
+    if run not in COHORT_OF:
+        raise ValueError(f"{student_dir(run)} is not a student of this config")
+    return cohort_dir(COHORT_OF[run])
 
 
 def data_params(wildcards):
