@@ -12,7 +12,7 @@ For each method family (vanilla, kd, ft with its paraphraser, tucker) on a tiny 
 4. a last plain run must complete, leave no state or temporary file, and give the same
    metrics.json curves and final weights as the uninterrupted run (CPU, deterministic).
 
-``tests/test_faults.py`` runs 5 kills per family (20) in CI. Locally, more:
+``tests/test_faults.py`` runs 3 kills per family (ft: 4) in CI. Locally, more:
 
     .venv/bin/python tests/faults.py --kills 12 --seed 3 [--families kd ft] [--keep /tmp/faults]
 """

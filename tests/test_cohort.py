@@ -4,6 +4,7 @@ trains alone."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ def _digits_runs(tmp_path):
         members.append(
             {"arch": "resnet8", "method": method, "variant": variant, "method_params": params}
         )
-    train = {"epochs": 3, "batch_size": 128, "device": "cpu", "optimizer": {"lr": 0.05}}
+    train = {"epochs": 2, "batch_size": 128, "device": "cpu", "optimizer": {"lr": 0.05}}
     common = {"dataset": "digits", "data": data, "teacher": "resnet8", "seed": 3, "train": train}
     return common, teacher, members
 
@@ -169,14 +170,11 @@ def test_train_cohort_writes_each_members_own_run_and_resumes(tmp_path, monkeypa
         for m, label in zip(members, labels, strict=True)
     ]
     kwargs = {"name": "c0", "teacher_weights": teacher, "state": tmp_path / "c0.pt", **common}
-    # killed while writing its second epoch's metrics: the state of 2 epochs is saved
-    write_json, calls = io.write_json, []
+    # killed while writing its first epoch's metrics: the state of that epoch is saved
+    write_json = io.write_json
 
     def interrupted(path, doc):
-        calls.append(path)
-        if len(calls) == len(members) + 1:
-            raise KeyboardInterrupt
-        write_json(path, doc)
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(io, "write_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -189,7 +187,7 @@ def test_train_cohort_writes_each_members_own_run_and_resumes(tmp_path, monkeypa
         got = json.loads((tmp_path / "cohort" / label / "metrics.json").read_text())
         assert got == json.loads(json.dumps(doc)) and got["status"] == "complete"
         assert got["cohort"] == {"name": "c0", "members": labels}
-        assert got["final"]["resumed_after_epochs"] == [2]
+        assert got["final"]["resumed_after_epochs"] == [1]
         assert got["run"] == own["run"] and got["config"] == own["config"]
         for a, b in zip(got["epochs"], own["epochs"], strict=True):
             a.pop("epoch_seconds"), b.pop("epoch_seconds")
@@ -199,3 +197,17 @@ def test_train_cohort_writes_each_members_own_run_and_resumes(tmp_path, monkeypa
             have = io.load_torch(tmp_path / "cohort" / label / name)
             assert all(torch.equal(want[k], have[k]) for k in want), (label, name)
         assert (tmp_path / "cohort" / label / "Loss.png").stat().st_size > 0
+
+
+def test_link_outputs_links_each_file_dated_now_or_names_the_missing_one(tmp_path):
+    source = tmp_path / "cohort" / "resnet8" / "kd" / "default"
+    source.mkdir(parents=True)
+    (source / "metrics.json").write_text("{}")
+    os.utime(source / "metrics.json", (1, 1))  # written long before the member's job
+    out = tmp_path / "student" / "metrics.json"
+    io.link_outputs(source, [str(out)])
+    assert os.path.samefile(out, source / "metrics.json")
+    assert out.stat().st_mtime > 1 and not list(out.parent.glob(".*.tmp"))
+    with pytest.raises(KdbenchError, match="model_best.pt is missing: its cohort's job"):
+        io.link_outputs(source, [str(tmp_path / "student" / "model_best.pt")])
+    assert not (tmp_path / "student" / "model_best.pt").exists()

@@ -1,4 +1,4 @@
-"""Kill anywhere: 5 SIGKILLs per method family (20 in all) through Snakemake (tests/faults.py)."""
+"""Kill anywhere: 3 SIGKILLs per method family (ft: 4), through Snakemake (tests/faults.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_runs_killed_anywhere_complete_with_the_uninterrupted_result(tmp_path):
-    chains = faults.run(tmp_path, list(faults.FAMILIES), kills=5, seed=0)
+    chains = faults.run(tmp_path, list(faults.FAMILIES), kills=3, seed=0)
     report = "\n".join(f"{c.family}: {p}" for c in chains for p in c.problems)
     assert not report, report
     kills = [point for chain in chains for point in chain.kills]
-    assert len(kills) >= 20
+    assert len(kills) >= 12
     # every kind of kill point was hit: mid-epoch, mid-state-write, mid-final-write
     assert any(p.startswith("step") for p in kills)
     assert any(p.startswith(("write:seed0.pt", "rotate:seed0.pt")) for p in kills)

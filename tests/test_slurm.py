@@ -93,6 +93,15 @@ def _submitted(output: str) -> set[str]:
     return set(re.findall(r"submitted with SLURM jobid (\d+)", output))
 
 
+def _students_per_job(work: Path) -> dict[str, int]:
+    """SLURM job id → how many students' training logs name it."""
+    sizes: dict[str, int] = {}
+    for log in (work / "results/logs/digits/students").rglob("*.log"):
+        (job,) = set(re.findall(r"SLURM_JOB_ID=(\d+)", log.read_text()))
+        sizes[job] = sizes.get(job, 0) + 1
+    return sizes
+
+
 def _minutes(limit: str) -> int:
     """A SLURM time limit ("[D-]HH:MM:SS") in whole minutes."""
     days, _, clock = limit.rpartition("-")
@@ -115,6 +124,8 @@ def slurm_demo(cluster, tmp_path_factory):
     demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     assert demo["seeds"] == [0, 1] and demo["teacher"]["train"]["epochs"] > 5
     demo["seeds"] = [0]
+    demo["methods"]["tucker"]["decomposition"] = ["full"]  # one variant of each: 6 students
+    demo["methods"]["tucker_recomp"]["targets"] = ["both"]
     demo["teacher"]["train"]["epochs"] = 5
     demo["train"]["epochs"] = 2
     demo["methods"]["ft"]["paraphraser"]["epochs"] = 2
@@ -178,10 +189,10 @@ def test_every_output_is_written_through_slurm(slurm_demo):
     work, output, _ = slurm_demo
     results = work / "results"
     runs = sorted(results.glob("digits/*/**/metrics.json"))
-    assert len(runs) == 1 + 1 + 9  # teacher, paraphraser, 9 students (seed 0)
+    assert len(runs) == 1 + 1 + 6  # teacher, paraphraser, 6 students (seed 0)
     for metrics in runs:
         assert json.loads(metrics.read_text())["status"] == "complete"
-    assert len(sorted(results.glob("digits/*/**/features/channels.parquet"))) == 1 + 9
+    assert len(sorted(results.glob("digits/*/**/features/channels.parquet"))) == 1 + 6
     for name in ("summary.csv", "headline.csv", "provenance.csv", "accuracy_by_method.png"):
         assert (results / "summary" / name).stat().st_size > 0
     for name in ("stage_metrics.csv", "correlations.csv", "resnet20-resnet8/most_affected.csv"):
@@ -211,21 +222,23 @@ def test_sbatch_requests_gpu_and_partition(slurm_demo):
             assert job.get("TresPerJob") == "gres:gpu:1" and "mem=16000M" in job["TRES"], job
     for job in by_rule["students"]:  # --gres=gpu:1 (resource gres: "gpu:1")
         assert job.get("TresPerNode") == "gres:gpu:1", job
-    # the 9 students went out 4 to a job holding one GPU (KDBENCH_SLURM_STUDENTS_PER_JOB), which
-    # runs them one after another: the CPUs (train_threads, 2) and memory (8 GB) of one student,
-    # the sum of their runtimes (6 h each)
-    minutes = sorted(_minutes(job["TimeLimit"]) for job in by_rule["students"])
-    assert minutes == [360, 1440, 1440], [job["TimeLimit"] for job in by_rule["students"]]
+    # the 6 students went out up to 4 to a job holding one GPU (KDBENCH_SLURM_STUDENTS_PER_JOB),
+    # which runs them one after another: the CPUs (train_threads, 2) and memory (8 GB) of one
+    # student, the sum of their runtimes (6 h each)
+    sizes = _students_per_job(work)
+    assert sum(sizes.values()) == 6 and max(sizes.values()) == 4, sizes
+    assert sorted(sizes) == sorted(job["JobId"] for job in by_rule["students"])
     for job in by_rule["students"]:
+        assert _minutes(job["TimeLimit"]) == 360 * sizes[job["JobId"]], job["TimeLimit"]
         assert "cpu=2," in job["TRES"] and "mem=8000M" in job["TRES"], job
     for rule in ("features", "most_affected", "diagnose", "analyse_features"):
         for job in by_rule[rule]:
             assert job["Partition"] == "cpu", job
             assert "gpu" not in job.get("TresPerJob", ""), job
-    # the 10 extraction jobs went out as one grouped SLURM job: one at a time, 10 min each
+    # the 7 extraction jobs went out as one grouped SLURM job: one at a time, 10 min each
     (group,) = by_rule["features"]
     assert "cpu=1," in group["TRES"] and "mem=8000M" in group["TRES"], group
-    assert _minutes(group["TimeLimit"]) == 100, group["TimeLimit"]
+    assert _minutes(group["TimeLimit"]) == 70, group["TimeLimit"]
     # local rules never reach SLURM
     assert not {"aggregate", "learning_curves", "rank_chart"} & set(by_rule)
 
@@ -262,8 +275,9 @@ def test_the_students_of_one_slurm_job_run_in_turn_and_share_one_mps_daemon(slur
     for job, runs in spans.items():
         runs.sort()
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(runs)), (job, runs)
-    # the 9 students in 3 SLURM jobs (4, 4, 1), each job's started its one daemon
-    assert sorted(len(logs) for logs in clients.values()) == [1, 4, 4], clients
+    # the students of each SLURM job (up to 4), each job's started its one daemon
+    sizes = _students_per_job(work)
+    assert sorted(len(logs) for logs in clients.values()) == sorted(sizes.values()), clients
     for directory in clients:
         assert calls.count(f"start {directory}/pipe") == 1, calls
     run = work / "results/digits/students/resnet20-resnet8/kd/default/seed0"
