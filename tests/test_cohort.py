@@ -211,3 +211,28 @@ def test_link_outputs_links_each_file_dated_now_or_names_the_missing_one(tmp_pat
     with pytest.raises(KdbenchError, match="model_best.pt is missing: its cohort's job"):
         io.link_outputs(source, [str(tmp_path / "student" / "model_best.pt")])
     assert not (tmp_path / "student" / "model_best.pt").exists()
+
+
+def test_a_non_finite_step_of_one_member_stops_the_cohort_naming_it(tmp_path, monkeypatch):
+    common, teacher, members = _digits_runs(tmp_path)
+    members = members[:2]  # kd, featuremap
+    kd, calls = methods.get("kd"), []
+    student_loss = kd.student_loss
+
+    def poisoned(self, x, y, targets):
+        logits, parts = student_loss(self, x, y, targets)
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1, step 3
+            parts = {k: v * float("nan") for k, v in parts.items()}
+        return logits, parts
+
+    monkeypatch.setattr(kd, "student_loss", poisoned)
+    cohort = [{**m, "outputs": _outputs(tmp_path / "cohort", m["method"])} for m in members]
+    with pytest.raises(KdbenchError) as err:
+        runs.train_cohort(
+            members=cohort, name="c0", teacher_weights=teacher, state=tmp_path / "c0.pt", **common
+        )
+    message = str(err.value)
+    assert message.startswith("cohort c0 (dataset=digits teacher=resnet8 seed=3) epoch 1 step 3:")
+    assert "non-finite loss or gradient" in message and "\n" not in message
+    assert not (tmp_path / "cohort" / "kd" / "metrics.json").exists()

@@ -1002,6 +1002,12 @@ def _finish(run: Run, resumed: list[int], memory: dict[str, float | None]) -> No
 
 
 def _describe(record: dict[str, Any]) -> str:
+    """A run as ``dataset=… teacher=… …``; a cohort's record (``cohort``, ``members``) as
+    ``cohort NAME (dataset=… teacher=… seed=…)``."""
+    if "members" in record:
+        first = _describe(record["members"][0]).split()
+        shared = [f for f in first if f.split("=")[0] in ("dataset", "teacher", "seed")]
+        return f"cohort {record['cohort']} ({' '.join(shared)})"
     run = record.get("run", {})
     keys = ("dataset", "teacher", "student", "method", "variant", "seed")
     return " ".join(f"{k}={run[k]}" for k in keys if run.get(k) is not None)
