@@ -9,6 +9,7 @@ log file and prints one line that points there.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -225,7 +226,7 @@ def _build_run(
             models.load_weights(teacher_model, teacher_weights, f"teacher {teacher}")
         else:
             teacher_model = shared_teacher
-        teacher_hash = file_sha256(teacher_weights)
+        teacher_hash = _sha256(str(teacher_weights))
     assets = {k: str(v) for k, v in (assets or {}).items()}
     missing = [k for k in method_cls.requires if k not in assets]
     if missing:
@@ -249,7 +250,19 @@ def _build_run(
             "teacher_weights": {"path": str(teacher_weights), "sha256": teacher_hash}
             if teacher_hash
             else None,
-            "assets": {k: {"path": v, "sha256": file_sha256(v)} for k, v in assets.items()},
+            "assets": {k: {"path": v, "sha256": _sha256(v)} for k, v in assets.items()},
         },
     }
     return m, record
+
+
+def _sha256(path: str) -> str:
+    """:func:`kdbench.train.file_sha256`, read once per file version (a cohort's members share
+    the teacher's checkpoint and assets)."""
+    stat = os.stat(path)
+    return _sha256_of(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(path)

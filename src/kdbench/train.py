@@ -727,6 +727,11 @@ class Run:
     )
     doc: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def tag(self) -> str:
+        """What starts this run's log lines: ``"<label>: "`` in a cohort, else nothing."""
+        return f"{self.prefix[:-1]}: " if self.prefix else ""
+
     def own(self, values: dict[str, Any]) -> dict[str, Any]:
         """This run's entries of a method-wide mapping, without the prefix."""
         n = len(self.prefix)
@@ -893,8 +898,9 @@ def fit_runs(
                 "test_acc": test_acc,
                 "epoch_seconds": seconds / len(runs),
             }
-            if run.own(stats):
-                entry["method_stats"] = run.own(stats)
+            own_stats = run.own(stats)
+            if own_stats:
+                entry["method_stats"] = own_stats
             if totals.bad_steps:
                 entry["skipped_batches"] = len(totals.bad_steps)
             if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
@@ -925,17 +931,16 @@ def fit_runs(
                 "sessions": [*sessions, {**me, "epochs": epoch + 1}],
             },
         )
-        for run in runs:
-            io.write_json(run.outputs.metrics, run.doc)
         session_seconds.append(seconds)
         remaining = (cfg.epochs - epoch - 1) * sum(session_seconds) / len(session_seconds)
         for run in runs:
+            io.write_json(run.outputs.metrics, run.doc)
             entry = run.epochs[-1]
             parts_txt = " ".join(f"{k} {v:.4f}" for k, v in entry["train_loss_parts"].items())
             log.info(
                 "%sepoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% test %.2f%% lr %.4g %.1fs "
                 "ETA %s",
-                f"{run.prefix[:-1]}: " if run.prefix else "",
+                run.tag,
                 epoch + 1,
                 cfg.epochs,
                 entry["train_loss"],
@@ -994,7 +999,7 @@ def _finish(run: Run, resumed: list[int], memory: dict[str, float | None]) -> No
     io.write_json(run.outputs.metrics, doc)
     log.info(
         "%sdone: test %.2f%% at the last epoch, %.2f%% at the best validation epoch (%d)",
-        f"{run.prefix[:-1]}: " if run.prefix else "",
+        run.tag,
         last["test_acc"],
         best_entry["test_acc"],
         best["epoch"],
