@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 
+# The pytest-xdist workers share the machine's cores, and so do the jobs they start (the SLURM
+# test's cluster runs several at once): each worker's torch gets its share of the cores, and
+# OpenMP threads that wait sleep instead of spinning. Without this, resnet8 training steps with 2
+# threads on 2 cores that two other processes kept busy ran 9 times slower than with 1 thread
+# (2 with sleeping threads), and the SLURM test's students 16 times slower than alone.
+# Set before any test module imports torch; a job's set_num_threads (train_threads) still wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
