@@ -77,6 +77,11 @@ def test_each_student_gets_its_own_outputs_from_its_cohort(cohort_run):
         "vanilla", "kd", "featuremap", "ft", "tucker", "tucker_recomp",
     }  # fmt: skip
     assert not list((work / "results" / "state").rglob("*.pt"))
+    # the cost table shares each cohort job's seconds among its members (c1: 2 members)
+    cost = pd.read_csv(work / "results/summary/cost.csv").set_index("method")
+    c1 = pd.read_csv(work / f"{COHORTS}/c1.benchmark.tsv", sep="\t").s.iloc[-1]
+    assert cost.job_seconds_total["tucker"] == pytest.approx(c1 / 2, abs=0.01)
+    assert cost.job_seconds_total.notna().all()
 
 
 def test_a_second_run_has_nothing_to_do(cohort_run):

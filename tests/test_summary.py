@@ -252,6 +252,25 @@ def test_cost_table_joins_benchmarks(tmp_path):
     assert math.isnan(cost[cost.method == "tucker"].job_seconds_total.iloc[0])  # no benchmark
 
 
+def test_cost_table_shares_a_cohorts_benchmark_among_its_members(tmp_path):
+    runs = runs_table()
+    kd = runs.index[runs.method == "kd"]
+    members = [tmp_path / "students" / f"kd{i}" for i in range(len(kd))] + [tmp_path / "tucker"]
+    runs.loc[kd, "path"] = [str(d / "metrics.json") for d in members[:3]]
+    runs.loc[runs.method == "tucker", "path"] = str(members[3] / "metrics.json")
+    bench = tmp_path / "cohorts" / "c0.benchmark.tsv"
+    bench.parent.mkdir()
+    bench.write_text("s\tmax_rss\tcpu_time\n40.0\t900.0\t36.0\n")
+    cost = summary.cost_table(runs, [], {bench: members})
+    row = cost[cost.method == "kd"].iloc[0]
+    # 4 members: each a quarter of the job's seconds, the 3 kd runs 3 quarters
+    assert row.job_seconds_total == pytest.approx(30.0) and row.cpu_seconds_total == 27.0
+    assert cost[cost.method == "tucker"].job_seconds_total.item() == pytest.approx(10.0)
+    assert math.isnan(cost[cost.method == "vanilla"].job_seconds_total.iloc[0])
+    with pytest.raises(KdbenchError, match="cannot read benchmark"):
+        summary.cost_table(runs, [], {tmp_path / "missing.tsv": members})
+
+
 def test_provenance_table(tmp_path):
     paths = []
     for i, dirty in enumerate((False, True)):

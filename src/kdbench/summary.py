@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -391,13 +391,22 @@ def learning_curves_overlay(paths: Iterable[str | Path], path: str | Path, title
     plots.save(fig, path)
 
 
-def cost_table(runs: pd.DataFrame, benchmarks: Sequence[str | Path] = ()) -> pd.DataFrame:
+def cost_table(
+    runs: pd.DataFrame,
+    benchmarks: Sequence[str | Path] = (),
+    shared_benchmarks: Mapping[str | Path, Sequence[str | Path]] | None = None,
+) -> pd.DataFrame:
     """Per dataset × role × arch × method: runs, seconds per epoch, training and job seconds,
-    CPU seconds and peak memory (from metrics.json and Snakemake's ``benchmark:`` files)."""
-    bench = pd.DataFrame(
-        [_benchmark_row(p) for p in benchmarks],
-        columns=["path", "job_seconds", "cpu_seconds", "max_rss_mb"],
-    )
+    CPU seconds and peak memory (from metrics.json and Snakemake's ``benchmark:`` files).
+    ``benchmarks`` lie in their run's directory; ``shared_benchmarks`` maps the benchmark of a
+    job that trained several runs (a cohort) to their directories, and each run gets an equal
+    share of its job and CPU seconds, as it records an equal share of the epoch time."""
+    rows = [_benchmark_row(p) for p in benchmarks]
+    for path, dirs in (shared_benchmarks or {}).items():
+        row = _benchmark_row(path)
+        share = {k: row[k] / max(len(dirs), 1) for k in ("job_seconds", "cpu_seconds")}
+        rows += [{**row, **share, "path": str(Path(d))} for d in dirs]
+    bench = pd.DataFrame(rows, columns=["path", "job_seconds", "cpu_seconds", "max_rss_mb"])
     runs = runs.assign(bench=[str(Path(p).parent) for p in runs.path])
     if len(bench):
         bench["bench"] = bench.pop("path")
@@ -424,8 +433,8 @@ def cost_table(runs: pd.DataFrame, benchmarks: Sequence[str | Path] = ()) -> pd.
 
 
 def _benchmark_row(path: str | Path) -> dict[str, Any]:
-    """A Snakemake benchmark file (TSV: s, max_rss, cpu_time, …) of a training job; the
-    benchmark lies in the run's directory so it joins the run by that directory."""
+    """A Snakemake benchmark file (TSV: s, max_rss, cpu_time, …) of a training job, keyed by
+    the directory it lies in (a run's, by which it joins the run)."""
     try:
         table = pd.read_csv(path, sep="\t")
     except (OSError, ValueError) as exc:
@@ -508,6 +517,7 @@ def aggregate(
     *,
     accuracy: str = "best_val",
     benchmarks: Sequence[str | Path] = (),
+    shared_benchmarks: Mapping[str | Path, Sequence[str | Path]] | None = None,
     cost_csv: str | Path | None = None,
     cost_plot: str | Path | None = None,
     provenance_csv: str | Path | None = None,
@@ -528,7 +538,7 @@ def aggregate(
         write_csv(headline_table(summary), headline_csv)
     accuracy_chart(summary, chart)
     if cost_csv is not None:
-        cost = cost_table(runs, benchmarks)
+        cost = cost_table(runs, benchmarks, shared_benchmarks)
         write_csv(cost, cost_csv, "%.2f")
         if cost_plot is not None:
             cost_chart(cost, summary, cost_plot)

@@ -7,6 +7,7 @@ rule aggregate:
         teachers=teacher_metrics(),
         students=student_metrics(),
         benchmarks=benchmarks(),
+        cohort_benchmarks=list(cohort_benchmarks()),
         anchors=ANCHORS,
     output:
         runs=report(
@@ -63,6 +64,8 @@ rule aggregate:
         "../envs/kdbench.yaml"
     params:
         accuracy=ACCURACY,
+        # the runs each cohort's job trained (cohort_size): its seconds are split among them
+        cohort_runs=cohort_benchmarks(),
     script:
         "../scripts/aggregate.py"
 

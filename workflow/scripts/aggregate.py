@@ -12,6 +12,7 @@ run_job(
     chart=snakemake.output.chart,
     accuracy=snakemake.params.accuracy,
     benchmarks=list(snakemake.input.benchmarks),
+    shared_benchmarks=snakemake.params.cohort_runs,
     cost_csv=snakemake.output.cost,
     cost_plot=snakemake.output.cost_plot,
     provenance_csv=snakemake.output.provenance,
