@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from kdbench import bench, io, methods, models, runs
+from kdbench import bench, io, methods, models, runs, tucker
 from kdbench.cohort import Cohort
 from kdbench.data import Loader, Split, load_dataset
 from kdbench.errors import KdbenchError
@@ -58,7 +58,7 @@ def _train(method, epochs=2):
     return totals
 
 
-def test_each_member_trains_as_it_does_alone(tmp_path):
+def test_each_member_trains_as_it_does_alone(tmp_path, monkeypatch):
     torch.manual_seed(2)
     teacher = models.build("resnet8", 10, 3)
     alone = _members(tmp_path, teacher)
@@ -69,8 +69,15 @@ def test_each_member_trains_as_it_does_alone(tmp_path):
     calls = []
     forward = teacher.forward
     teacher.forward = lambda x: calls.append(1) or forward(x)
+    decompositions = []
+    decompose = tucker.decompose
+    monkeypatch.setattr(
+        tucker, "decompose", lambda *a: decompositions.append(a[1]) or decompose(*a)
+    )
     totals = _train(cohort)
     assert len(calls) == 2 * 5  # one teacher pass per batch, for all members
+    # tucker full-teacher-r4 and tucker_recomp both-r4 share the teacher's decomposition
+    assert decompositions == [(8, 4, 4, 4)] * (2 * 5)
     for label, m, own in zip(labels, cohort.members, alone_totals, strict=True):
         lone = alone[labels.index(label)]
         for key, module in m.trainable().items():  # the student, FT's translator

@@ -3,13 +3,14 @@
 Students of one dataset and seed see the same batches, whatever their method, so the frozen
 teacher's forward pass on a batch is the same for all of them. A cohort runs it once and hands
 its outputs to every member: each member's ``teacher_targets`` (the Tucker decompositions, for
-instance) and then its ``student_loss``. To the trainer a cohort is one method whose loss parts
-are the members' (named ``<member>/<part>``) and whose trainable modules are all of theirs, each
-with its own optimizer and schedule; so ``kdbench.train`` and ``kdbench.graphs`` run it unchanged:
-one teacher graph and one student graph that steps every member. A member's gradients come from
-its own loss alone (the members share no parameters), so on CPU each member's weights are those
-of its own run, bit for bit (tested). One difference: a non-finite loss or gradient in any member
-skips the step for all of them.
+instance; members that ask for the same decomposition share one) and then its ``student_loss``.
+To the trainer a cohort is one method whose loss parts are the members' (named
+``<member>/<part>``) and whose trainable modules are all of theirs, each with its own optimizer
+and schedule; so ``kdbench.train`` and ``kdbench.graphs`` run it unchanged: one teacher graph and
+one student graph that steps every member. A member's gradients come from its own loss alone
+(the members share no parameters), so on CPU each member's weights are those of its own run, bit
+for bit (tested). One difference: a non-finite loss or gradient in any member skips the step for
+all of them.
 
 ``python -m kdbench.bench epochs --cohort`` times a cohort of the chosen methods against their
 runs one by one (README, Performance).
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.errors import KdbenchError
-from kdbench.methods.base import Method
+from kdbench.methods.base import Method, sharing
 
 
 class Cohort(Method):
@@ -70,10 +71,12 @@ class Cohort(Method):
 
     def teacher_targets(self, teacher_outputs: list[Tensor]) -> tuple[Any, ...]:
         """Every member's targets from the one teacher pass (none for a member without a
-        teacher)."""
-        return tuple(
-            m.teacher_targets(teacher_outputs) if m.needs_teacher else () for m in self.members
-        )
+        teacher); work that several members do alike on it is done once (``sharing``: the
+        Tucker decomposition of one stage at one rank, for instance)."""
+        with sharing():
+            return tuple(
+                m.teacher_targets(teacher_outputs) if m.needs_teacher else () for m in self.members
+            )
 
     def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Every member's logits, stacked (members, batch, classes), and every member's loss

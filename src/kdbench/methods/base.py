@@ -8,10 +8,12 @@ methods, so adding one never touches the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,30 @@ from torch import Tensor, nn
 from kdbench.errors import KdbenchError
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*$")
+T = TypeVar("T")
+_SHARED: list[dict[Hashable, Any]] = []  # the open scopes of sharing(), innermost last
+
+
+@contextlib.contextmanager
+def sharing() -> Iterator[None]:
+    """A scope in which methods that work on one teacher pass (a :class:`kdbench.cohort.Cohort`'s
+    members) do identical work on it once: :func:`shared` computes each key once inside it."""
+    _SHARED.append({})
+    try:
+        yield
+    finally:
+        _SHARED.pop()
+
+
+def shared(key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``; inside :func:`sharing`, the result of the scope's first call with ``key``
+    (which must identify the work: the tensors it reads by ``id``, its parameters)."""
+    if not _SHARED:
+        return compute()
+    scope = _SHARED[-1]
+    if key not in scope:
+        scope[key] = compute()
+    return scope[key]
 
 
 class Method(nn.Module):

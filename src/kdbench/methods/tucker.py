@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kdbench import tucker
 from kdbench.methods import register
-from kdbench.methods.base import FeatureMethod
+from kdbench.methods.base import FeatureMethod, shared
 
 RANK_SCHEMA: dict[str, Any] = {
     "oneOf": [
@@ -81,13 +81,20 @@ class TuckerBase(FeatureMethod):
         return (t, *self.decompose_teacher(t, sample))
 
     def decompose_teacher(self, t: Tensor, sample: bool) -> tuple[Tensor, list[Tensor], list[int]]:
+        """The decomposition of the teacher's stage ``t``, done once for all the members of a
+        cohort that ask for the same one (:func:`kdbench.methods.base.shared`)."""
         ranks = sample_ranks(self.params["rank"], tuple(t.shape[1:]))
-        if sample:
-            core, factors = tucker.decompose_samplewise(t, ranks)
-            return core, factors, tucker.truncated_modes(t.shape[1:], ranks)
-        full = (t.shape[0], *ranks)
-        core, factors = tucker.decompose(t, full, int(self.params["n_iter"]))
-        return core, factors, tucker.truncated_modes(t.shape, full)
+        n_iter = int(self.params["n_iter"])
+
+        def compute() -> tuple[Tensor, list[Tensor], list[int]]:
+            if sample:
+                core, factors = tucker.decompose_samplewise(t, ranks)
+                return core, factors, tucker.truncated_modes(t.shape[1:], ranks)
+            full = (t.shape[0], *ranks)
+            core, factors = tucker.decompose(t, full, n_iter)
+            return core, factors, tucker.truncated_modes(t.shape, full)
+
+        return shared(("tucker", id(t), sample, ranks, n_iter), compute)
 
     @classmethod
     def check(cls, params: dict[str, Any], stage_shape: Any) -> None:
