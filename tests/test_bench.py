@@ -108,6 +108,43 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     assert json.loads(grid.read_text())["grid"]["startup_gpu_hours"] is None
 
 
+def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, capsys):
+    pair = "resnet20:resnet8"
+    labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r16"]
+    labels += ["tucker sample-teacher-r16", "tucker_recomp teacher-r16"]
+    labels += ["tucker_recomp student-r16", "tucker_recomp both-r16"]
+    rows = [{"pair": pair, "method": m, "setting": "default", "epoch_seconds": 2.0} for m in labels]
+    rows.append({"pair": "none:resnet20", "method": "teacher", "setting": "teacher"})
+    rows[-1]["epoch_seconds"] = 3.0
+    # vanilla, kd and featuremap: 6 s one by one, 5 s in a cohort; 2 of them learn from the
+    # teacher, so each taught member beyond the first saves 1 s per epoch
+    cohort = {"pair": pair, "method": "cohort of 3", "setting": "cohort", "train_seconds": 5.0}
+    cohort.update(members=["vanilla", "kd", "featuremap"], members_train_seconds=6.0)
+    epochs = tmp_path / "epochs.json"
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))
+    grid = tmp_path / "grid.json"
+    demo = str(REPO / "config" / "demo.yaml")
+    argv = ["grid", str(epochs), "--config", demo, "--dataset", "digits", "--json", str(grid)]
+    assert bench.main([*argv, "--cohort-size", "4"]) == 0
+    g = json.loads(grid.read_text())["grid"]
+    # the demo: 2 seeds × 8 taught students (4 epochs each) in cohorts of 4: 4 cohorts
+    assert g["cohort_size"] == 4 and g["cohorts"] == 4
+    assert g["cohort_saving_seconds_per_member_epoch"] == {"resnet20": 1.0}
+    saved = 4 * 4 * (4 - 1) * 1.0
+    assert g["gpu_hours_total_cohorts"] == pytest.approx(g["gpu_hours_total"] - saved / 3600)
+    assert "in 4 cohorts of up to 4" in capsys.readouterr().out
+    # the demo's cohort_size (0): no cohort estimate; a cohort row with one taught member, or
+    # none: one line naming what is missing
+    assert bench.main(argv) == 0
+    assert "gpu_hours_total_cohorts" not in json.loads(grid.read_text())["grid"]
+    cohort.update(members=["vanilla", "kd"])
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))
+    assert bench.main([*argv, "--cohort-size", "4"]) == 1
+    assert "need an `epochs --cohort` row of at least 2 taught members with teacher resnet20" in (
+        capsys.readouterr().err
+    )
+
+
 def test_timed_epochs_step_the_learning_rate_schedule_as_fit_does(monkeypatch):
     """So that a timed epoch pays for a new learning rate (under CUDA graphs, a new capture)."""
     from kdbench import methods, models, train

@@ -700,19 +700,44 @@ def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str)
     )
 
 
+def cohort_savings(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Per teacher architecture, the training seconds per epoch that a cohort saves for each
+    member beyond the first that learns from the teacher (the teacher's pass and the shared
+    decompositions done once), from ``epochs --cohort`` rows: their members' seconds one by one
+    less the cohort's, over those members less one; the mean where several rows have one."""
+    saved: dict[str, list[float]] = {}
+    for r in results:
+        if r.get("setting") != "cohort" or "members_train_seconds" not in r:
+            continue
+        taught = [m for m in r["members"] if methods.get(m.split()[0]).needs_teacher]
+        if len(taught) > 1:
+            gain = r["members_train_seconds"] - r["train_seconds"]
+            saved.setdefault(r["pair"].split(":")[0], []).append(gain / (len(taught) - 1))
+    return {teacher: sum(v) / len(v) for teacher, v in saved.items()}
+
+
 def grid_estimate(
-    config_path: Path, dataset: str, results: list[dict[str, Any]], concurrency: Path | None
+    config_path: Path,
+    dataset: str,
+    results: list[dict[str, Any]],
+    concurrency: Path | None,
+    cohort_size: int | None = None,
 ) -> dict[str, Any]:
     """GPU-hours of ``dataset``'s whole grid in ``config_path`` from measured epoch seconds
     (training + evaluation): teachers, FT paraphrasers (costed as a featuremap epoch of the
     pair, an upper bound: the paraphraser is far smaller than a student) and every student.
     Apart from that total, ``startup_gpu_hours``: each run's start (compilation, graph
-    capture) as its row's warm-up took beyond the epochs it ran, where every row recorded one."""
+    capture) as its row's warm-up took beyond the epochs it ran, where every row recorded one.
+    With cohorts (``cohort_size``, else the config's), also ``gpu_hours_total_cohorts``: the
+    config's cohorts of that size (:func:`kdbench.config.cohorts`), each saving per epoch what
+    :func:`cohort_savings` measured for its teacher for every member beyond its first."""
     import yaml
 
     from kdbench import config as kdconfig
 
     cfg = kdconfig.resolve(yaml.safe_load(Path(config_path).read_text()))
+    if cohort_size is None:
+        cohort_size = int(cfg.get("cohort_size") or 0)
     used = [r for r in results if r["setting"] in ("default", "teacher")]
     measured = {(r["pair"], r["method"]): r["epoch_seconds"] for r in used}
     # what a row's warm-up took beyond its epochs: a run's start (rows of older files lack it)
@@ -773,6 +798,22 @@ def grid_estimate(
         best = max(rows, key=lambda r: r["throughput_vs_one"])
         out["runs_per_gpu"] = best["runs"]
         out["gpu_hours_total_concurrent"] = total / 3600 / best["throughput_vs_one"]
+    if cohort_size > 0:
+        saved = cohort_savings(results)
+        cohorts = [
+            c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
+        ]
+        missing = sorted({c.teacher for c in cohorts} - set(saved))
+        if missing:
+            raise KdbenchError(
+                f"bench grid: cohorts of {cohort_size} need an `epochs --cohort` row of at least "
+                f"2 taught members with teacher {', '.join(missing)} in the files"
+            )
+        cut = student_epochs * sum((len(c.members) - 1) * saved[c.teacher] for c in cohorts)
+        out["cohort_size"] = cohort_size
+        out["cohorts"] = len(cohorts)
+        out["cohort_saving_seconds_per_member_epoch"] = saved
+        out["gpu_hours_total_cohorts"] = (total - cut) / 3600
     print(
         f"\n{dataset} grid of {config_path}: {counts['students']} students, "
         f"{counts['teachers']} teacher(s), {counts['paraphrasers']} paraphraser(s): "
@@ -785,6 +826,12 @@ def grid_estimate(
         + (
             f"; runs' starts (compilation, graph capture) {out['startup_gpu_hours']:.2f} more"
             if out["startup_gpu_hours"] is not None
+            else ""
+        )
+        + (
+            f"; {out['gpu_hours_total_cohorts']:.2f} in {out['cohorts']} cohorts of up to "
+            f"{cohort_size}, one at a time"
+            if "cohorts" in out
             else ""
         ),
         flush=True,
@@ -997,7 +1044,11 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
 
 def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
     results = [r for f in args.files for r in json.loads(Path(f).read_text())["epochs"]]
-    return {"grid": grid_estimate(args.config, args.dataset, results, args.concurrency)}
+    return {
+        "grid": grid_estimate(
+            args.config, args.dataset, results, args.concurrency, args.cohort_size
+        )
+    }
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -1118,6 +1169,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     g.add_argument("--dataset", default="cifar100")
     g.add_argument("--concurrency", type=Path, default=None, help="a `concurrent` JSON")
+    g.add_argument(
+        "--cohort-size",
+        type=int,
+        default=None,
+        help="also the grid in cohorts of N (default: the config's cohort_size; 0: none), "
+        "from the files' `epochs --cohort` rows",
+    )
     g.add_argument("--json", type=Path, default=None)
     g.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     m = sub.add_parser(

@@ -103,12 +103,14 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     epochs20) step epochs20 240 $B epochs --pair resnet110:resnet20 --no-reference \
         --epochs 1 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs20.json" ;;
     # GPU-hours of the full CIFAR-100 grid from the two epochs files (and the runs per GPU of
-    # mps, else concurrent, if there)
-    grid) conc=()
+    # mps, else concurrent, if there; and in cohorts of COHORT_SIZE, default 8, from cohort's
+    # row, if there)
+    grid) conc=() cohort=()
         [ -s "$OUT/concurrent.json" ] && conc=(--concurrency "$OUT/concurrent.json")
         [ -s "$OUT/mps.json" ] && conc=(--concurrency "$OUT/mps.json")
+        [ -s "$OUT/cohort.json" ] && cohort=("$OUT/cohort.json" --cohort-size "${COHORT_SIZE:-8}")
         step grid 30 $B grid "$OUT/epochs56.json" "$OUT/epochs20.json" --config config/config.yaml \
-            "${conc[@]}" --json "$OUT/grid.json" ;;
+            "${conc[@]}" "${cohort[@]}" --json "$OUT/grid.json" ;;
     # KD uncompiled (train.compile: none), against the compiled default of epochs56: what
     # torch.compile adds on top of the graphs (compiled steps captured as CUDA graphs)
     compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
@@ -120,10 +122,11 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
             step "cudnn-$b" 150 $B epochs --no-reference --epochs 1 --methods kd vanilla \
                 "${sets[@]}" --set cudnn_benchmark=$b --json "$OUT/cudnn-$b.json"
         done ;;
-    # the grid's methods on resnet20 one by one, then all of them as one cohort (one teacher
-    # pass per batch for all: kdbench.cohort): what sharing the teacher would save the grid
+    # the grid's methods that learn from the teacher on resnet20 one by one, then all of them
+    # as one cohort (one teacher pass per batch for all, the recompositions sharing the Tucker
+    # decomposition: kdbench.cohort), as the workflow's cohorts train: what they save the grid
     cohort) step cohort 300 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
-        --methods "${GRID[@]}" --cohort "${sets[@]}" --json "$OUT/cohort.json" ;;
+        --methods "${GRID[@]:1}" --cohort "${sets[@]}" --json "$OUT/cohort.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
