@@ -145,6 +145,22 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     )
 
 
+def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
+    """The README's grid GPU-hours (10.2 one run per GPU, 6.6 with 4 under MPS) from the JSON
+    files of docs/perf, as its command computes them."""
+    h200 = REPO / "docs" / "perf" / "h200-2026-11-26"
+    files = ["s2/epochs56.json", "s2/epochs20.json", "s3/epochs56.json", "s3/epochs20.json"]
+    files += ["s3/tucker-pipeline_targets-true.json", "s4/epochs20.json"]
+    out = tmp_path / "grid.json"
+    argv = ["grid", *(str(h200 / f) for f in files), "--config", str(REPO / "config/config.yaml")]
+    argv += ["--concurrency", str(h200 / "s4/mps.json"), "--json", str(out)]
+    assert bench.main(argv) == 0
+    g = json.loads(out.read_text())["grid"]
+    assert g["runs"] == {"teachers": 1, "paraphrasers": 1, "students": 120}
+    assert round(g["gpu_hours_total"], 1) == 10.2 and g["runs_per_gpu"] == 4
+    assert round(g["gpu_hours_total_concurrent"], 1) == 6.6
+
+
 def test_timed_epochs_step_the_learning_rate_schedule_as_fit_does(monkeypatch):
     """So that a timed epoch pays for a new learning rate (under CUDA graphs, a new capture)."""
     from kdbench import methods, models, train
