@@ -16,11 +16,13 @@
 # and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
 # choose (a KD row of 45,000 images takes over 55 s cold). After the four H200 sessions of
-# 2026-11-26 the open questions are: cudnn (KD with cuDNN autotuning, the default since the
+# 2026-11-26 (their JSON: docs/perf) the open questions are, most telling first: cohort (how
+# much of the grid a teacher pass shared by the students of a dataset and seed saves; `grid`
+# then needs no other new file: `bench grid` on docs/perf's files plus cohort.json with
+# --cohort-size, on any machine), cudnn (KD with cuDNN autotuning, the default since the
 # fourth, against without it: does bench epochs confirm the profile's 1.18x, KD <= 2 s?),
 # epochs56 and epochs20 with it, then mps and grid from them, and spread (pipeline_targets
-# and cuDNN autotuning: results within seed noise?), and cohort (how much of the grid a teacher
-# pass shared by all students of a dataset and seed would save).
+# and cuDNN autotuning: results within seed noise?).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
