@@ -227,14 +227,21 @@ def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
         assert len(row["test_acc_last_per_seed"]) == 2
 
 
-def test_bench_bad_arguments_are_one_line(capsys):
+def test_bench_bad_arguments_are_one_line(capsys, tmp_path):
     assert bench.main(["epochs", "--device", "cpu", "--pair", "resnet20"]) == 1
     assert bench.main(["epochs", "--device", "cpu", "--methods", "kdd"]) == 1
     assert bench.main(["concurrent", "--device", "cpu", "--mps"]) == 1
+    (tmp_path / "cut.json").write_text('{"epochs": [')
+    (tmp_path / "other.json").write_text('{"concurrent": [{"runs": 1}]}')
+    for name in ("missing.json", "cut.json", "other.json"):
+        assert bench.main(["grid", str(tmp_path / name)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "kdbench bench: bench: --pair wants TEACHER:STUDENT, got 'resnet20'"
     assert err[1].startswith("kdbench bench: bench: unknown method(s) kdd")
     assert err[2] == "kdbench bench: bench concurrent: --mps needs a CUDA device, not cpu"
+    assert err[3].startswith(f"kdbench bench: bench grid: cannot read {tmp_path / 'missing.json'}")
+    assert err[4].startswith(f"kdbench bench: bench grid: cannot read {tmp_path / 'cut.json'}")
+    assert err[5].endswith("other.json has no rows of `epochs --json`") and len(err) == 6
 
 
 def test_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path, monkeypatch):

@@ -51,7 +51,7 @@ import torch
 from kdbench import io, methods, models, mps, provenance, reference, tucker
 from kdbench.cohort import Cohort
 from kdbench.data import Dataset, Split
-from kdbench.errors import KdbenchError
+from kdbench.errors import KdbenchError, one_line
 from kdbench.methods.ft import Paraphraser
 from kdbench.train import (
     TrainConfig,
@@ -794,7 +794,7 @@ def grid_estimate(
         "startup_gpu_hours": startup_hours,
     }
     if concurrency:
-        rows = json.loads(Path(concurrency).read_text())["concurrent"]
+        rows = _rows(concurrency, "concurrent")
         best = max(rows, key=lambda r: r["throughput_vs_one"])
         out["runs_per_gpu"] = best["runs"]
         out["gpu_hours_total_concurrent"] = total / 3600 / best["throughput_vs_one"]
@@ -1042,8 +1042,21 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return {"graphs": rows, "ok": all(r["ok"] for r in rows)}
 
 
+def _rows(path: str | Path, command: str) -> list[dict[str, Any]]:
+    """The rows of a ``command --json`` file (``epochs`` or ``concurrent``); one line if it
+    cannot be read or is not such a file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise KdbenchError(f"bench grid: cannot read {path}: {one_line(exc)}") from None
+    rows = doc.get(command) if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise KdbenchError(f"bench grid: {path} has no rows of `{command} --json`")
+    return rows
+
+
 def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
-    results = [r for f in args.files for r in json.loads(Path(f).read_text())["epochs"]]
+    results = [r for f in args.files for r in _rows(f, "epochs")]
     return {
         "grid": grid_estimate(
             args.config, args.dataset, results, args.concurrency, args.cohort_size
