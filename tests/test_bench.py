@@ -242,6 +242,18 @@ def test_bench_bad_arguments_are_one_line(capsys, tmp_path):
     assert err[3].startswith(f"kdbench bench: bench grid: cannot read {tmp_path / 'missing.json'}")
     assert err[4].startswith(f"kdbench bench: bench grid: cannot read {tmp_path / 'cut.json'}")
     assert err[5].endswith("other.json has no rows of `epochs --json`") and len(err) == 6
+    # a bad option value: argparse's one line, not its usage, and status 2
+    for argv in (["concurrent", "--runs", "0"], ["epochs", "--train-size", "x"]):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(argv)
+        assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "python -m kdbench.bench concurrent: argument --runs: 0 is less than 1 "
+        "(--help lists the options)",
+        "python -m kdbench.bench epochs: argument --train-size: 'x' is not a whole number "
+        "(--help lists the options)",
+    ]
 
 
 def test_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
@@ -1064,9 +1064,29 @@ def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    return _at_least(text, 1)
+
+
+def _natural(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=_count, default=128)
     p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
 
 
@@ -1074,12 +1094,12 @@ def _epoch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="cifar100", choices=sorted(SHAPES), help="the data's shape")
     p.add_argument(
         "--train-size",
-        type=int,
+        type=_count,
         default=None,
         help="training images (default: the dataset's; validation and test scale with it)",
     )
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs (default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed epochs first (default 1)")
+    p.add_argument("--epochs", type=_count, default=2, help="timed epochs (default 2)")
+    p.add_argument("--warmup", type=_natural, default=1, help="untimed epochs first (default 1)")
     p.add_argument(
         "--set",
         action="append",
@@ -1089,10 +1109,15 @@ def _epoch_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line (not argparse's usage first), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m kdbench.bench", description=__doc__.split("\n\n")[0]
-    )
+    parser = _Parser(prog="python -m kdbench.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("epochs", help="time training epochs against the reference loop")
     _common(e)
@@ -1109,14 +1134,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-reference", dest="reference", action="store_false")
     e.add_argument(
         "--reference-steps",
-        type=int,
+        type=_count,
         default=None,
         help="timed reference steps (default 40 on CUDA, 3 on CPU)",
     )
-    e.add_argument("--reference-warmup", type=int, default=3)
+    e.add_argument("--reference-warmup", type=_natural, default=3)
     e.add_argument(
         "--reference-workers",
-        type=int,
+        type=_natural,
         default=None,
         help="DataLoader workers of the reference (default 4 on CUDA, 0 on CPU)",
     )
@@ -1143,7 +1168,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("concurrent", help="total throughput of N runs sharing one device")
     _common(c)
     _epoch_args(c)
-    c.add_argument("--runs", type=int, nargs="+", default=[1, 2, 4, 8])
+    c.add_argument("--runs", type=_count, nargs="+", default=[1, 2, 4, 8])
     c.add_argument("--method", default="kd")
     c.add_argument("--pair", default=None, help="default as for epochs")
     c.add_argument(
@@ -1153,9 +1178,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp = sub.add_parser("spread", help="run-to-run and seed spread of real training (digits)")
     sp.add_argument("--device", default="auto")
-    sp.add_argument("--epochs", type=int, default=30, help="student epochs (default 30)")
-    sp.add_argument("--teacher-epochs", type=int, default=30)
-    sp.add_argument("--seeds", type=int, default=3)
+    sp.add_argument("--epochs", type=_count, default=30, help="student epochs (default 30)")
+    sp.add_argument("--teacher-epochs", type=_count, default=30)
+    sp.add_argument("--seeds", type=_count, default=3)
     sp.add_argument(
         "--set",
         action="append",
@@ -1184,7 +1209,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--concurrency", type=Path, default=None, help="a `concurrent` JSON")
     g.add_argument(
         "--cohort-size",
-        type=int,
+        type=_natural,
         default=None,
         help="also the grid in cohorts of N (default: the config's cohort_size; 0: none), "
         "from the files' `epochs --cohort` rows",
@@ -1197,15 +1222,15 @@ def _parser() -> argparse.ArgumentParser:
     _common(m)
     m.add_argument("--teacher", default=None, help="default resnet110 on CUDA, resnet20 on CPU")
     m.add_argument("--student", default=None, help="default resnet56 on CUDA, resnet8 on CPU")
-    m.add_argument("--image-size", type=int, default=32)
-    m.add_argument("--channels", type=int, default=3)
-    m.add_argument("--classes", type=int, default=100)
+    m.add_argument("--image-size", type=_count, default=32)
+    m.add_argument("--channels", type=_count, default=3)
+    m.add_argument("--classes", type=_count, default=100)
     m.add_argument(
-        "--steps", type=int, default=None, help="timed rounds (default 50 on CUDA, 20 on CPU)"
+        "--steps", type=_count, default=None, help="timed rounds (default 50 on CUDA, 20 on CPU)"
     )
-    m.add_argument("--warmup", type=int, default=5)
-    m.add_argument("--decomp-repeats", type=int, default=50)
-    m.add_argument("--tensorly-repeats", type=int, default=5)
+    m.add_argument("--warmup", type=_natural, default=5)
+    m.add_argument("--decomp-repeats", type=_count, default=50)
+    m.add_argument("--tensorly-repeats", type=_count, default=5)
     return parser
 
 
