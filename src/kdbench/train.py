@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench import faults, io, models, plots, provenance, tucker
+from kdbench import faults, io, models, provenance, tucker
 from kdbench.data import Dataset, Loader
 from kdbench.errors import KdbenchError, one_line
 from kdbench.methods.base import Method
@@ -988,6 +988,8 @@ def _finish(run: Run, resumed: list[int], memory: dict[str, float | None]) -> No
         doc["final"]["method_stats"] = totals
     io.save_torch(run.outputs.final_weights, cpu_state_dict(run.student))
     io.save_torch(run.outputs.best_weights, best["weights"])
+    from kdbench import plots  # matplotlib: only where a plot is drawn
+
     plots.learning_curves(
         epochs,
         best["epoch"],

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench import faults, io, models, plots, provenance
+from kdbench import faults, io, models, provenance
 from kdbench.data import load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.methods import register
@@ -354,6 +354,8 @@ def paraphraser_plot(
     epochs: list[dict[str, Any]], best_epoch: int, path: str | Path, title: str
 ) -> None:
     """Paraphraser_Loss.png: reconstruction L1 per epoch (train dotted, validation solid)."""
+    from kdbench import plots  # matplotlib: only where a plot is drawn
+
     fig, ax = plots.plt.subplots(figsize=(7, 4.5))
     x = [e["epoch"] for e in epochs]
     ax.plot(x, [e["train_loss"] for e in epochs], ":", label="train")
