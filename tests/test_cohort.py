@@ -90,6 +90,28 @@ def test_each_member_trains_as_it_does_alone(tmp_path, monkeypatch):
         assert [t.correct[i] for t in totals] == [t.correct for t in own]
 
 
+def test_shared_work_is_computed_once_per_sharing_scope_and_never_outside_one():
+    from kdbench.methods.base import shared, sharing
+
+    calls = []
+
+    def work(value):
+        return lambda: calls.append(value) or value
+
+    assert shared("k", work(1)) == 1 and shared("k", work(2)) == 2  # no scope: every call
+    with sharing():
+        assert shared("k", work(3)) == 3 and shared("k", work(4)) == 3
+        assert shared("other", work(5)) == 5
+        with sharing():  # an inner scope shares nothing with the outer one
+            assert shared("k", work(6)) == 6
+        assert shared("k", work(7)) == 3
+    with pytest.raises(RuntimeError), sharing():
+        shared("k", work(8))
+        raise RuntimeError("a failed step")
+    assert shared("k", work(9)) == 9  # the failed scope was closed
+    assert calls == [1, 2, 3, 5, 6, 8, 9]
+
+
 def test_a_cohort_needs_one_teacher_and_distinct_labels():
     a, b = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
     kd = methods.get("kd")
