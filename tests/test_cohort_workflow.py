@@ -77,6 +77,12 @@ def test_each_student_gets_its_own_outputs_from_its_cohort(cohort_run):
         "vanilla", "kd", "featuremap", "ft", "tucker", "tucker_recomp",
     }  # fmt: skip
     assert not list((work / "results" / "state").rglob("*.pt"))
+    # runs.csv names each student's cohort (none for the vanilla one)
+    runs = pd.read_csv(work / "results/summary/runs.csv", keep_default_na=False)
+    cohort = dict(zip(runs.method + "/" + runs.variant, runs.cohort, strict=True))
+    assert cohort["vanilla/default"] == "" and cohort["vanilla/teacher"] == ""
+    for member, index in MEMBERS.items():
+        assert cohort[member] == f"resnet20-seed0-c{index}"
     # the cost table shares each cohort job's seconds among its members (c1: 2 members)
     cost = pd.read_csv(work / "results/summary/cost.csv").set_index("method")
     c1 = pd.read_csv(work / f"{COHORTS}/c1.benchmark.tsv", sep="\t").s.iloc[-1]

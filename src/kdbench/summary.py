@@ -51,6 +51,7 @@ RUN_COLUMNS = [
     "device",
     "host",
     "commit",
+    "cohort",
     "path",
 ]
 GROUP = ["role", "dataset", "teacher", "student", "arch", "method", "variant"]
@@ -124,6 +125,8 @@ def run_row(path: str | Path) -> dict[str, Any]:
         "device": prov.get("device", {}).get("name", ""),
         "host": prov.get("host", ""),
         "commit": prov.get("git", {}).get("commit", ""),
+        # the cohort it trained in (cohort_size), empty for a run trained alone
+        "cohort": (doc.get("cohort") or {}).get("name", ""),
         "path": str(path),
     }
 
