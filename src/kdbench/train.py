@@ -832,13 +832,14 @@ def fit_runs(
         "cudnn_benchmark": cudnn_autotuning(cfg, device),
         "previous_sessions": sessions,
     }
+    data_summary, train_config = data.summary(), asdict(cfg)
     for run in runs:
         run.doc = {
             "status": "running",
             "run": run.record.get("run", {}),
             "seed": seed,
-            "config": {**run.record.get("config", {}), "train": asdict(cfg)},
-            "data": data.summary(),
+            "config": {**run.record.get("config", {}), "train": train_config},
+            "data": data_summary,
             "epochs": run.epochs,
             "provenance": shared,
         }
@@ -1012,9 +1013,11 @@ def _describe(record: dict[str, Any]) -> str:
     """A run as ``dataset=… teacher=… …``; a cohort's record (``cohort``, ``members``) as
     ``cohort NAME (dataset=… teacher=… seed=…)``."""
     if "members" in record:
-        first = _describe(record["members"][0]).split()
-        shared = [f for f in first if f.split("=")[0] in ("dataset", "teacher", "seed")]
-        return f"cohort {record['cohort']} ({' '.join(shared)})"
+        shared = _fields(record["members"][0], ("dataset", "teacher", "seed"))
+        return f"cohort {record['cohort']} ({shared})"
+    return _fields(record, ("dataset", "teacher", "student", "method", "variant", "seed"))
+
+
+def _fields(record: dict[str, Any], keys: tuple[str, ...]) -> str:
     run = record.get("run", {})
-    keys = ("dataset", "teacher", "student", "method", "variant", "seed")
     return " ".join(f"{k}={run[k]}" for k in keys if run.get(k) is not None)
