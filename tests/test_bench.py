@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, mps_stub
 
 from kdbench import bench
@@ -143,6 +144,30 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     assert "need an `epochs --cohort` row of at least 2 taught members with teacher resnet20" in (
         capsys.readouterr().err
     )
+    # a config with train.cohort_streams takes the saving of the cohort rows trained with it
+    cohort.update(members=["vanilla", "kd", "featuremap"])
+    on_streams = {**cohort, "train_seconds": 4.0}
+    on_streams["train_config"] = {"cohort_streams": True}
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort, on_streams]}))
+    config = yaml.safe_load(Path(demo).read_text())
+    config["train"]["cohort_streams"] = True
+    streams_config = tmp_path / "streams.yaml"
+    streams_config.write_text(yaml.safe_dump(config))
+    argv[argv.index(demo)] = str(streams_config)
+    assert bench.main([*argv, "--cohort-size", "4"]) == 0
+    g = json.loads(grid.read_text())["grid"]
+    assert g["cohort_streams"] is True
+    assert g["cohort_saving_seconds_per_member_epoch"] == {"resnet20": 2.0}
+    # and so does --cohort-streams, whatever the config; --no-cohort-streams takes the others
+    demo_argv = [*argv, "--cohort-size", "4"]
+    demo_argv[demo_argv.index(str(streams_config))] = demo
+    for flag, saving in (("--cohort-streams", 2.0), ("--no-cohort-streams", 1.0)):
+        assert bench.main([*demo_argv, flag]) == 0
+        g = json.loads(grid.read_text())["grid"]
+        assert g["cohort_saving_seconds_per_member_epoch"] == {"resnet20": saving}
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))  # none trained with it
+    assert bench.main([*argv, "--cohort-size", "4"]) == 1
+    assert "trained with cohort_streams (--cohort-streams)" in capsys.readouterr().err
 
 
 def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
@@ -277,14 +302,18 @@ def test_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path, monkeyp
 def test_bench_graphs_compares_eager_and_graphed_training(tmp_path, capsys):
     out = tmp_path / "graphs.json"
     argv = ["graphs", "--device", "cpu", "--methods", "kd", "--json", str(out)]
-    assert bench.main(argv) == 0
+    # --cohort: the methods as one cohort too, graphed with the member streams asked for,
+    # against an eager cohort without them (on the CPU: stand-in streams, bit-identical)
+    assert bench.main([*argv, "--cohort", "--set", "cohort_streams=true"]) == 0
     doc = json.loads(out.read_text())
-    (row,) = doc["graphs"]
+    row, cohort = doc["graphs"]
     assert doc["ok"] and row["ok"] and row["method"] == "kd"
+    assert cohort["ok"] and cohort["method"] == "cohort of 1 on streams"
     # no CUDA: both runs eager, and on the CPU bit-identical
-    assert row["steps"] == row["evaluation"] == "eager"
-    assert row["max_relative_loss_difference"] == 0 and row["max_weight_difference"] == 0
-    assert len(row["curves"]["eager"]) == len(row["curves"]["graphs"]) == 2
+    for r in (row, cohort):
+        assert r["steps"] == r["evaluation"] == "eager"
+        assert r["max_relative_loss_difference"] == 0 and r["max_weight_difference"] == 0
+        assert len(r["curves"]["eager"]) == len(r["curves"]["graphs"]) == 2
     assert "kd" in capsys.readouterr().out
     # a difference beyond the tolerance fails the check, with exit status 1
     assert bench.main([*argv[:-2], "--tolerance", "-1"]) == 1

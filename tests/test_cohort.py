@@ -14,7 +14,7 @@ from kdbench.cohort import Cohort
 from kdbench.data import Loader, Split, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.methods.ft import Paraphraser
-from kdbench.train import TrainConfig, make_schedule, make_sgd, train_epoch
+from kdbench.train import TrainConfig, make_schedule, make_sgd, prepare, train_epoch
 
 MEMBERS = [
     ("vanilla", {}),
@@ -78,6 +78,25 @@ def test_each_member_trains_as_it_does_alone(tmp_path, monkeypatch):
     assert len(calls) == 2 * 5  # one teacher pass per batch, for all members
     # tucker full-teacher-r4 and tucker_recomp both-r4 share the teacher's decomposition
     assert decompositions == [(8, 4, 4, 4)] * (2 * 5)
+    _assert_as_alone(cohort, totals, alone, alone_totals)
+
+    # each member on a stream of its own (train.cohort_streams): torch's CPU stand-ins here, so
+    # this checks that every member's pass runs under its own stream and nothing changes
+    entered = []
+    stream = torch.cpu.stream
+    monkeypatch.setattr(torch.cpu, "stream", lambda s: entered.append(s) or stream(s))
+    cohort = Cohort(_members(tmp_path, teacher), labels, streams=True)
+    totals = _train(cohort)
+    streams = cohort.member_streams(torch.device("cpu"))
+    assert len(set(map(id, streams))) == len(MEMBERS)
+    assert entered == streams * (2 * 5)  # every member, every step, on its own stream
+    _assert_as_alone(cohort, totals, alone, alone_totals)
+
+
+def _assert_as_alone(cohort, totals, alone, alone_totals):
+    """Every member of ``cohort`` has the weights, loss parts and training accuracy of its run
+    alone (``alone``, ``alone_totals``)."""
+    labels = cohort.labels
     for label, m, own in zip(labels, cohort.members, alone_totals, strict=True):
         lone = alone[labels.index(label)]
         for key, module in m.trainable().items():  # the student, FT's translator
@@ -112,6 +131,20 @@ def test_shared_work_is_computed_once_per_sharing_scope_and_never_outside_one():
     assert calls == [1, 2, 3, 5, 6, 8, 9]
 
 
+def test_train_cohort_streams_gives_each_member_a_stream_of_its_own():
+    teacher = models.build("resnet8", 10, 3)
+    kd = methods.get("kd")
+    cohort = Cohort([kd(models.build("resnet8", 10, 3), teacher, {}) for _ in "ab"], ["a", "b"])
+    cpu = torch.device("cpu")
+    assert cohort.member_streams(cpu) == []  # off by default
+    prepare(cohort, TrainConfig(cohort_streams=True), cpu)
+    streams = cohort.member_streams(cpu)
+    assert len(streams) == 2 and streams[0] is not streams[1]
+    assert cohort.member_streams(cpu) == streams  # made once
+    prepare(cohort, TrainConfig(), cpu)
+    assert cohort.member_streams(cpu) == []
+
+
 def test_a_cohort_needs_one_teacher_and_distinct_labels():
     a, b = models.build("resnet8", 10, 3), models.build("resnet8", 10, 3)
     kd = methods.get("kd")
@@ -131,16 +164,20 @@ def test_bench_epochs_times_a_cohort_against_its_members(tmp_path, capsys):
     out = tmp_path / "epochs.json"
     args = ["epochs", "--device", "cpu", "--dataset", "digits", "--train-size", "48"]
     args += ["--batch", "16", "--pair", "resnet20:resnet8", "--epochs", "1", "--warmup", "1"]
-    args += ["--no-reference", "--methods", "kd", "tucker full-teacher-r32", "--cohort"]
+    args += ["--no-reference", "--methods", "kd", "tucker full-teacher-r32", "--cohort-streams"]
     assert bench.main([*args, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["epochs"]
     own = {r["method"]: r for r in rows if r["setting"] == "default"}
-    (cohort,) = [r for r in rows if r["setting"] == "cohort"]
-    assert cohort["method"] == "cohort of 2"
-    assert cohort["members"] == ["kd", "tucker full-teacher-r32"]
+    # the cohort, then the cohort with each member on a stream of its own
+    cohort, streams = [r for r in rows if r["setting"] == "cohort"]
+    assert cohort["method"] == "cohort of 2" and streams["method"] == "cohort of 2 on streams"
+    assert not cohort["train_config"]["cohort_streams"]
+    assert streams["train_config"]["cohort_streams"]
     total = own["kd"]["train_seconds"] + own["tucker full-teacher-r32"]["train_seconds"]
-    assert cohort["members_train_seconds"] == pytest.approx(total)
-    assert cohort["ratio_to_members"] == pytest.approx(cohort["train_seconds"] / total)
+    for row in (cohort, streams):
+        assert row["members"] == ["kd", "tucker full-teacher-r32"]
+        assert row["members_train_seconds"] == pytest.approx(total)
+        assert row["ratio_to_members"] == pytest.approx(row["train_seconds"] / total)
     assert "its members one by one" in capsys.readouterr().out
 
 

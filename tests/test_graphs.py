@@ -435,6 +435,8 @@ def _run(method, cfg, epochs, step_fn=None):
         # several students on one teacher pass per batch (kdbench.cohort)
         ("cohort", {}, "prefetch"),
         ("cohort", {}, "pipeline"),
+        # its members on streams of their own (train.cohort_streams; CPU stand-ins here)
+        ("cohort", {"streams": True}, "pipeline"),
     ],
 )
 def test_replayed_graphs_train_exactly_as_eager_steps(
@@ -460,7 +462,7 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         if name == "cohort":
             members = [("vanilla", {}), ("kd", {}), ("tucker_recomp", {"rank": 4})]
             built = [methods.get(n)(models.build("resnet8", 10, 3), teacher, p) for n, p in members]
-            return Cohort(built, [n for n, _ in members])
+            return Cohort(built, [n for n, _ in members], **params)
         return methods.get(name)(student, teacher, params, assets)
 
     eager_method = build()

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -494,8 +494,11 @@ def bench_epochs(
                     rows.append(
                         (first, student_arch, TrainConfig.from_config({**base, **acc}), label)
                     )
-            if args.cohort:
+            if args.cohort or args.cohort_streams:
                 rows.append((None, student_arch, cfg, "cohort"))
+            if args.cohort_streams:  # and each member on a stream of its own
+                streams = replace(cfg, cohort_streams=not cfg.cohort_streams)
+                rows.append((None, student_arch, streams, "cohort"))
             for case, arch, row_cfg, tag in rows:
                 if case is None:  # every chosen method, on one teacher pass per batch
                     labels = [_label(*c) for c in cases]
@@ -504,6 +507,7 @@ def bench_epochs(
                     ]
                     method: methods.Method = Cohort(members, labels)
                     name = f"cohort of {len(labels)}"
+                    name += " on streams" if row_cfg.cohort_streams else ""
                 else:
                     method = _build(case, teacher, arch, classes, channels, paraphraser)
                     name = _label(*case) if tag != "teacher" else "teacher"
@@ -700,14 +704,18 @@ def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str)
     )
 
 
-def cohort_savings(results: list[dict[str, Any]]) -> dict[str, float]:
+def cohort_savings(results: list[dict[str, Any]], streams: bool = False) -> dict[str, float]:
     """Per teacher architecture, the training seconds per epoch that a cohort saves for each
     member beyond the first that learns from the teacher (the teacher's pass and the shared
-    decompositions done once), from ``epochs --cohort`` rows: their members' seconds one by one
-    less the cohort's, over those members less one; the mean where several rows have one."""
+    decompositions done once; with ``streams``, the members run side by side as well), from
+    ``epochs --cohort`` rows trained with ``train.cohort_streams`` = ``streams``: their members'
+    seconds one by one less the cohort's, over those members less one; the mean where several
+    rows have one."""
     saved: dict[str, list[float]] = {}
     for r in results:
         if r.get("setting") != "cohort" or "members_train_seconds" not in r:
+            continue
+        if bool(r.get("train_config", {}).get("cohort_streams")) != streams:
             continue
         taught = [m for m in r["members"] if methods.get(m.split()[0]).needs_teacher]
         if len(taught) > 1:
@@ -722,6 +730,7 @@ def grid_estimate(
     results: list[dict[str, Any]],
     concurrency: Path | None,
     cohort_size: int | None = None,
+    cohort_streams: bool | None = None,
 ) -> dict[str, Any]:
     """GPU-hours of ``dataset``'s whole grid in ``config_path`` from measured epoch seconds
     (training + evaluation): teachers, FT paraphrasers (costed as a featuremap epoch of the
@@ -730,7 +739,8 @@ def grid_estimate(
     capture) as its row's warm-up took beyond the epochs it ran, where every row recorded one.
     With cohorts (``cohort_size``, else the config's), also ``gpu_hours_total_cohorts``: the
     config's cohorts of that size (:func:`kdbench.config.cohorts`), each saving per epoch what
-    :func:`cohort_savings` measured for its teacher for every member beyond its first."""
+    :func:`cohort_savings` measured for its teacher for every member beyond its first, from
+    rows trained with ``cohort_streams`` (else the config's ``train.cohort_streams``)."""
     import yaml
 
     from kdbench import config as kdconfig
@@ -799,7 +809,10 @@ def grid_estimate(
         out["runs_per_gpu"] = best["runs"]
         out["gpu_hours_total_concurrent"] = total / 3600 / best["throughput_vs_one"]
     if cohort_size > 0:
-        saved = cohort_savings(results)
+        streams = cohort_streams
+        if streams is None:
+            streams = bool((cfg.get("train") or {}).get("cohort_streams", False))
+        saved = cohort_savings(results, streams)
         cohorts = [
             c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
         ]
@@ -808,9 +821,11 @@ def grid_estimate(
             raise KdbenchError(
                 f"bench grid: cohorts of {cohort_size} need an `epochs --cohort` row of at least "
                 f"2 taught members with teacher {', '.join(missing)} in the files"
+                + (" trained with cohort_streams (--cohort-streams)" if streams else "")
             )
         cut = student_epochs * sum((len(c.members) - 1) * saved[c.teacher] for c in cohorts)
         out["cohort_size"] = cohort_size
+        out["cohort_streams"] = streams
         out["cohorts"] = len(cohorts)
         out["cohort_saving_seconds_per_member_epoch"] = saved
         out["gpu_hours_total_cohorts"] = (total - cut) / 3600
@@ -948,17 +963,20 @@ GRAPH_CHECKS = [
 
 
 def _train_briefly(
-    case: tuple[str, dict[str, Any]],
+    cases: list[tuple[str, dict[str, Any]]],
+    cohort: bool,
     cfg: TrainConfig,
     data: Dataset,
     device: torch.device,
     paraphraser: Path,
 ) -> dict[str, Any]:
-    """``cfg.epochs`` epochs of ``case`` (resnet20 → resnet8) on ``data`` from fixed weights:
-    the curves, the weights and how the steps and evaluations ran."""
+    """``cfg.epochs`` epochs of ``cases`` (resnet20 → resnet8; one, or with ``cohort`` as one
+    cohort) on ``data`` from fixed weights: the curves, every student's weights and how the
+    steps and evaluations ran."""
     torch.manual_seed(1)
     teacher = models.build("resnet20", 100, 3)
-    method = _build(case, teacher, "resnet8", 100, 3, paraphraser)
+    built = [_build(case, teacher, "resnet8", 100, 3, paraphraser) for case in cases]
+    method = Cohort(built, [_label(*c) for c in cases]) if cohort else built[0]
     run = _trainer(method, cfg, data, device)
     train, (val, _) = run.train, run.evals
     curve = []
@@ -976,7 +994,11 @@ def _train_briefly(
         )
     return {
         "curve": curve,
-        "weights": {k: v.detach().float().cpu() for k, v in method.student.state_dict().items()},
+        "weights": {
+            f"{i}/{k}": v.detach().float().cpu()
+            for i, student in enumerate(method.students())
+            for k, v in student.state_dict().items()
+        },
         **_how_ran(run.step_fn, run.eval_fn),
     }
 
@@ -985,7 +1007,9 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
     """Train each method twice from the same weights and data, eagerly and from CUDA graphs
     (``cuda_graphs`` and ``prefetch_targets`` on), and compare: the check that the graphs train
     as the eager steps do, and that nothing fell back to eager on CUDA. Both uncompiled unless
-    ``--set compile=MODE`` asks (a compiled step's kernels are its own)."""
+    ``--set compile=MODE`` asks (a compiled step's kernels are its own). ``--cohort`` also
+    trains the methods as one cohort, eagerly without member streams and from graphs with the
+    settings' ``cohort_streams``, and compares every member's weights."""
     base = {
         "epochs": 2,
         "batch_size": 128,
@@ -999,16 +1023,24 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
     with tempfile.TemporaryDirectory() as tmp:
         paraphraser = Path(tmp) / "paraphraser.pt"
         io.save_torch(paraphraser, Paraphraser(64, 0.5).state_dict())
-        for case in _cases(args.methods or GRAPH_CHECKS):
+        cases = _cases(args.methods or GRAPH_CHECKS)
+        for group, cohort in [([c], False) for c in cases] + [(cases, True)] * args.cohort:
+            settings = {
+                "eager": {"cuda_graphs": False, "prefetch_targets": False},
+                "graphs": {"cuda_graphs": True, "prefetch_targets": True},
+            }
+            if cohort:  # the cohort's reference: eager, one member after the other
+                settings["eager"]["cohort_streams"] = False
             runs = {
                 name: _train_briefly(
-                    case,
-                    TrainConfig.from_config({**base, "cuda_graphs": on, "prefetch_targets": on}),
+                    group,
+                    cohort,
+                    TrainConfig.from_config({**base, **on}),
                     data,
                     device,
                     paraphraser,
                 )
-                for name, on in (("eager", False), ("graphs", True))
+                for name, on in settings.items()
             }
             eager, graphed = runs["eager"], runs["graphs"]
             diff = max(
@@ -1023,8 +1055,11 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
             fell_back = device.type == "cuda" and (
                 graphed["steps"].startswith("eager") or graphed["evaluation"].startswith("eager")
             )
+            label = f"cohort of {len(group)}" if cohort else _label(*group[0])
+            if cohort and TrainConfig.from_config(base).cohort_streams:
+                label += " on streams"
             row = {
-                "method": _label(*case),
+                "method": label,
                 "steps": graphed["steps"],
                 "evaluation": graphed["evaluation"],
                 "max_relative_loss_difference": diff,
@@ -1059,7 +1094,12 @@ def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
     results = [r for f in args.files for r in _rows(f, "epochs")]
     return {
         "grid": grid_estimate(
-            args.config, args.dataset, results, args.concurrency, args.cohort_size
+            args.config,
+            args.dataset,
+            results,
+            args.concurrency,
+            args.cohort_size,
+            args.cohort_streams,
         )
     }
 
@@ -1164,6 +1204,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also train the chosen methods together on one teacher pass per batch "
         "(kdbench.cohort) and compare with their own rows",
     )
+    e.add_argument(
+        "--cohort-streams",
+        action="store_true",
+        help="--cohort, and the cohort again with train.cohort_streams switched (each member "
+        "on a CUDA stream of its own)",
+    )
     e.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     c = sub.add_parser("concurrent", help="total throughput of N runs sharing one device")
     _common(c)
@@ -1195,6 +1241,12 @@ def _parser() -> argparse.ArgumentParser:
     gr.add_argument("--device", default="auto")
     gr.add_argument("--methods", nargs="+", default=None, help="method names or labels")
     gr.add_argument(
+        "--cohort",
+        action="store_true",
+        help="also the methods as one cohort (kdbench.cohort; graphed with --set "
+        "cohort_streams=true: its members on streams of their own)",
+    )
+    gr.add_argument(
         "--tolerance",
         type=float,
         default=1e-2,
@@ -1213,6 +1265,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="also the grid in cohorts of N (default: the config's cohort_size; 0: none), "
         "from the files' `epochs --cohort` rows",
+    )
+    g.add_argument(
+        "--cohort-streams",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the cohorts with their members on CUDA streams of their own, from the rows "
+        "trained so (`epochs --cohort-streams`), or not (default: the config's "
+        "train.cohort_streams)",
     )
     g.add_argument("--json", type=Path, default=None)
     g.add_argument("--device", default="cpu", help=argparse.SUPPRESS)

@@ -12,12 +12,22 @@ one student graph that steps every member. A member's gradients come from its ow
 for bit (tested). One difference: a non-finite loss or gradient in any member skips the step for
 all of them.
 
+With ``streams`` (``train.cohort_streams``) each member runs its forward pass on a CUDA stream
+of its own, forked from the step's stream and joined back to it. Autograd runs each backward op
+on the stream of its forward op, so the members' backward passes run on their streams too, and a
+captured step (:mod:`kdbench.graphs`) holds the members as parallel branches of one graph. A
+small student's step is bound by kernel latency rather than arithmetic, so the GPU can run the
+members' kernels side by side, as it runs separate processes' under MPS. Each member runs the
+same kernels in the same order as without streams. On a CPU the streams are torch's no-op
+stand-ins.
+
 ``python -m kdbench.bench epochs --cohort`` times a cohort of the chosen methods against their
 runs one by one (README, Performance).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -32,7 +42,7 @@ class Cohort(Method):
 
     name = "cohort"
 
-    def __init__(self, members: list[Method], labels: list[str]) -> None:
+    def __init__(self, members: list[Method], labels: list[str], streams: bool = False) -> None:
         teachers = {id(m.teacher) for m in members if m.needs_teacher}
         if len(teachers) != 1:
             raise KdbenchError(
@@ -45,6 +55,9 @@ class Cohort(Method):
         super().__init__(members[0].student, teacher, {})
         self.members = nn.ModuleList(members)
         self.labels = list(labels)
+        #: each member's forward (and so backward) pass on a stream of its own
+        self.streams = streams
+        self._streams: tuple[torch.device, list[Any]] | None = None
 
     def students(self) -> list[nn.Module]:
         return [m.student for m in self.members]
@@ -83,11 +96,37 @@ class Cohort(Method):
         parts, ``<label>/<part>``."""
         parts: dict[str, Tensor] = {}
         logits = []
-        for label, m, t in zip(self.labels, self.members, targets, strict=True):
-            own_logits, own = m.student_loss(x, y, t)
-            logits.append(own_logits.detach().float())
+        streams = self.member_streams(x.device)
+        backend = torch.get_device_module(x.device)
+        main = backend.current_stream() if streams else None
+        for i, (label, m, t) in enumerate(zip(self.labels, self.members, targets, strict=True)):
+            if streams:
+                streams[i].wait_stream(main)  # the inputs and targets, made on the step's stream
+            with backend.stream(streams[i]) if streams else contextlib.nullcontext():
+                own_logits, own = m.student_loss(x, y, t)
+                logits.append(own_logits.detach().float())
             parts.update({f"{label}/{k}": v for k, v in own.items()})
+        if streams:
+            for s in streams:
+                main.wait_stream(s)
+            if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+                # made on a member's stream and read on the step's: not to be reused before
+                for v in [*logits, *parts.values()]:
+                    v.record_stream(main)
         return torch.stack(logits), parts
+
+    def member_streams(self, device: torch.device) -> list[Any]:
+        """One stream per member on ``device`` (made once) with :attr:`streams`, else none."""
+        if not self.streams:
+            return []
+        if self._streams is None or self._streams[0] != device:
+            backend = torch.get_device_module(device)
+            if device.type == "cuda":
+                made = [backend.Stream(device) for _ in self.members]
+            else:
+                made = [backend.Stream() for _ in self.members]
+            self._streams = (device, made)
+        return self._streams[1]
 
     def pop_stats(self) -> dict[str, Tensor]:
         return {

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench import faults, io, models, provenance, tucker
+from kdbench.cohort import Cohort
 from kdbench.data import Dataset, Loader
 from kdbench.errors import KdbenchError, one_line
 from kdbench.methods.base import Method
@@ -70,6 +71,7 @@ LATER_SETTINGS = (
     "prefetch_targets",
     "overlap_teacher",
     "pipeline_targets",
+    "cohort_streams",
 )
 
 
@@ -144,6 +146,11 @@ class TrainConfig:
     #: (:mod:`kdbench.graphs`, ``pipeline``); same targets, same order, the same weights as
     #: eager steps; full-tensor Tucker resnet110 -> resnet20 1.50x, at 1.04x featuremap (H200)
     pipeline_targets: bool = True
+    #: in a cohort (:class:`kdbench.cohort.Cohort`), each member's forward and backward pass on
+    #: a CUDA stream of its own, so that the GPU can run the members' small kernels side by side
+    #: (a captured step holds them as parallel branches); the same kernels per member, in the
+    #: same order. Not yet measured on a GPU (README, Performance); no effect on a CPU
+    cohort_streams: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -329,7 +336,7 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     """Move ``method`` to ``device`` (channels_last on CUDA), fold its teacher's batch norms
     and compile it per ``cfg``; set the process's deterministic-algorithms, cuDNN autotuning
     and host-eigh switches from ``cfg.deterministic``, ``cfg.cudnn_benchmark`` and
-    ``cfg.eigh_on_host``."""
+    ``cfg.eigh_on_host``; a cohort's member streams from ``cfg.cohort_streams``."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
@@ -339,6 +346,8 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     if cfg.fold_teacher and method.needs_teacher:
         dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else None
         method.replace_teacher(models.fold_batchnorm(method.teacher, dtype))
+    if isinstance(method, Cohort):
+        method.streams = cfg.cohort_streams
     channels_last = device.type == "cuda" and cfg.channels_last
     method.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     compile_models(method, cfg, device)

@@ -16,10 +16,12 @@
 # and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
 # choose (a KD row of 45,000 images takes over 55 s cold). After the four H200 sessions of
-# 2026-11-26 (their JSON: docs/perf) the open questions are, most telling first: cohort (how
-# much of the grid a teacher pass shared by the students of a dataset and seed saves; `grid`
-# then needs no other new file: `bench grid` on docs/perf's files plus cohort.json with
-# --cohort-size, on any machine), cudnn (KD with cuDNN autotuning, the default since the
+# 2026-11-26 (their JSON: docs/perf) the open questions are, most telling first: graphs (do
+# a cohort's member streams train as eager steps do?), cohort (how much of the grid a teacher
+# pass shared by the students of a dataset and seed saves, and how much more the member
+# streams; `grid` then needs no other new file: `bench grid` on docs/perf's files plus
+# cohort.json with --cohort-size, on any machine, and a config with train.cohort_streams for
+# the streams), cudnn (KD with cuDNN autotuning, the default since the
 # fourth, against without it: does bench epochs confirm the profile's 1.18x, KD <= 2 s?),
 # epochs56 and epochs20 with it, then mps and grid from them, and spread (pipeline_targets
 # and cuDNN autotuning: results within seed noise?).
@@ -49,8 +51,11 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort}; do
     case $s in
-    # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back
-    graphs) step graphs 50 $B graphs --json "$OUT/graphs.json" ;;
+    # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
+    # checked methods as one cohort too, its members on CUDA streams of their own
+    # (train.cohort_streams), against an eager cohort without them
+    graphs) step graphs 100 $B graphs --cohort --set cohort_streams=true \
+        --json "$OUT/graphs.json" ;;
     # resnet110 → resnet56: the teacher, and the grid's methods against the reference loop
     epochs56) step epochs56 330 $B epochs --teachers --epochs 1 --warmup 1 \
         --reference-steps 10 --methods "${GRID[@]}" "${sets[@]}" --json "$OUT/epochs56.json" ;;
@@ -126,9 +131,11 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
         done ;;
     # the grid's methods that learn from the teacher on resnet20 one by one, then all of them
     # as one cohort (one teacher pass per batch for all, the recompositions sharing the Tucker
-    # decomposition: kdbench.cohort), as the workflow's cohorts train: what they save the grid
-    cohort) step cohort 300 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
-        --methods "${GRID[@]:1}" --cohort "${sets[@]}" --json "$OUT/cohort.json" ;;
+    # decomposition: kdbench.cohort), as the workflow's cohorts train: what they save the grid;
+    # then that cohort again with each member on a CUDA stream of its own
+    # (train.cohort_streams: the members' kernels side by side)
+    cohort) step cohort 360 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
+        --methods "${GRID[@]:1}" --cohort-streams "${sets[@]}" --json "$OUT/cohort.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
