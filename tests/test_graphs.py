@@ -114,21 +114,26 @@ FULL, LAST = torch.zeros(8, 1, 8, 8), torch.zeros(3, 1, 8, 8)
 Y8, Y3 = torch.zeros(8, dtype=torch.long), torch.zeros(3, dtype=torch.long)
 
 
-def test_warm_up_then_one_capture_replayed_until_the_lr_changes(events):
+def test_warm_up_then_one_capture_replayed_for_the_whole_run(events):
     g, opt = _graphed(events)
     for _ in range(5):
         g(FULL, Y8)
     assert events == ["side", "eager"] * 3 + ["capture", "step-in-capture", "replay", "replay"]
     assert g.status == "whole"
+    # the captured update reads the rate from a tensor; the optimizer keeps its float
+    (group,) = opt.param_groups
+    ((captured, tensor, _),) = g.lrs
+    assert captured is group and isinstance(group["lr"], float)
+    assert tensor.dtype == torch.float32 and float(tensor) == pytest.approx(group["lr"])
     events.clear()
     g(LAST, Y3)  # the smaller last batch of the epoch
     assert events == ["eager"]
     events.clear()
-    for group in opt.param_groups:
-        group["lr"] *= 0.5  # the schedule's step at the end of the epoch
+    group["lr"] *= 0.5  # the schedule's step at the end of the epoch: no new capture
     g(FULL, Y8)
     g(FULL, Y8)
-    assert events == ["capture", "step-in-capture", "replay", "replay"]
+    assert events == ["replay", "replay"]
+    assert float(tensor) == pytest.approx(group["lr"]) and isinstance(group["lr"], float)
 
 
 @pytest.mark.parametrize("method", ["tucker", "tucker_recomp"])
@@ -368,11 +373,13 @@ class ReplayingGraph:
     undoes its effects (a real capture runs nothing); replay runs it again and copies its
     results into those outputs, as a replay refills a graph's output tensors."""
 
-    def __init__(self, events, state):
-        self.events, self.state = events, state
+    def __init__(self, events, state, groups=list):
+        self.events, self.state, self.groups = events, state, groups
 
     def record(self, fn):
         saved = [t.clone() for t in self.state()]
+        # what a captured update reads: the rates the optimizers held during the capture
+        self.rates = [(g, g["lr"]) for g in self.groups()]
         self.fn, self.out = fn, fn()
         with torch.no_grad():
             for t, s in zip(self.state(), saved, strict=True):
@@ -381,7 +388,14 @@ class ReplayingGraph:
 
     def replay(self):
         self.events.append("replay")
-        new = self.fn()
+        now = [g["lr"] for g, _ in self.rates]
+        for g, rate in self.rates:
+            g["lr"] = rate
+        try:
+            new = self.fn()
+        finally:
+            for (g, _), rate in zip(self.rates, now, strict=True):
+                g["lr"] = rate
         with torch.no_grad():
             for static, value in zip(tree_flatten(self.out)[0], tree_flatten(new)[0], strict=True):
                 if isinstance(static, torch.Tensor):
@@ -476,7 +490,10 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         momenta = [o.state[p]["momentum_buffer"] for o in opts.values() for p in o.state]
         return trained + momenta
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, state))
+    def groups():
+        return [g for o in opts.values() for g in o.param_groups]
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, state, groups))
     monkeypatch.setattr(graphs, "_record", lambda g, fn, stream=None: g.record(fn))
     targets = []
     teacher_targets = method.teacher_targets if prefetch or overlap else None
@@ -507,17 +524,19 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         # epoch 0: 3 eager warm-up steps, then batches 4–8 prefetched; epoch 1: batches 1–8.
         # Pipelined, each of those p teacher passes ahead (the first two at the epoch's first
         # prefetch, then one per step) also waits for the loader's batches, and for its
-        # slot's last targets once both slots have been used: 2p - 2 more per epoch
-        waits = 5 + 8 + ((2 * 5 - 2) + (2 * 8 - 2) if pipeline else 0)
+        # slot's last targets once both slots have been used: 2p - 2 more in epoch 0, 2p in
+        # epoch 1 (the same capture, whose slots were used in epoch 0)
+        waits = 5 + 8 + ((2 * 5 - 2) + 2 * 8 if pipeline else 0)
         assert events.count("wait-event") == waits
-        # epoch 1, the targets computed, in order: at the capture and the first step (batch
-        # 0, no prefetch), ahead for batches 1–8, and in the eager step of the last batch
-        # (where only the Tucker methods compute targets: the others' eager step has none)
+        # epoch 1 (no new capture: the rate is read from a tensor), the targets computed, in
+        # order: in the first step (batch 0, no prefetch), ahead for batches 1–8, and in the
+        # eager step of the last batch (where only the Tucker methods compute targets: the
+        # others' eager step has none)
         ids = [method.teacher_outputs(x)[-1].sum().item() for x, _ in _loader().epoch(1)]
         if decomposes:
-            assert targets[-11:] == [ids[0], *ids]
+            assert targets[-10:] == ids
         else:
-            assert targets[-10:] == [ids[0], *ids[:-1]]
+            assert targets[-9:] == ids[:-1]
 
 
 @pytest.mark.parametrize("ahead", ["prefetch", "pipeline"])

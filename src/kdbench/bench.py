@@ -331,7 +331,8 @@ def time_epochs(
     """Median training and evaluation seconds per epoch of ``method`` under ``cfg``.
 
     The learning-rate schedule steps after every epoch, as in ``fit``, so that an epoch's time
-    includes what a new learning rate costs the next one (with CUDA graphs, a new capture).
+    includes what a new learning rate costs the next one (with CUDA graphs, writing it into the
+    tensor the captured update reads; a new capture before the tenth session of 2026-11-26).
     ``peak_cuda_mb`` counts what earlier rows of the process still hold (``cuda_mb_before``,
     allocated before this row's trainer was built), ``peak_cuda_mb_row`` only this row's."""
     before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None

@@ -14,8 +14,14 @@ and then replays it for every batch of the same shape: one launch instead of a t
   in an eager step. ``none`` runs eagerly.
 * Before the first capture a few steps run eagerly on a side stream (real training steps of the
   epoch: CUDA's libraries and autograd set themselves up there).
-* The learning rate is baked into the captured update, so the step is captured again whenever
-  a schedule has changed it (once per epoch).
+* The captured update reads each parameter group's learning rate from a tensor of its own on
+  the device, which the step fills before a replay whenever the schedule has changed the rate
+  (once per epoch): one capture serves the whole run. The optimizers themselves keep plain
+  float rates (the schedule's arithmetic, the logs and the saved states are those of an eager
+  run); the tensors stand in for them during the capture only. The tensor holds the rate
+  rounded to float32 (fused SGD's only rate tensor type): on the CPU the update is the eager
+  one bit for bit (its kernel rounds a float rate so too), on CUDA, whose kernel multiplies in
+  double, a weight can differ from the eager update's in its last bit.
 * A batch smaller than the captured one (the last batch of an epoch) runs eagerly.
 * An unfused optimizer, or a capture that fails for any reason, falls back to eager steps,
   with one warning.
@@ -117,6 +123,9 @@ class GraphedStep:
         self.pending: list[tuple[Tensor, int, Any]] = []
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.key: tuple[Any, ...] | None = None
+        #: every parameter group with the device tensor its captured update reads the rate
+        #: from, and the rate last written into it
+        self.lrs: list[tuple[dict[str, Any], Tensor, float]] = []
         self.warm = 0
         #: the batch whose targets are already in the student graph's inputs
         self.targets_for: Tensor | None = None
@@ -147,8 +156,33 @@ class GraphedStep:
     def eager(self, xb: Tensor, yb: Tensor) -> StepResult:
         return self.optimise(functools.partial(self.method.forward_train, xb, yb))
 
-    def _lrs(self) -> tuple[float, ...]:
-        return tuple(g["lr"] for o in self.optimizers.values() for g in o.param_groups)
+    def _groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    @contextlib.contextmanager
+    def _rate_tensors(self) -> Any:
+        """Inside: each parameter group's rate is a float32 tensor on its parameters' device
+        (what a capture then reads from); outside, the float again."""
+        self.lrs = [
+            (g, torch.tensor(float(g["lr"]), dtype=torch.float32, device=g["params"][0].device),
+             float(g["lr"]))
+            for g in self._groups()
+        ]  # fmt: skip
+        try:
+            for g, tensor, _ in self.lrs:
+                g["lr"] = tensor
+            yield
+        finally:
+            for g, _, rate in self.lrs:
+                g["lr"] = rate
+
+    def _write_rates(self) -> None:
+        """Fill the rate tensors the captured update reads with the groups' rates where the
+        schedule changed them (on the current stream, before the replay that reads them)."""
+        for i, (g, tensor, written) in enumerate(self.lrs):
+            if g["lr"] != written:
+                tensor.fill_(g["lr"])
+                self.lrs[i] = (g, tensor, g["lr"])
 
     def _fits(self, x: Tensor | None) -> bool:
         """Whether ``x`` is a batch the captured graphs take."""
@@ -164,13 +198,14 @@ class GraphedStep:
         if self.warm < WARMUP_STEPS:
             self.warm += 1
             return _on_side_stream(functools.partial(self.eager, xb, yb))
-        key = (tuple(xb.shape), xb.stride(), tuple(yb.shape), self._lrs())
+        key = (tuple(xb.shape), xb.stride(), tuple(yb.shape))
         if key != self.key:
             if self.key is not None and xb.shape[0] < self.key[0][0]:
                 return self.eager(xb, yb)  # the last, smaller batch
             self._capture(xb, yb, key)
             if self.disabled:
                 return self.eager(xb, yb)
+        self._write_rates()
         if self.mode == "split" and self.targets_for is not xb:
             self._drain()  # no teacher pass may still run ahead on the side stream
             self.static_tx.copy_(xb)
@@ -350,7 +385,8 @@ class GraphedStep:
             else:
                 forward = functools.partial(self.method.forward_train, x, y)
             step = torch.cuda.CUDAGraph()
-            self.static_out = _record(step, functools.partial(self.optimise, forward))
+            with self._rate_tensors():
+                self.static_out = _record(step, functools.partial(self.optimise, forward))
             graphs.append(step)
         except Exception as exc:  # a step that cannot be captured trains eagerly
             self.disabled = f"capture failed ({one_line(exc)})"
