@@ -20,9 +20,9 @@
 # a cohort's member streams train as eager steps do?), cohort (how much of the grid a teacher
 # pass shared by the students of a dataset and seed saves, and how much more the member
 # streams; `grid` then needs no other new file: `bench grid` on docs/perf's files plus
-# cohort.json with --cohort-size, on any machine, and a config with train.cohort_streams for
-# the streams), cudnn (KD with cuDNN autotuning, the default since the
-# fourth, against without it: does bench epochs confirm the profile's 1.18x, KD <= 2 s?),
+# cohort.json with --cohort-size, on any machine, and --cohort-streams for the streams), cudnn
+# (KD with cuDNN autotuning, the default since the fourth, against without it: does bench
+# epochs confirm the profile's 1.18x, KD <= 2 s?),
 # epochs56 and epochs20 with it, then mps and grid from them, and spread (pipeline_targets
 # and cuDNN autotuning: results within seed noise?).
 set -u
@@ -112,12 +112,15 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # GPU-hours of the full CIFAR-100 grid from the two epochs files (and the runs per GPU of
     # mps, else concurrent, if there; and in cohorts of COHORT_SIZE, default 8, from cohort's
     # row, if there)
-    grid) conc=() cohort=()
-        [ -s "$OUT/concurrent.json" ] && conc=(--concurrency "$OUT/concurrent.json")
-        [ -s "$OUT/mps.json" ] && conc=(--concurrency "$OUT/mps.json")
-        [ -s "$OUT/cohort.json" ] && cohort=("$OUT/cohort.json" --cohort-size "${COHORT_SIZE:-8}")
-        step grid 30 $B grid "$OUT/epochs56.json" "$OUT/epochs20.json" --config config/config.yaml \
-            "${conc[@]}" "${cohort[@]}" --json "$OUT/grid.json" ;;
+    grid) files=("$OUT/epochs56.json" "$OUT/epochs20.json") opts=(--config config/config.yaml)
+        [ -s "$OUT/concurrent.json" ] && opts+=(--concurrency "$OUT/concurrent.json")
+        [ -s "$OUT/mps.json" ] && opts+=(--concurrency "$OUT/mps.json")
+        [ -s "$OUT/cohort.json" ] &&
+            files+=("$OUT/cohort.json") opts+=(--cohort-size "${COHORT_SIZE:-8}")
+        step grid 30 $B grid "${files[@]}" "${opts[@]}" --json "$OUT/grid.json"
+        # and in cohorts with their members on streams of their own (cohort.json's second row)
+        [ -s "$OUT/cohort.json" ] && step grid-streams 30 $B grid "${files[@]}" "${opts[@]}" \
+            --cohort-streams --json "$OUT/grid-streams.json" ;;
     # KD uncompiled (train.compile: none), against the compiled default of epochs56: what
     # torch.compile adds on top of the graphs (compiled steps captured as CUDA graphs)
     compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
