@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from kdbench.errors import KdbenchError
 from kdbench.methods.base import Method, sharing
@@ -99,9 +100,16 @@ class Cohort(Method):
         streams = self.member_streams(x.device)
         backend = torch.get_device_module(x.device)
         main = backend.current_stream() if streams else None
+        # eager CUDA steps tell the caching allocator which tensors cross streams (a captured
+        # step's order is the graph's)
+        crossing = bool(streams) and x.is_cuda and not torch.cuda.is_current_stream_capturing()
         for i, (label, m, t) in enumerate(zip(self.labels, self.members, targets, strict=True)):
             if streams:
                 streams[i].wait_stream(main)  # the inputs and targets, made on the step's stream
+            if crossing:  # read on the member's stream, in its backward pass too
+                for v in [x, y, *tree_flatten(t)[0]]:
+                    if isinstance(v, Tensor) and v.is_cuda:
+                        v.record_stream(streams[i])
             with backend.stream(streams[i]) if streams else contextlib.nullcontext():
                 own_logits, own = m.student_loss(x, y, t)
                 logits.append(own_logits.detach().float())
@@ -109,10 +117,9 @@ class Cohort(Method):
         if streams:
             for s in streams:
                 main.wait_stream(s)
-            if x.is_cuda and not torch.cuda.is_current_stream_capturing():
-                # made on a member's stream and read on the step's: not to be reused before
-                for v in [*logits, *parts.values()]:
-                    v.record_stream(main)
+        if crossing:  # made on a member's stream and read on the step's
+            for v in [*logits, *parts.values()]:
+                v.record_stream(main)
         return torch.stack(logits), parts
 
     def member_streams(self, device: torch.device) -> list[Any]:
