@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in the README ("Performance", "Determinism"), on one CUDA machine:
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
+# (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
