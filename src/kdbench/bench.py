@@ -507,8 +507,7 @@ def bench_epochs(
                         _build(c, teacher, arch, classes, channels, paraphraser) for c in cases
                     ]
                     method: methods.Method = Cohort(members, labels)
-                    name = f"cohort of {len(labels)}"
-                    name += " on streams" if row_cfg.cohort_streams else ""
+                    name = _cohort_name(len(labels), row_cfg)
                 else:
                     method = _build(case, teacher, arch, classes, channels, paraphraser)
                     name = _label(*case) if tag != "teacher" else "teacher"
@@ -544,6 +543,11 @@ def bench_epochs(
             for r in same:
                 r["ratio_to_featuremap"] = r["train_seconds"] / base["train_seconds"]
     return doc
+
+
+def _cohort_name(members: int, cfg: TrainConfig) -> str:
+    """A cohort row's method: ``cohort of N``, and ``on streams`` with ``cfg.cohort_streams``."""
+    return f"cohort of {members}" + (" on streams" if cfg.cohort_streams else "")
 
 
 def _cohort_ratio(
@@ -1025,6 +1029,7 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
         paraphraser = Path(tmp) / "paraphraser.pt"
         io.save_torch(paraphraser, Paraphraser(64, 0.5).state_dict())
         cases = _cases(args.methods or GRAPH_CHECKS)
+        graphed_cfg = TrainConfig.from_config(base)  # what a cohort's member streams follow
         for group, cohort in [([c], False) for c in cases] + [(cases, True)] * args.cohort:
             settings = {
                 "eager": {"cuda_graphs": False, "prefetch_targets": False},
@@ -1056,11 +1061,8 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
             fell_back = device.type == "cuda" and (
                 graphed["steps"].startswith("eager") or graphed["evaluation"].startswith("eager")
             )
-            label = f"cohort of {len(group)}" if cohort else _label(*group[0])
-            if cohort and TrainConfig.from_config(base).cohort_streams:
-                label += " on streams"
             row = {
-                "method": label,
+                "method": _cohort_name(len(group), graphed_cfg) if cohort else _label(*group[0]),
                 "steps": graphed["steps"],
                 "evaluation": graphed["evaluation"],
                 "max_relative_loss_difference": diff,

@@ -1,13 +1,19 @@
 # Every finished run → tidy tables, statistics over seeds, published anchors, cost, provenance
 # and charts.
 
+#: each cohort's benchmark file → the directories of its members, who share its seconds
+COHORT_BENCHMARKS = {
+    f"{cohort_dir(c)}.benchmark.tsv": [student_dir(r) for r in c.members]
+    for c in COHORTS
+}
+
 
 rule aggregate:
     input:
         teachers=teacher_metrics(),
         students=student_metrics(),
         benchmarks=benchmarks(),
-        cohort_benchmarks=list(cohort_benchmarks()),
+        cohort_benchmarks=list(COHORT_BENCHMARKS),
         anchors=ANCHORS,
     output:
         runs=report(
@@ -65,7 +71,7 @@ rule aggregate:
     params:
         accuracy=ACCURACY,
         # the runs each cohort's job trained (cohort_size): its seconds are split among them
-        cohort_runs=cohort_benchmarks(),
+        cohort_runs=COHORT_BENCHMARKS,
     script:
         "../scripts/aggregate.py"
 

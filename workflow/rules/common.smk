@@ -90,14 +90,6 @@ def benchmarks():
     return [f"{d}/benchmark.tsv" for d in dirs]
 
 
-def cohort_benchmarks():
-    """Each cohort's benchmark file → the directories of its members, who share its seconds."""
-    return {
-        f"{cohort_dir(c)}.benchmark.tsv": [student_dir(r) for r in c.members]
-        for c in COHORTS
-    }
-
-
 def pair_metrics(wildcards):
     """metrics.json of the pair's students and of the vanilla students they are compared to."""
     return [
