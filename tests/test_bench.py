@@ -124,7 +124,11 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     epochs = tmp_path / "epochs.json"
     epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))
     grid = tmp_path / "grid.json"
-    demo = str(REPO / "config" / "demo.yaml")
+    # the demo without member streams (the cohort row above was trained without them)
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["train"]["cohort_streams"] = False
+    demo = str(tmp_path / "plain.yaml")
+    Path(demo).write_text(yaml.safe_dump(config))
     argv = ["grid", str(epochs), "--config", demo, "--dataset", "digits", "--json", str(grid)]
     assert bench.main([*argv, "--cohort-size", "4"]) == 0
     g = json.loads(grid.read_text())["grid"]
@@ -149,10 +153,7 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     on_streams = {**cohort, "train_seconds": 4.0}
     on_streams["train_config"] = {"cohort_streams": True}
     epochs.write_text(json.dumps({"epochs": [*rows, cohort, on_streams]}))
-    config = yaml.safe_load(Path(demo).read_text())
-    config["train"]["cohort_streams"] = True
-    streams_config = tmp_path / "streams.yaml"
-    streams_config.write_text(yaml.safe_dump(config))
+    streams_config = REPO / "config" / "demo.yaml"  # on by default
     argv[argv.index(demo)] = str(streams_config)
     assert bench.main([*argv, "--cohort-size", "4"]) == 0
     g = json.loads(grid.read_text())["grid"]
@@ -171,8 +172,9 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
 
 
 def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
-    """The README's grid GPU-hours (10.2 one run per GPU, 6.6 with 4 under MPS) from the JSON
-    files of docs/perf, as its command computes them."""
+    """The README's grid GPU-hours (10.2 one run per GPU, 6.6 with 4 under MPS; with the fifth
+    session's files 9.0, 5.8, and 6.5 in cohorts of 8) from the JSON files of docs/perf, as its
+    command computes them."""
     h200 = REPO / "docs" / "perf" / "h200-2026-11-26"
     files = ["s2/epochs56.json", "s2/epochs20.json", "s3/epochs56.json", "s3/epochs20.json"]
     files += ["s3/tucker-pipeline_targets-true.json", "s4/epochs20.json"]
@@ -184,6 +186,17 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     assert g["runs"] == {"teachers": 1, "paraphrasers": 1, "students": 120}
     assert round(g["gpu_hours_total"], 1) == 10.2 and g["runs_per_gpu"] == 4
     assert round(g["gpu_hours_total_concurrent"], 1) == 6.6
+    # with the fifth session's rows (cuDNN autotuning; cohorts of 7 resnet20 students), and in
+    # cohorts of 8 with and without member streams: 9.0, 5.8 with 4 per GPU, 6.5 and 7.3
+    h200_5 = REPO / "docs" / "perf" / "h200-2026-11-27"
+    at = argv.index("--config")  # the files come before the options
+    argv[at:at] = [str(h200_5 / f) for f in ("cohort.json", "kd56.json", "cohort56.json")]
+    for flag, cohorts in (("--cohort-streams", 6.5), ("--no-cohort-streams", 7.3)):
+        assert bench.main([*argv, "--cohort-size", "8", flag]) == 0
+        g = json.loads(out.read_text())["grid"]
+        assert round(g["gpu_hours_total"], 1) == 9.0
+        assert round(g["gpu_hours_total_concurrent"], 1) == 5.8
+        assert round(g["gpu_hours_total_cohorts"], 1) == cohorts and g["cohorts"] == 15
 
 
 def test_timed_epochs_step_the_learning_rate_schedule_as_fit_does(monkeypatch):

@@ -136,12 +136,12 @@ def test_train_cohort_streams_gives_each_member_a_stream_of_its_own():
     kd = methods.get("kd")
     cohort = Cohort([kd(models.build("resnet8", 10, 3), teacher, {}) for _ in "ab"], ["a", "b"])
     cpu = torch.device("cpu")
-    assert cohort.member_streams(cpu) == []  # off by default
-    prepare(cohort, TrainConfig(cohort_streams=True), cpu)
+    assert cohort.member_streams(cpu) == []  # a Cohort's own default: off
+    prepare(cohort, TrainConfig(), cpu)  # the trainer's: on
     streams = cohort.member_streams(cpu)
     assert len(streams) == 2 and streams[0] is not streams[1]
     assert cohort.member_streams(cpu) == streams  # made once
-    prepare(cohort, TrainConfig(), cpu)
+    prepare(cohort, TrainConfig(cohort_streams=False), cpu)
     assert cohort.member_streams(cpu) == []
 
 

@@ -245,9 +245,10 @@ def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():
     assert on.record() == TrainConfig().record()
     changed = TrainConfig(overlap_teacher=False, compile="none", pipeline_targets=False).record()
     assert set(changed) - first_release == {"overlap_teacher", "compile", "pipeline_targets"}
-    # cohort_streams is off by default (since the tenth session of 2026-11-26)
-    assert TrainConfig(cohort_streams=False).record() == TrainConfig().record()
-    assert TrainConfig(cohort_streams=True).record()["cohort_streams"] is True
+    # cohort_streams is on by default (since the fifth H200 session, 2026-11-27): off is
+    # recorded
+    assert TrainConfig(cohort_streams=True).record() == TrainConfig().record()
+    assert TrainConfig(cohort_streams=False).record()["cohort_streams"] is False
 
 
 @pytest.mark.parametrize(

@@ -495,11 +495,11 @@ def bench_epochs(
                     rows.append(
                         (first, student_arch, TrainConfig.from_config({**base, **acc}), label)
                     )
-            if args.cohort or args.cohort_streams:
+            if args.cohort_streams:  # without member streams, then with them
+                for on in (False, True):
+                    rows.append((None, student_arch, replace(cfg, cohort_streams=on), "cohort"))
+            elif args.cohort:  # as the settings say
                 rows.append((None, student_arch, cfg, "cohort"))
-            if args.cohort_streams:  # and each member on a stream of its own
-                streams = replace(cfg, cohort_streams=not cfg.cohort_streams)
-                rows.append((None, student_arch, streams, "cohort"))
             for case, arch, row_cfg, tag in rows:
                 if case is None:  # every chosen method, on one teacher pass per batch
                     labels = [_label(*c) for c in cases]
@@ -816,7 +816,8 @@ def grid_estimate(
     if cohort_size > 0:
         streams = cohort_streams
         if streams is None:
-            streams = bool((cfg.get("train") or {}).get("cohort_streams", False))
+            train = cfg.get("train") or {}
+            streams = bool(train.get("cohort_streams", TrainConfig().cohort_streams))
         saved = cohort_savings(results, streams)
         cohorts = [
             c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
@@ -826,7 +827,11 @@ def grid_estimate(
             raise KdbenchError(
                 f"bench grid: cohorts of {cohort_size} need an `epochs --cohort` row of at least "
                 f"2 taught members with teacher {', '.join(missing)} in the files"
-                + (" trained with cohort_streams (--cohort-streams)" if streams else "")
+                + (
+                    " trained with cohort_streams (--cohort-streams)"
+                    if streams
+                    else " trained without cohort_streams (--no-cohort-streams)"
+                )
             )
         cut = student_epochs * sum((len(c.members) - 1) * saved[c.teacher] for c in cohorts)
         out["cohort_size"] = cohort_size
@@ -1205,13 +1210,14 @@ def _parser() -> argparse.ArgumentParser:
         "--cohort",
         action="store_true",
         help="also train the chosen methods together on one teacher pass per batch "
-        "(kdbench.cohort) and compare with their own rows",
+        "(kdbench.cohort; its members on CUDA streams of their own as train.cohort_streams "
+        "says) and compare with their own rows",
     )
     e.add_argument(
         "--cohort-streams",
         action="store_true",
-        help="--cohort, and the cohort again with train.cohort_streams switched (each member "
-        "on a CUDA stream of its own)",
+        help="--cohort twice: without train.cohort_streams, then with it (each member on a "
+        "CUDA stream of its own)",
     )
     e.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     c = sub.add_parser("concurrent", help="total throughput of N runs sharing one device")

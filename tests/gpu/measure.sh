@@ -3,7 +3,7 @@
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
-# methods spread compile mps overlap mps-jobs profile cudnn cohort.
+# methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -16,16 +16,15 @@
 # cache ($TORCHINDUCTOR_CACHE_DIR) holds the pair's graphs, the first row of a pair about 30 s,
 # and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
-# choose (a KD row of 45,000 images takes over 55 s cold). After the four H200 sessions of
-# 2026-11-26 (their JSON: docs/perf) the open questions are, most telling first: graphs (do
-# a cohort's member streams train as eager steps do?), cohort (how much of the grid a teacher
-# pass shared by the students of a dataset and seed saves, and how much more the member
-# streams; `grid` then needs no other new file: `bench grid` on docs/perf's files plus
-# cohort.json with --cohort-size, on any machine, and --cohort-streams for the streams), cudnn
-# (KD with cuDNN autotuning, the default since the fourth, against without it: does bench
-# epochs confirm the profile's 1.18x, KD <= 2 s?),
-# epochs56 and epochs20 with it, then mps and grid from them, and spread (pipeline_targets
-# and cuDNN autotuning: results within seed noise?).
+# choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
+# took about 55 s cold, its warm-up included). After the five H200 sessions of 2026-11-26 and
+# 27 (their JSON: docs/perf) the open questions are, most telling first: cohort56 (what a
+# resnet56 cohort on member streams saves, and the two recompositions' resnet56 rows that still
+# predate cuDNN autotuning; `bench grid` then takes cohort56.json beside docs/perf's files, on
+# any machine), epochs56 with --methods vanilla (the teacher and vanilla, the grid's other rows
+# from before autotuning), mps again with autotuning, and where the resnet20 recompositions'
+# 0.2-0.3 ms per step over featuremap go (profile, with --row for them); spread (pipeline_targets,
+# cuDNN autotuning and cohort_streams: results within seed noise?).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -50,7 +49,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs profile cudnn cohort}; do
+    overlap mps-jobs profile cudnn cohort cohort56}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -140,6 +139,11 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # (train.cohort_streams: the members' kernels side by side)
     cohort) step cohort 360 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
         --methods "${GRID[@]:1}" --cohort-streams "${sets[@]}" --json "$OUT/cohort.json" ;;
+    # the same on resnet110 -> resnet56, the cohort on member streams only (the default since
+    # the fifth session), the rows the fifth session lost first (its cohort56.json, cut off)
+    cohort56) step cohort56 540 $B epochs --no-reference --epochs 1 --methods \
+        "tucker_recomp student-r32" "tucker_recomp both-r32" "${GRID[@]:1:5}" --cohort \
+        "${sets[@]}" --json "$OUT/cohort56.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
