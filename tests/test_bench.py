@@ -171,6 +171,50 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     assert "trained with cohort_streams (--cohort-streams)" in capsys.readouterr().err
 
 
+def test_bench_grid_with_several_cohorts_per_gpu_from_a_concurrent_cohort_file(tmp_path, capsys):
+    pair = "resnet20:resnet8"
+    labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r16"]
+    labels += ["tucker sample-teacher-r16", "tucker_recomp teacher-r16"]
+    labels += ["tucker_recomp student-r16", "tucker_recomp both-r16"]
+    rows = [{"pair": pair, "method": m, "setting": "default", "epoch_seconds": 2.0} for m in labels]
+    rows.append({"pair": "none:resnet20", "method": "teacher", "setting": "teacher"})
+    rows[-1]["epoch_seconds"] = 3.0
+    cohort = {"pair": pair, "method": "cohort of 2", "setting": "cohort", "train_seconds": 3.0}
+    cohort.update(members=["kd", "featuremap"], members_train_seconds=4.0)
+    cohort["train_config"] = {"cohort_streams": True}
+    epochs = tmp_path / "epochs.json"
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))
+    # 1, 2 and 4 cohorts at once: 1.5x and 1.2x the throughput of one
+    runs = [{"runs": n, "cohort": ["kd", "featuremap"], "throughput_vs_one": t}
+            for n, t in ((1, 1.0), (2, 1.5), (4, 1.2))]  # fmt: skip
+    cohorts = tmp_path / "cohorts.json"
+    cohorts.write_text(json.dumps({"concurrent": runs}))
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"concurrent": [{"runs": 2, "throughput_vs_one": 1.25}]}))
+    grid = tmp_path / "grid.json"
+    argv = ["grid", str(epochs), "--config", str(REPO / "config" / "demo.yaml")]
+    argv += ["--dataset", "digits", "--json", str(grid), "--cohort-size", "4"]
+    assert bench.main([*argv, "--cohort-concurrency", str(cohorts)]) == 0
+    g = json.loads(grid.read_text())["grid"]
+    assert g["cohorts_per_gpu"] == 2
+    assert g["gpu_hours_total_cohorts_concurrent"] == pytest.approx(
+        g["gpu_hours_total_cohorts"] / 1.5
+    )
+    assert "with 2 per GPU" in capsys.readouterr().out.splitlines()[-1]
+    # each file where it belongs, and cohorts to put several of on a GPU: one line otherwise
+    bad = [
+        (["--concurrency", str(cohorts)], "is a `concurrent --cohort` file"),
+        (["--cohort-concurrency", str(plain)], "is not a `concurrent --cohort` file"),
+        (["--cohort-concurrency", str(cohorts), "--cohort-size", "0"], "needs cohorts"),
+    ]
+    for extra, message in bad:
+        assert bench.main([*argv, *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert bench.main([*argv, "--concurrency", str(plain)]) == 0
+    assert json.loads(grid.read_text())["grid"]["runs_per_gpu"] == 2
+
+
 def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     """The README's grid GPU-hours (10.2 one run per GPU, 6.6 with 4 under MPS; with the fifth
     session's files 9.0, 5.8, and 6.5 in cohorts of 8) from the JSON files of docs/perf, as its
@@ -252,6 +296,13 @@ def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
     assert doc["complete"] and [r["runs"] for r in rows] == [1, 2]
     assert rows[0]["throughput_vs_one"] == 1.0
     assert all(r["images_per_second"] > 0 for r in rows)
+    # each run a cohort of two students on one teacher pass, its members on no other row
+    cohorts = tmp_path / "cohorts.json"
+    args[args.index("--runs") + 1 : args.index("--runs") + 3] = ["1"]
+    assert bench.main([*args, "--cohort", "kd", "featuremap", "--json", str(cohorts)]) == 0
+    rows = json.loads(cohorts.read_text())["concurrent"]
+    assert [(r["runs"], r["cohort"]) for r in rows] == [(1, ["kd", "featuremap"])]
+    assert rows[0]["images_per_second"] > 0
     out = tmp_path / "spread.json"
     argv = ["spread", "--device", "cpu", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "2"]
     argv += ["--set", "check_every_step=true"]  # for the fast runs

@@ -179,6 +179,14 @@ def test_bench_epochs_times_a_cohort_against_its_members(tmp_path, capsys):
         assert row["members_train_seconds"] == pytest.approx(total)
         assert row["ratio_to_members"] == pytest.approx(row["train_seconds"] / total)
     assert "its members one by one" in capsys.readouterr().out
+    # the cohort alone (what each run of `concurrent --cohort` trains), on streams by default
+    args[args.index("--cohort-streams")] = "--cohort"
+    assert bench.main([*args, "--only-cohort", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["epochs"]
+    assert row["method"] == "cohort of 2 on streams" and "members_train_seconds" not in row
+    assert bench.main([*args[:-1], "--only-cohort"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("bench epochs: --only-cohort needs --cohort or --cohort-streams")
 
 
 def _digits_runs(tmp_path):

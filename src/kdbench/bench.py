@@ -478,7 +478,7 @@ def bench_epochs(
             teacher_arch, student_arch = pair.split(":")
             torch.manual_seed(1)
             teacher = models.build(teacher_arch, classes, channels)
-            rows = [(c, student_arch, cfg, "") for c in cases]
+            rows = [] if args.only_cohort else [(c, student_arch, cfg, "") for c in cases]
             if args.teachers:
                 rows.insert(0, (("vanilla", {}), teacher_arch, cfg, "teacher"))
             if args.ablation:
@@ -616,7 +616,8 @@ def bench_concurrent(
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Total throughput of N simultaneous ``epochs`` runs on one device, for each N (under an
-    MPS daemon with ``args.mps``); ``progress(partial result)`` is called after each N."""
+    MPS daemon with ``args.mps``): each run trains ``args.method``, or with ``args.cohort``
+    those methods as one cohort; ``progress(partial result)`` is called after each N."""
     if args.mps and device.type != "cuda":
         raise KdbenchError(f"bench concurrent: --mps needs a CUDA device, not {device}")
     rows: list[dict[str, Any]] = []
@@ -636,7 +637,8 @@ def bench_concurrent(
                 "--device",
                 str(device),
                 "--methods",
-                args.method,
+                *(args.cohort or [args.method]),
+                *(["--cohort", "--only-cohort"] if args.cohort else []),
                 "--pair",
                 args.pair,
                 "--dataset",
@@ -673,6 +675,7 @@ def bench_concurrent(
             images = sum(r["train_images"] * r["timed_epochs"] for r in runs)
             row = {
                 "runs": n,
+                **({"cohort": args.cohort} if args.cohort else {}),
                 "mps": env is not None,
                 "wall_seconds": wall,
                 "images_per_second": images / wall,
@@ -683,7 +686,8 @@ def bench_concurrent(
                 row["images_per_second"] / rows[0]["images_per_second"] if rows else 1.0
             )
             print(
-                f"  {n} concurrent: {row['images_per_second']:8.0f} img/s in total "
+                f"  {n} concurrent{' cohorts' if args.cohort else ''}: "
+                f"{row['images_per_second']:8.0f} img/s in total "
                 f"({row['throughput_vs_one']:.2f}× one run), "
                 f"{row['epoch_seconds_per_run']:.2f} s per epoch per run",
                 flush=True,
@@ -736,6 +740,7 @@ def grid_estimate(
     concurrency: Path | None,
     cohort_size: int | None = None,
     cohort_streams: bool | None = None,
+    cohort_concurrency: Path | None = None,
 ) -> dict[str, Any]:
     """GPU-hours of ``dataset``'s whole grid in ``config_path`` from measured epoch seconds
     (training + evaluation): teachers, FT paraphrasers (costed as a featuremap epoch of the
@@ -745,7 +750,9 @@ def grid_estimate(
     With cohorts (``cohort_size``, else the config's), also ``gpu_hours_total_cohorts``: the
     config's cohorts of that size (:func:`kdbench.config.cohorts`), each saving per epoch what
     :func:`cohort_savings` measured for its teacher for every member beyond its first, from
-    rows trained with ``cohort_streams`` (else the config's ``train.cohort_streams``)."""
+    rows trained with ``cohort_streams`` (else the config's ``train.cohort_streams``); with
+    ``cohort_concurrency`` (a ``concurrent --cohort`` file), ``gpu_hours_total_cohorts_concurrent``
+    too: the cohorts with the best measured number of them at once on each GPU."""
     import yaml
 
     from kdbench import config as kdconfig
@@ -809,10 +816,11 @@ def grid_estimate(
         "startup_gpu_hours": startup_hours,
     }
     if concurrency:
-        rows = _rows(concurrency, "concurrent")
-        best = max(rows, key=lambda r: r["throughput_vs_one"])
+        best = _best_concurrency(concurrency, cohorts=False)
         out["runs_per_gpu"] = best["runs"]
         out["gpu_hours_total_concurrent"] = total / 3600 / best["throughput_vs_one"]
+    if cohort_concurrency and cohort_size <= 0:
+        raise KdbenchError("bench grid: --cohort-concurrency needs cohorts (--cohort-size N)")
     if cohort_size > 0:
         streams = cohort_streams
         if streams is None:
@@ -839,6 +847,12 @@ def grid_estimate(
         out["cohorts"] = len(cohorts)
         out["cohort_saving_seconds_per_member_epoch"] = saved
         out["gpu_hours_total_cohorts"] = (total - cut) / 3600
+        if cohort_concurrency:
+            best = _best_concurrency(cohort_concurrency, cohorts=True)
+            out["cohorts_per_gpu"] = best["runs"]
+            out["gpu_hours_total_cohorts_concurrent"] = (
+                out["gpu_hours_total_cohorts"] / best["throughput_vs_one"]
+            )
     print(
         f"\n{dataset} grid of {config_path}: {counts['students']} students, "
         f"{counts['teachers']} teacher(s), {counts['paraphrasers']} paraphraser(s): "
@@ -857,6 +871,12 @@ def grid_estimate(
             f"; {out['gpu_hours_total_cohorts']:.2f} in {out['cohorts']} cohorts of up to "
             f"{cohort_size}, one at a time"
             if "cohorts" in out
+            else ""
+        )
+        + (
+            f", {out['gpu_hours_total_cohorts_concurrent']:.2f} with {out['cohorts_per_gpu']} "
+            "per GPU"
+            if "cohorts_per_gpu" in out
             else ""
         ),
         flush=True,
@@ -1098,6 +1118,19 @@ def _rows(path: str | Path, command: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _best_concurrency(path: Path, cohorts: bool) -> dict[str, Any]:
+    """The row of a ``concurrent --json`` file with the best throughput against one run: of
+    runs of one method (``--concurrency``), or of cohorts (``--cohort-concurrency``)."""
+    rows = _rows(path, "concurrent")
+    if any("cohort" in r for r in rows) != cohorts:
+        raise KdbenchError(
+            f"bench grid: {path} is a `concurrent --cohort` file: pass it as --cohort-concurrency"
+            if not cohorts
+            else f"bench grid: {path} is not a `concurrent --cohort` file (--cohort-concurrency)"
+        )
+    return max(rows, key=lambda r: r["throughput_vs_one"])
+
+
 def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
     results = [r for f in args.files for r in _rows(f, "epochs")]
     return {
@@ -1108,6 +1141,7 @@ def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
             args.concurrency,
             args.cohort_size,
             args.cohort_streams,
+            args.cohort_concurrency,
         )
     }
 
@@ -1219,12 +1253,25 @@ def _parser() -> argparse.ArgumentParser:
         help="--cohort twice: without train.cohort_streams, then with it (each member on a "
         "CUDA stream of its own)",
     )
+    e.add_argument(
+        "--only-cohort",
+        action="store_true",
+        help="with --cohort: time the cohort alone, not its members one by one as well",
+    )
     e.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     c = sub.add_parser("concurrent", help="total throughput of N runs sharing one device")
     _common(c)
     _epoch_args(c)
     c.add_argument("--runs", type=_count, nargs="+", default=[1, 2, 4, 8])
     c.add_argument("--method", default="kd")
+    c.add_argument(
+        "--cohort",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="each run trains these methods as one cohort (kdbench.cohort; its members on "
+        "streams of their own as train.cohort_streams says), instead of --method",
+    )
     c.add_argument("--pair", default=None, help="default as for epochs")
     c.add_argument(
         "--mps",
@@ -1268,6 +1315,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     g.add_argument("--dataset", default="cifar100")
     g.add_argument("--concurrency", type=Path, default=None, help="a `concurrent` JSON")
+    g.add_argument(
+        "--cohort-concurrency",
+        type=Path,
+        default=None,
+        help="a `concurrent --cohort` JSON: also the cohorts with several to a GPU",
+    )
     g.add_argument(
         "--cohort-size",
         type=_natural,
@@ -1319,6 +1372,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("epochs", "concurrent"):
         default_pair = "resnet110:resnet56" if cuda else "resnet20:resnet8"
         if args.command == "epochs":
+            if args.only_cohort and not (args.cohort or args.cohort_streams):
+                raise KdbenchError("bench epochs: --only-cohort needs --cohort or --cohort-streams")
             args.pairs = args.pairs or [default_pair]
             args.reference_steps = args.reference_steps or (40 if cuda else 3)
             if args.reference_workers is None:

@@ -3,7 +3,7 @@
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
-# methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56.
+# methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -18,7 +18,8 @@
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
 # choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
 # took about 55 s cold, its warm-up included). After the five H200 sessions of 2026-11-26 and
-# 27 (their JSON: docs/perf) the open questions are, most telling first: cohort56 (what a
+# 27 (their JSON: docs/perf) the open questions are, most telling first: mps-cohort (do
+# several cohorts to a GPU under MPS save more than one cohort on member streams?), cohort56 (what a
 # resnet56 cohort on member streams saves, and the two recompositions' resnet56 rows that still
 # predate cuDNN autotuning; `bench grid` then takes cohort56.json beside docs/perf's files, on
 # any machine), epochs56 with --methods vanilla (the teacher and vanilla, the grid's other rows
@@ -49,7 +50,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs profile cudnn cohort cohort56}; do
+    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -117,6 +118,8 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
         [ -s "$OUT/mps.json" ] && opts+=(--concurrency "$OUT/mps.json")
         [ -s "$OUT/cohort.json" ] &&
             files+=("$OUT/cohort.json") opts+=(--cohort-size "${COHORT_SIZE:-8}")
+        [ -s "$OUT/cohort.json" ] && [ -s "$OUT/mps-cohort.json" ] &&
+            opts+=(--cohort-concurrency "$OUT/mps-cohort.json")
         step grid 30 $B grid "${files[@]}" "${opts[@]}" --json "$OUT/grid.json"
         # and in cohorts with their members on streams of their own (cohort.json's second row)
         [ -s "$OUT/cohort.json" ] && step grid-streams 30 $B grid "${files[@]}" "${opts[@]}" \
@@ -139,6 +142,12 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # (train.cohort_streams: the members' kernels side by side)
     cohort) step cohort 360 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
         --methods "${GRID[@]:1}" --cohort-streams "${sets[@]}" --json "$OUT/cohort.json" ;;
+    # 1, 2 and 4 cohorts of the grid's 7 taught resnet20 methods at once under an MPS daemon
+    # (each on member streams, the default): does MPS add to what the cohorts save? (`bench
+    # grid --cohort-concurrency` takes the file)
+    mps-cohort) step mps-cohort 360 $B concurrent --mps --runs 1 2 4 --pair resnet110:resnet20 \
+        --train-size 20000 --epochs 1 --cohort "${GRID[@]:1}" "${sets[@]}" \
+        --json "$OUT/mps-cohort.json" ;;
     # the same on resnet110 -> resnet56, the cohort on member streams only (the default since
     # the fifth session), the rows the fifth session lost first (its cohort56.json, cut off)
     cohort56) step cohort56 540 $B epochs --no-reference --epochs 1 --methods \
