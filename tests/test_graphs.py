@@ -56,6 +56,9 @@ def events(monkeypatch):
             capturing.pop()
 
     class Stream:
+        def __init__(self, priority=0):
+            self.priority = priority
+
         def wait_stream(self, other):
             pass
 
@@ -446,6 +449,8 @@ def _run(method, cfg, epochs, step_fn=None):
         ("tucker", {"rank": 4}, "pipeline"),
         ("tucker", {"rank": 4, "decomposition": "sample"}, "pipeline"),
         ("tucker_recomp", {"rank": 4, "target": "both"}, "pipeline"),
+        # and its decomposition on a stream of high priority (train.priority_targets)
+        ("tucker_recomp", {"rank": 4, "target": "both"}, "priority"),
         # several students on one teacher pass per batch (kdbench.cohort)
         ("cohort", {}, "prefetch"),
         ("cohort", {}, "pipeline"),
@@ -459,7 +464,8 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
     """Whole and split graphs, with and without prefetched targets or the teacher's pass
     overlapped, replayed on the CPU by stand-ins that compute: the same weights, bit for bit,
     and the same epoch totals."""
-    prefetch, pipeline = ahead == "prefetch", ahead == "pipeline"
+    prefetch, priority = ahead == "prefetch", ahead == "priority"
+    pipeline = ahead == "pipeline" or priority
     overlap = ahead == "overlap" or pipeline
     assets = {}
     if name == "ft":
@@ -506,7 +512,9 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         nonlocal opts
         opts = o
         run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
-        return graphs.GraphedStep(m, o, run, contextlib.nullcontext, prefetch, overlap, pipeline)
+        return graphs.GraphedStep(
+            m, o, run, contextlib.nullcontext, prefetch, overlap, pipeline, priority
+        )
 
     opts = {}
     totals, step = _run(method, cfg, 2, graphed)
@@ -514,7 +522,10 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
     decomposes = name.startswith("tucker") or name == "cohort"  # the cohort's last member
     want_status = split if decomposes else "whole"
     overlapped = "split, prefetch, overlap" + (", pipeline" if pipeline else "")
+    overlapped += ", priority" if priority else ""
     assert step.status == (overlapped if overlap else want_status)
+    if pipeline:  # a lower number is a higher priority
+        assert step.targets_stream.priority == (-1 if priority else 0)
     assert events.count("replay") > 10
     for k, m in method.trainable().items():
         want, got = eager_method.trainable()[k].state_dict(), m.state_dict()
@@ -627,3 +638,22 @@ def test_graphed_evaluation_gives_the_eager_results_as_the_weights_change(
         # each shape: warmed up on a side stream, captured when it comes again, then replayed
         assert graphed.status == "graphs"
         assert events == ["side", "replay", "side"] + ["replay"] * 6
+
+
+def test_the_run_s_step_takes_its_pipeline_settings_from_the_config(monkeypatch):
+    """kdbench.train.make_step hands GraphedStep the config's switches, priority_targets too
+    (which needs the pipeline, and is off by default)."""
+    from kdbench import train
+
+    monkeypatch.setattr(train, "graphed", lambda device, cfg: True)
+    student, teacher = models.build("resnet8", 10, 1), models.build("resnet8", 10, 1)
+    method = methods.get("tucker")(student, teacher, {"rank": 4})
+    opt = {"student": make_sgd(method.student, TrainConfig(fused=True))}
+    cpu = torch.device("cpu")
+    for settings, pipeline, priority in (
+        ({}, True, False),
+        ({"priority_targets": True}, True, True),
+        ({"priority_targets": True, "pipeline_targets": False}, False, False),
+    ):
+        step = train.make_step(method, opt, cpu, TrainConfig(fused=True, **settings))
+        assert (step.pipeline, step.priority) == (pipeline, priority)

@@ -59,6 +59,10 @@ def test_factors_are_orthonormal_and_full_modes_are_identity():
     # the core is the projection; with the identity batch factor, core row b is sample b's
     assert torch.allclose(core, tucker.project(x, factors), atol=1e-5)
     assert torch.allclose(core[:1], tucker.decompose(x, (8, 5, 4, 3), n_iter=2)[0][:1])
+    # the full modes' identities are made once, not at every decomposition (every step)
+    again = tucker.decompose(torch.randn(8, 16, 4, 4), (8, 5, 4, 3))[1]
+    assert again[0] is factors[0] and again[2] is factors[2] and again[1] is not factors[1]
+    assert tucker.decompose_samplewise(x, (5, 4, 3))[1][1].data_ptr() == factors[2].data_ptr()
 
 
 def test_samplewise_equals_one_decomposition_per_sample():

@@ -47,6 +47,10 @@ and then replays it for every batch of the same shape: one launch instead of a t
   runs the teacher passes back to back while the third runs the decompositions beside them,
   instead of one after the other on one stream (where on a short student step, resnet20's,
   their sum made the step). The same targets for every batch, in the same order.
+* ``priority`` (``train.priority_targets``; with ``pipeline``): the third stream at a higher
+  CUDA priority than the other two, so that the GPU schedules the decomposition's kernels,
+  which the host waits for (``eigh``), before the waiting ones of the student's and the
+  teacher's graphs. The same kernels in the same order on each stream: the same targets.
 
 :class:`GraphedEval` does the same for the evaluation of a batch (see its docstring).
 """
@@ -95,7 +99,8 @@ class GraphedStep:
     """``(xb, yb, upcoming=None, after=None) -> (logits, loss parts, ok)`` from replayed CUDA
     graphs; see the module docstring. ``optimise(forward)`` is the eager step around a forward
     pass, ``autocast()`` the step's autocast context, ``prefetch`` ``train.prefetch_targets``,
-    ``overlap`` ``train.overlap_teacher``, ``pipeline`` ``train.pipeline_targets``."""
+    ``overlap`` ``train.overlap_teacher``, ``pipeline`` ``train.pipeline_targets``,
+    ``priority`` ``train.priority_targets``."""
 
     def __init__(
         self,
@@ -106,6 +111,7 @@ class GraphedStep:
         prefetch: bool = False,
         overlap: bool = False,
         pipeline: bool = False,
+        priority: bool = False,
     ) -> None:
         self.method = method
         self.optimizers = optimizers
@@ -119,6 +125,8 @@ class GraphedStep:
         self.prefetch = (prefetch or self.overlap) and self.mode == "split"
         #: the teacher two batches ahead, the targets one ahead on a third stream
         self.pipeline = pipeline and self.overlap
+        #: the targets' stream at a high priority
+        self.priority = priority and self.pipeline
         #: teacher passes run ahead and not yet turned into targets: (batch, slot, done event)
         self.pending: list[tuple[Tensor, int, Any]] = []
         self.graphs: list[torch.cuda.CUDAGraph] = []
@@ -135,13 +143,15 @@ class GraphedStep:
 
     @property
     def status(self) -> str:
-        """``whole``, ``split``, ``split, prefetch``, ``split, prefetch, overlap`` or ``split,
-        prefetch, overlap, pipeline`` (how steps are captured), or ``eager: <why>``."""
+        """``whole``, ``split``, ``split, prefetch``, ``split, prefetch, overlap``, ``split,
+        prefetch, overlap, pipeline`` or ``split, prefetch, overlap, pipeline, priority`` (how
+        steps are captured), or ``eager: <why>``."""
         if self.disabled:
             return f"eager: {self.disabled}"
         status = f"{self.mode}, prefetch" if self.prefetch else self.mode
         status = f"{status}, overlap" if self.overlap else status
-        return f"{status}, pipeline" if self.pipeline else status
+        status = f"{status}, pipeline" if self.pipeline else status
+        return f"{status}, priority" if self.priority else status
 
     def _why_not(self) -> str | None:
         unfused = [name for name, opt in self.optimizers.items() if not _fused({name: opt})]
@@ -291,7 +301,7 @@ class GraphedStep:
         streams' work and compute each step's targets in it from now on, with one warning."""
         with contextlib.suppress(Exception):  # nothing later may overtake the side streams
             self._drain()
-        self.prefetch = self.overlap = self.pipeline = False
+        self.prefetch = self.overlap = self.pipeline = self.priority = False
         log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
 
     def _teacher_ahead(self, x: Tensor, batches_ready: Any) -> tuple[Tensor, int, Any]:
@@ -374,7 +384,9 @@ class GraphedStep:
                     flat, self.slot_spec = tree_flatten(self.static_teacher)
                     self.slots = [[t.clone() for t in flat] for _ in range(2)]
                     self.slot_read: list[Any] = [None, None]
-                    self.targets_stream = torch.cuda.Stream()
+                    # (a lower number is a higher priority; torch's streams default to 0)
+                    priority = -1 if self.priority else 0
+                    self.targets_stream = torch.cuda.Stream(priority=priority)
                 flat, spec = tree_flatten(self._targets())
                 self.static_targets = [
                     v.clone(memory_format=torch.preserve_format) if isinstance(v, Tensor) else v

@@ -72,6 +72,7 @@ LATER_SETTINGS = (
     "overlap_teacher",
     "pipeline_targets",
     "cohort_streams",
+    "priority_targets",
 )
 
 
@@ -153,6 +154,11 @@ class TrainConfig:
     #: students of resnet110 1.28x (0.53x its members one by one, against 0.68x without)
     #: (H200, README Performance); no effect on a CPU
     cohort_streams: bool = True
+    #: with ``pipeline_targets``, the methods' targets (Tucker's decomposition, which the host
+    #: waits for) on a CUDA stream of high priority, so that the GPU runs their kernels before
+    #: the waiting ones of the student's and teacher's graphs (:mod:`kdbench.graphs`,
+    #: ``priority``); the same targets. Not yet measured on a GPU; no effect on a CPU
+    priority_targets: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -525,6 +531,7 @@ def make_step(
             cfg.prefetch_targets,
             cfg.overlap_teacher,
             cfg.pipeline_targets,
+            cfg.priority_targets,
         )
 
     def step(

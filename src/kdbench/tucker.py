@@ -294,8 +294,18 @@ def _gram(x: Tensor, mode: int, batched: bool) -> Tensor:
     return unfolded @ unfolded.T
 
 
+@functools.cache
+def _eye(n: int, device: torch.device) -> Tensor:
+    """The fp32 identity of order ``n`` on ``device``, made once: a full mode's factor, which
+    nothing writes to (a Tucker step would otherwise make three every step)."""
+    return torch.eye(n, device=device, dtype=torch.float32)
+
+
 def _identity(n: int, like: Tensor, batch: int | None) -> Tensor:
-    eye = torch.eye(n, device=like.device, dtype=torch.float32)
+    if like.is_cuda and torch.cuda.is_current_stream_capturing():  # not from a graph's pool
+        eye = torch.eye(n, device=like.device, dtype=torch.float32)
+    else:
+        eye = _eye(n, like.device)
     return eye if batch is None else eye.expand(batch, n, n)
 
 

@@ -3,7 +3,7 @@
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
-# methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort.
+# methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -18,14 +18,15 @@
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
 # choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
 # took about 55 s cold, its warm-up included). After the five H200 sessions of 2026-11-26 and
-# 27 (their JSON: docs/perf) the open questions are, most telling first: mps-cohort (do
-# several cohorts to a GPU under MPS save more than one cohort on member streams?), cohort56 (what a
-# resnet56 cohort on member streams saves, and the two recompositions' resnet56 rows that still
-# predate cuDNN autotuning; `bench grid` then takes cohort56.json beside docs/perf's files, on
-# any machine), epochs56 with --methods vanilla (the teacher and vanilla, the grid's other rows
-# from before autotuning), mps again with autotuning, and where the resnet20 recompositions'
-# 0.2-0.3 ms per step over featuremap go (profile, with --row for them); spread (pipeline_targets,
-# cuDNN autotuning and cohort_streams: results within seed noise?).
+# 27 (their JSON: docs/perf) the open questions are, most telling first: priority (do the
+# resnet20 recompositions come within 1.05x of featuremap with their decomposition's stream at
+# a high priority?), mps-cohort (do several cohorts to a GPU under MPS save more than one
+# cohort on member streams?), cohort56 (what a resnet56 cohort on member streams saves, and the
+# two recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then
+# takes cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods
+# vanilla (the teacher and vanilla, the grid's other rows from before autotuning), mps again
+# with autotuning; spread (pipeline_targets, cuDNN autotuning and cohort_streams: results within
+# seed noise?).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -50,7 +51,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort}; do
+    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -142,6 +143,16 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # (train.cohort_streams: the members' kernels side by side)
     cohort) step cohort 360 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
         --methods "${GRID[@]:1}" --cohort-streams "${sets[@]}" --json "$OUT/cohort.json" ;;
+    # the resnet20 Tucker rows over featuremap with the decomposition's stream at a high
+    # priority (train.priority_targets), after the graphs check with it, then without it
+    priority) step graphs-priority 60 $B graphs --set priority_targets=true \
+            --json "$OUT/graphs-priority.json"
+        for on in true false; do
+            step "priority-$on" 200 $B epochs --no-reference --epochs 1 \
+                --pair resnet110:resnet20 --methods featuremap "tucker full-teacher-r32" \
+                "tucker_recomp teacher-r32" "tucker_recomp both-r32" "${sets[@]}" \
+                --set priority_targets=$on --json "$OUT/priority-$on.json"
+        done ;;
     # 1, 2 and 4 cohorts of the grid's 7 taught resnet20 methods at once under an MPS daemon
     # (each on member streams, the default): does MPS add to what the cohorts save? (`bench
     # grid --cohort-concurrency` takes the file)
