@@ -171,6 +171,48 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     assert "trained with cohort_streams (--cohort-streams)" in capsys.readouterr().err
 
 
+def test_bench_grid_costs_a_mixed_cohort_with_each_member_s_own_pair(tmp_path):
+    """config.yaml's cohorts of 8 hold resnet56 and resnet20 students of resnet110 (19 taught
+    per pair and seed, in config order: 8, 8, 3 + 5, 8, 6): each member saves what its pair's
+    cohort row saved (else the teacher's mean), all but the one that would save most."""
+    from kdbench import config as kdconfig
+
+    labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32"]
+    labels += [f"tucker_recomp {t}-r32" for t in ("teacher", "student", "both")]
+    rows = [{"pair": "none:resnet110", "method": "teacher", "setting": "teacher"}]
+    rows[0]["epoch_seconds"] = 3.0
+    for student in ("resnet56", "resnet20"):
+        pair = f"resnet110:{student}"
+        rows += [{"pair": pair, "method": m, "setting": "default", "epoch_seconds": 2.0}
+                 for m in labels]  # fmt: skip
+
+    def cohort(student, saving):  # 3 taught members: 2 of them save `saving` each
+        row = {"pair": f"resnet110:{student}", "method": "cohort of 3", "setting": "cohort"}
+        row.update(members=["kd", "featuremap", "ft"], members_train_seconds=6.0)
+        row.update(train_seconds=6.0 - 2 * saving, train_config={"cohort_streams": True})
+        return row
+
+    config = REPO / "config" / "config.yaml"
+    resolved = kdconfig.resolve(yaml.safe_load(config.read_text()))
+    epochs_per_run = int(kdconfig.train_params(resolved, "student")["epochs"])
+    epochs, grid = tmp_path / "epochs.json", tmp_path / "grid.json"
+    argv = ["grid", str(epochs), "--config", str(config), "--json", str(grid)]
+    argv += ["--cohort-size", "8", "--cohort-streams"]
+    for cohorts, cut in (
+        ([cohort("resnet20", 1.0)], 7 + 7 + 7 + 7 + 5),  # resnet20's saving for all
+        ([cohort("resnet20", 1.0), cohort("resnet56", 2.0)], 14 + 14 + (3 * 2 + 5 - 2) + 7 + 5),
+    ):
+        epochs.write_text(json.dumps({"epochs": [*rows, *cohorts]}))
+        assert bench.main(argv) == 0
+        g = json.loads(grid.read_text())["grid"]
+        assert g["cohorts"] == 15
+        saved = g["gpu_hours_total"] - g["gpu_hours_total_cohorts"]
+        assert saved == pytest.approx(3 * cut * epochs_per_run / 3600)  # 3 seeds
+    assert g["cohort_saving_seconds_per_member_epoch"] == {"resnet110": 1.5}
+    by_pair = g["cohort_saving_seconds_per_member_epoch_by_pair"]
+    assert by_pair == {"resnet110:resnet20": 1.0, "resnet110:resnet56": 2.0}
+
+
 def test_bench_grid_with_several_cohorts_per_gpu_from_a_concurrent_cohort_file(tmp_path, capsys):
     pair = "resnet20:resnet8"
     labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r16"]

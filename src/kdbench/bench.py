@@ -713,13 +713,17 @@ def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str)
     )
 
 
-def cohort_savings(results: list[dict[str, Any]], streams: bool = False) -> dict[str, float]:
-    """Per teacher architecture, the training seconds per epoch that a cohort saves for each
-    member beyond the first that learns from the teacher (the teacher's pass and the shared
-    decompositions done once; with ``streams``, the members run side by side as well), from
-    ``epochs --cohort`` rows trained with ``train.cohort_streams`` = ``streams``: their members'
-    seconds one by one less the cohort's, over those members less one; the mean where several
-    rows have one."""
+def cohort_savings(
+    results: list[dict[str, Any]], streams: bool = False, by: str = "teacher"
+) -> dict[str, float]:
+    """Per teacher architecture (``by="pair"``: per ``teacher:student`` pair), the training
+    seconds per epoch that a cohort saves for each member beyond the first that learns from the
+    teacher (the teacher's pass and the shared decompositions done once; with ``streams``, the
+    members run side by side as well), from ``epochs --cohort`` rows trained with
+    ``train.cohort_streams`` = ``streams``: their members' seconds one by one less the
+    cohort's, over those members less one; the mean where several rows have one."""
+    if by not in ("teacher", "pair"):
+        raise ValueError(f"cohort_savings: by must be 'teacher' or 'pair', not {by!r}")
     saved: dict[str, list[float]] = {}
     for r in results:
         if r.get("setting") != "cohort" or "members_train_seconds" not in r:
@@ -729,7 +733,8 @@ def cohort_savings(results: list[dict[str, Any]], streams: bool = False) -> dict
         taught = [m for m in r["members"] if methods.get(m.split()[0]).needs_teacher]
         if len(taught) > 1:
             gain = r["members_train_seconds"] - r["train_seconds"]
-            saved.setdefault(r["pair"].split(":")[0], []).append(gain / (len(taught) - 1))
+            key = r["pair"] if by == "pair" else r["pair"].split(":")[0]
+            saved.setdefault(key, []).append(gain / (len(taught) - 1))
     return {teacher: sum(v) / len(v) for teacher, v in saved.items()}
 
 
@@ -749,10 +754,11 @@ def grid_estimate(
     capture) as its row's warm-up took beyond the epochs it ran, where every row recorded one.
     With cohorts (``cohort_size``, else the config's), also ``gpu_hours_total_cohorts``: the
     config's cohorts of that size (:func:`kdbench.config.cohorts`), each saving per epoch what
-    :func:`cohort_savings` measured for its teacher for every member beyond its first, from
-    rows trained with ``cohort_streams`` (else the config's ``train.cohort_streams``); with
-    ``cohort_concurrency`` (a ``concurrent --cohort`` file), ``gpu_hours_total_cohorts_concurrent``
-    too: the cohorts with the best measured number of them at once on each GPU."""
+    :func:`cohort_savings` measured for each member's pair (else for its teacher) for every
+    member but the one that would save most, from rows trained with ``cohort_streams`` (else
+    the config's ``train.cohort_streams``); with ``cohort_concurrency`` (a ``concurrent
+    --cohort`` file), ``gpu_hours_total_cohorts_concurrent`` too: the cohorts with the best
+    measured number of them at once on each GPU."""
     import yaml
 
     from kdbench import config as kdconfig
@@ -841,11 +847,20 @@ def grid_estimate(
                     else " trained without cohort_streams (--no-cohort-streams)"
                 )
             )
-        cut = student_epochs * sum((len(c.members) - 1) * saved[c.teacher] for c in cohorts)
+        by_pair = cohort_savings(results, streams, by="pair")
+
+        def saving(run: kdconfig.StudentRun) -> float:  # the pair's, else the teacher's
+            return by_pair.get(f"{run.teacher}:{run.student}", saved[run.teacher])
+
+        # every member but one saves: the one that would save most, if they differ, pays
+        cut = student_epochs * sum(
+            sum(map(saving, c.members)) - max(map(saving, c.members)) for c in cohorts
+        )
         out["cohort_size"] = cohort_size
         out["cohort_streams"] = streams
         out["cohorts"] = len(cohorts)
         out["cohort_saving_seconds_per_member_epoch"] = saved
+        out["cohort_saving_seconds_per_member_epoch_by_pair"] = by_pair
         out["gpu_hours_total_cohorts"] = (total - cut) / 3600
         if cohort_concurrency:
             best = _best_concurrency(cohort_concurrency, cohorts=True)
