@@ -735,7 +735,7 @@ def cohort_savings(
             gain = r["members_train_seconds"] - r["train_seconds"]
             key = r["pair"] if by == "pair" else r["pair"].split(":")[0]
             saved.setdefault(key, []).append(gain / (len(taught) - 1))
-    return {teacher: sum(v) / len(v) for teacher, v in saved.items()}
+    return {key: sum(v) / len(v) for key, v in saved.items()}
 
 
 def grid_estimate(
