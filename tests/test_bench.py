@@ -109,14 +109,21 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     assert json.loads(grid.read_text())["grid"]["startup_gpu_hours"] is None
 
 
-def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, capsys):
-    pair = "resnet20:resnet8"
+def _demo_rows(pair: str) -> list[dict]:
+    """`epochs` rows of every variant of the demo's grid for ``pair`` (2 s per epoch) and of
+    its teacher, resnet20 (3 s)."""
     labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r16"]
     labels += ["tucker sample-teacher-r16", "tucker_recomp teacher-r16"]
     labels += ["tucker_recomp student-r16", "tucker_recomp both-r16"]
     rows = [{"pair": pair, "method": m, "setting": "default", "epoch_seconds": 2.0} for m in labels]
     rows.append({"pair": "none:resnet20", "method": "teacher", "setting": "teacher"})
     rows[-1]["epoch_seconds"] = 3.0
+    return rows
+
+
+def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, capsys):
+    pair = "resnet20:resnet8"
+    rows = _demo_rows(pair)
     # vanilla, kd and featuremap: 6 s one by one, 5 s in a cohort; 2 of them learn from the
     # teacher, so each taught member beyond the first saves 1 s per epoch
     cohort = {"pair": pair, "method": "cohort of 3", "setting": "cohort", "train_seconds": 5.0}
@@ -215,12 +222,7 @@ def test_bench_grid_costs_a_mixed_cohort_with_each_member_s_own_pair(tmp_path):
 
 def test_bench_grid_with_several_cohorts_per_gpu_from_a_concurrent_cohort_file(tmp_path, capsys):
     pair = "resnet20:resnet8"
-    labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r16"]
-    labels += ["tucker sample-teacher-r16", "tucker_recomp teacher-r16"]
-    labels += ["tucker_recomp student-r16", "tucker_recomp both-r16"]
-    rows = [{"pair": pair, "method": m, "setting": "default", "epoch_seconds": 2.0} for m in labels]
-    rows.append({"pair": "none:resnet20", "method": "teacher", "setting": "teacher"})
-    rows[-1]["epoch_seconds"] = 3.0
+    rows = _demo_rows(pair)
     cohort = {"pair": pair, "method": "cohort of 2", "setting": "cohort", "train_seconds": 3.0}
     cohort.update(members=["kd", "featuremap"], members_train_seconds=4.0)
     cohort["train_config"] = {"cohort_streams": True}
