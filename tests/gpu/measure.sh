@@ -119,12 +119,13 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
         [ -s "$OUT/mps.json" ] && opts+=(--concurrency "$OUT/mps.json")
         [ -s "$OUT/cohort.json" ] &&
             files+=("$OUT/cohort.json") opts+=(--cohort-size "${COHORT_SIZE:-8}")
+        # and in cohorts without member streams (cohort.json's first row; the default, and
+        # mps-cohort's cohorts, have them)
+        [ -s "$OUT/cohort.json" ] && step grid-plain 30 $B grid "${files[@]}" "${opts[@]}" \
+            --no-cohort-streams --json "$OUT/grid-plain.json"
         [ -s "$OUT/cohort.json" ] && [ -s "$OUT/mps-cohort.json" ] &&
             opts+=(--cohort-concurrency "$OUT/mps-cohort.json")
-        step grid 30 $B grid "${files[@]}" "${opts[@]}" --json "$OUT/grid.json"
-        # and in cohorts with their members on streams of their own (cohort.json's second row)
-        [ -s "$OUT/cohort.json" ] && step grid-streams 30 $B grid "${files[@]}" "${opts[@]}" \
-            --cohort-streams --json "$OUT/grid-streams.json" ;;
+        step grid 30 $B grid "${files[@]}" "${opts[@]}" --json "$OUT/grid.json" ;;
     # KD uncompiled (train.compile: none), against the compiled default of epochs56: what
     # torch.compile adds on top of the graphs (compiled steps captured as CUDA graphs)
     compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
