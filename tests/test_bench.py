@@ -109,16 +109,22 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
     assert json.loads(grid.read_text())["grid"]["startup_gpu_hours"] is None
 
 
+def _grid_rows(pairs: list[str], labels: list[str]) -> list[dict]:
+    """`epochs` rows of ``labels`` for each of ``pairs`` (2 s per epoch) and of their teacher
+    (3 s)."""
+    rows = [{"pair": p, "method": m, "setting": "default", "epoch_seconds": 2.0}
+            for p in pairs for m in labels]  # fmt: skip
+    teacher = pairs[0].split(":")[0]
+    return [*rows, {"pair": f"none:{teacher}", "method": "teacher", "setting": "teacher",
+                    "epoch_seconds": 3.0}]  # fmt: skip
+
+
 def _demo_rows(pair: str) -> list[dict]:
-    """`epochs` rows of every variant of the demo's grid for ``pair`` (2 s per epoch) and of
-    its teacher, resnet20 (3 s)."""
+    """`epochs` rows of every variant of the demo's grid for ``pair`` and its teacher."""
     labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r16"]
     labels += ["tucker sample-teacher-r16", "tucker_recomp teacher-r16"]
     labels += ["tucker_recomp student-r16", "tucker_recomp both-r16"]
-    rows = [{"pair": pair, "method": m, "setting": "default", "epoch_seconds": 2.0} for m in labels]
-    rows.append({"pair": "none:resnet20", "method": "teacher", "setting": "teacher"})
-    rows[-1]["epoch_seconds"] = 3.0
-    return rows
+    return _grid_rows([pair], labels)
 
 
 def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, capsys):
@@ -186,12 +192,7 @@ def test_bench_grid_costs_a_mixed_cohort_with_each_member_s_own_pair(tmp_path):
 
     labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32"]
     labels += [f"tucker_recomp {t}-r32" for t in ("teacher", "student", "both")]
-    rows = [{"pair": "none:resnet110", "method": "teacher", "setting": "teacher"}]
-    rows[0]["epoch_seconds"] = 3.0
-    for student in ("resnet56", "resnet20"):
-        pair = f"resnet110:{student}"
-        rows += [{"pair": pair, "method": m, "setting": "default", "epoch_seconds": 2.0}
-                 for m in labels]  # fmt: skip
+    rows = _grid_rows(["resnet110:resnet56", "resnet110:resnet20"], labels)
 
     def cohort(student, saving):  # 3 taught members: 2 of them save `saving` each
         row = {"pair": f"resnet110:{student}", "method": "cohort of 3", "setting": "cohort"}

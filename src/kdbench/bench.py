@@ -853,9 +853,8 @@ def grid_estimate(
             return by_pair.get(f"{run.teacher}:{run.student}", saved[run.teacher])
 
         # every member but one saves: the one that would save most, if they differ, pays
-        cut = student_epochs * sum(
-            sum(map(saving, c.members)) - max(map(saving, c.members)) for c in cohorts
-        )
+        each = [[saving(m) for m in c.members] for c in cohorts]
+        cut = student_epochs * sum(sum(s) - max(s) for s in each)
         out["cohort_size"] = cohort_size
         out["cohort_streams"] = streams
         out["cohorts"] = len(cohorts)
