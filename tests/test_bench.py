@@ -182,6 +182,32 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))  # none trained with it
     assert bench.main([*argv, "--cohort-size", "4"]) == 1
     assert "trained with cohort_streams (--cohort-streams)" in capsys.readouterr().err
+    # the rows trained with train.cohort_stack: only with --cohort-stack or the config's
+    # cohort_stack
+    stacked = {**on_streams, "train_seconds": 3.0}
+    stacked["train_config"] = {"cohort_streams": True, "cohort_stack": True}
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort, on_streams, stacked]}))
+    config = yaml.safe_load(streams_config.read_text())
+    config["train"]["cohort_stack"] = True
+    stack_config = tmp_path / "stacked.yaml"
+    stack_config.write_text(yaml.safe_dump(config))
+    stack_argv = [*argv, "--cohort-size", "4"]
+    stack_argv[stack_argv.index(str(streams_config))] = str(stack_config)
+    for call, stack, saving in (
+        ([*argv, "--cohort-size", "4"], False, 2.0),
+        ([*argv, "--cohort-size", "4", "--cohort-stack"], True, 3.0),
+        (stack_argv, True, 3.0),
+        ([*stack_argv, "--no-cohort-stack"], False, 2.0),
+    ):
+        assert bench.main(call) == 0
+        g = json.loads(grid.read_text())["grid"]
+        assert g["cohort_stack"] is stack
+        assert g["cohort_saving_seconds_per_member_epoch"] == {"resnet20": saving}
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort, on_streams]}))
+    assert bench.main(stack_argv) == 1
+    assert "with cohort_streams (--cohort-streams) and cohort_stack (--cohort-stack)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_bench_grid_costs_a_mixed_cohort_with_each_member_s_own_pair(tmp_path):

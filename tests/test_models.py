@@ -94,3 +94,33 @@ def test_folded_batchnorm_gives_the_same_outputs_with_fewer_kernels():
     with torch.inference_mode():
         logits = half(x.bfloat16())[-1].float()
     torch.testing.assert_close(logits, want[-1], rtol=0.1, atol=0.1)
+
+
+def test_a_stack_computes_each_student_from_its_own_weights():
+    torch.manual_seed(0)
+    students = [models.build("resnet8", 10, 1) for _ in range(3)]
+    state = torch.get_rng_state()
+    stacked = models.stack(students)
+    assert torch.equal(torch.get_rng_state(), state)  # the global random state is not used
+    conv = stacked.layer2[0].conv1
+    assert conv.groups == 3 and conv.weight.shape == (3 * 32, 16, 3, 3)
+    assert stacked.linear.weight.shape == (3, 10, 64)
+    assert models.num_parameters(stacked) == 3 * models.num_parameters(students[0])
+    x = torch.rand(5, 1, 12, 12)
+    outs = models.unstacked(stacked(x), 3)  # training mode: batch statistics
+    for student, share in zip(students, outs, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(student(x), share, strict=True))
+    # a gradient of one student's loss reaches that student's share of the stack alone
+    outs[1][-1].sum().backward()
+    grad = stacked.layer3[0].conv2.weight.grad
+    assert grad[:64].abs().sum() == grad[128:].abs().sum() == 0 and grad[64:128].abs().sum() > 0
+    for i, student in enumerate(students):
+        models.alias(stacked, student, i)
+    assert torch.equal(students[2].bn1.running_mean, stacked.bn1.running_mean[32:])
+    with torch.no_grad():
+        stacked.linear.weight[2].zero_()
+    assert students[2].linear.weight.abs().sum() == 0 < students[1].linear.weight.abs().sum()
+    with pytest.raises(KdbenchError, match="one architecture and dataset"):
+        models.stack([students[0], models.build("resnet20", 10, 1)])
+    with pytest.raises(KdbenchError, match="two or more CIFAR ResNets"):
+        models.stack(students[:1])

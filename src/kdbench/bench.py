@@ -495,11 +495,14 @@ def bench_epochs(
                     rows.append(
                         (first, student_arch, TrainConfig.from_config({**base, **acc}), label)
                     )
+            plain = replace(cfg, cohort_stack=False) if args.cohort_stack else cfg
             if args.cohort_streams:  # without member streams, then with them
                 for on in (False, True):
-                    rows.append((None, student_arch, replace(cfg, cohort_streams=on), "cohort"))
-            elif args.cohort:  # as the settings say
-                rows.append((None, student_arch, cfg, "cohort"))
+                    rows.append((None, student_arch, replace(plain, cohort_streams=on), "cohort"))
+            elif args.cohort or args.cohort_stack:  # as the settings say
+                rows.append((None, student_arch, plain, "cohort"))
+            if args.cohort_stack:  # and stacked
+                rows.append((None, student_arch, replace(cfg, cohort_stack=True), "cohort"))
             for case, arch, row_cfg, tag in rows:
                 if case is None:  # every chosen method, on one teacher pass per batch
                     labels = [_label(*c) for c in cases]
@@ -546,8 +549,13 @@ def bench_epochs(
 
 
 def _cohort_name(members: int, cfg: TrainConfig) -> str:
-    """A cohort row's method: ``cohort of N``, and ``on streams`` with ``cfg.cohort_streams``."""
-    return f"cohort of {members}" + (" on streams" if cfg.cohort_streams else "")
+    """A cohort row's method: ``cohort of N``, and ``on streams`` with ``cfg.cohort_streams``,
+    ``stacked`` with ``cfg.cohort_stack``."""
+    return (
+        f"cohort of {members}"
+        + (" on streams" if cfg.cohort_streams else "")
+        + (", stacked" if cfg.cohort_stack else "")
+    )
 
 
 def _cohort_ratio(
@@ -714,21 +722,25 @@ def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str)
 
 
 def cohort_savings(
-    results: list[dict[str, Any]], streams: bool = False, by: str = "teacher"
+    results: list[dict[str, Any]], streams: bool = False, by: str = "teacher", stack: bool = False
 ) -> dict[str, float]:
     """Per teacher architecture (``by="pair"``: per ``teacher:student`` pair), the training
     seconds per epoch that a cohort saves for each member beyond the first that learns from the
     teacher (the teacher's pass and the shared decompositions done once; with ``streams``, the
     members run side by side as well), from ``epochs --cohort`` rows trained with
-    ``train.cohort_streams`` = ``streams``: their members' seconds one by one less the
-    cohort's, over those members less one; the mean where several rows have one."""
+    ``train.cohort_streams`` = ``streams`` and ``train.cohort_stack`` = ``stack``: their
+    members' seconds one by one less the cohort's, over those members less one; the mean where
+    several rows have one."""
     if by not in ("teacher", "pair"):
         raise ValueError(f"cohort_savings: by must be 'teacher' or 'pair', not {by!r}")
     saved: dict[str, list[float]] = {}
     for r in results:
         if r.get("setting") != "cohort" or "members_train_seconds" not in r:
             continue
-        if bool(r.get("train_config", {}).get("cohort_streams")) != streams:
+        row_cfg = r.get("train_config", {})
+        if bool(row_cfg.get("cohort_streams")) != streams:
+            continue
+        if bool(row_cfg.get("cohort_stack")) != stack:
             continue
         taught = [m for m in r["members"] if methods.get(m.split()[0]).needs_teacher]
         if len(taught) > 1:
@@ -746,6 +758,7 @@ def grid_estimate(
     cohort_size: int | None = None,
     cohort_streams: bool | None = None,
     cohort_concurrency: Path | None = None,
+    cohort_stack: bool | None = None,
 ) -> dict[str, Any]:
     """GPU-hours of ``dataset``'s whole grid in ``config_path`` from measured epoch seconds
     (training + evaluation): teachers, FT paraphrasers (costed as a featuremap epoch of the
@@ -755,10 +768,11 @@ def grid_estimate(
     With cohorts (``cohort_size``, else the config's), also ``gpu_hours_total_cohorts``: the
     config's cohorts of that size (:func:`kdbench.config.cohorts`), each saving per epoch what
     :func:`cohort_savings` measured for each member's pair (else for its teacher) for every
-    member but the one that would save most, from rows trained with ``cohort_streams`` (else
-    the config's ``train.cohort_streams``); with ``cohort_concurrency`` (a ``concurrent
-    --cohort`` file), ``gpu_hours_total_cohorts_concurrent`` too: the cohorts with the best
-    measured number of them at once on each GPU."""
+    member but the one that would save most, from rows trained with ``cohort_streams`` and
+    ``cohort_stack`` (else the config's ``train.cohort_streams`` and ``train.cohort_stack``);
+    with ``cohort_concurrency`` (a ``concurrent --cohort`` file),
+    ``gpu_hours_total_cohorts_concurrent`` too: the cohorts with the best measured number of
+    them at once on each GPU."""
     import yaml
 
     from kdbench import config as kdconfig
@@ -828,11 +842,13 @@ def grid_estimate(
     if cohort_concurrency and cohort_size <= 0:
         raise KdbenchError("bench grid: --cohort-concurrency needs cohorts (--cohort-size N)")
     if cohort_size > 0:
-        streams = cohort_streams
+        train = cfg.get("train") or {}
+        streams, stack = cohort_streams, cohort_stack
         if streams is None:
-            train = cfg.get("train") or {}
             streams = bool(train.get("cohort_streams", TrainConfig().cohort_streams))
-        saved = cohort_savings(results, streams)
+        if stack is None:
+            stack = bool(train.get("cohort_stack", TrainConfig().cohort_stack))
+        saved = cohort_savings(results, streams, stack=stack)
         cohorts = [
             c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
         ]
@@ -846,8 +862,13 @@ def grid_estimate(
                     if streams
                     else " trained without cohort_streams (--no-cohort-streams)"
                 )
+                + (
+                    " and cohort_stack (--cohort-stack)"
+                    if stack
+                    else " and without cohort_stack (--no-cohort-stack)"
+                )
             )
-        by_pair = cohort_savings(results, streams, by="pair")
+        by_pair = cohort_savings(results, streams, by="pair", stack=stack)
 
         def saving(run: kdconfig.StudentRun) -> float:  # the pair's, else the teacher's
             return by_pair.get(f"{run.teacher}:{run.student}", saved[run.teacher])
@@ -857,6 +878,7 @@ def grid_estimate(
         cut = student_epochs * sum(sum(s) - max(s) for s in each)
         out["cohort_size"] = cohort_size
         out["cohort_streams"] = streams
+        out["cohort_stack"] = stack
         out["cohorts"] = len(cohorts)
         out["cohort_saving_seconds_per_member_epoch"] = saved
         out["cohort_saving_seconds_per_member_epoch_by_pair"] = by_pair
@@ -1156,6 +1178,7 @@ def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
             args.cohort_size,
             args.cohort_streams,
             args.cohort_concurrency,
+            args.cohort_stack,
         )
     }
 
@@ -1268,6 +1291,13 @@ def _parser() -> argparse.ArgumentParser:
         "CUDA stream of its own)",
     )
     e.add_argument(
+        "--cohort-stack",
+        action="store_true",
+        help="--cohort unstacked (or --cohort-streams' two rows), then once more with "
+        "train.cohort_stack (the students of one architecture as one network of grouped "
+        "convolutions)",
+    )
+    e.add_argument(
         "--only-cohort",
         action="store_true",
         help="with --cohort: time the cohort alone, not its members one by one as well",
@@ -1350,6 +1380,14 @@ def _parser() -> argparse.ArgumentParser:
         "trained so (`epochs --cohort-streams`), or not (default: the config's "
         "train.cohort_streams)",
     )
+    g.add_argument(
+        "--cohort-stack",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the cohorts' students of one architecture as one network, from the rows "
+        "trained so (`epochs --cohort-stack`), or not (default: the config's "
+        "train.cohort_stack)",
+    )
     g.add_argument("--json", type=Path, default=None)
     g.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     m = sub.add_parser(
@@ -1386,8 +1424,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("epochs", "concurrent"):
         default_pair = "resnet110:resnet56" if cuda else "resnet20:resnet8"
         if args.command == "epochs":
-            if args.only_cohort and not (args.cohort or args.cohort_streams):
-                raise KdbenchError("bench epochs: --only-cohort needs --cohort or --cohort-streams")
+            if args.only_cohort and not (args.cohort or args.cohort_streams or args.cohort_stack):
+                raise KdbenchError(
+                    "bench epochs: --only-cohort needs --cohort, --cohort-streams or --cohort-stack"
+                )
             args.pairs = args.pairs or [default_pair]
             args.reference_steps = args.reference_steps or (40 if cuda else 3)
             if args.reference_workers is None:

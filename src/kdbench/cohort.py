@@ -21,6 +21,16 @@ members' kernels side by side, as it runs separate processes' under MPS. Each me
 same kernels in the same order as without streams. On a CPU the streams are torch's no-op
 stand-ins.
 
+With ``stack`` (``train.cohort_stack``) the members' students of one architecture (two or more)
+become one network (:func:`kdbench.models.stack`): each convolution grouped, one group per
+student, so that a layer of all of them is one kernel instead of one per student. The stack
+holds the weights and is what trains (one optimizer for all its students: they share the
+recipe, and SGD's update is elementwise); each member's student keeps its modules, its weights
+pointing at its share of the stack's (:func:`kdbench.models.alias`), so that it is evaluated and
+saved as before. A member's loss reads its share of the stack's outputs
+(:meth:`Method.student_outputs`), and its gradients still come from its own loss alone. On CPU
+a stacked cohort's members train to their own runs' weights up to rounding (tested).
+
 ``python -m kdbench.bench epochs --cohort`` times a cohort of the chosen methods against their
 runs one by one (README, Performance).
 """
@@ -34,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from kdbench import models
 from kdbench.errors import KdbenchError
 from kdbench.methods.base import Method, sharing
 
@@ -59,22 +70,75 @@ class Cohort(Method):
         #: each member's forward (and so backward) pass on a stream of its own
         self.streams = streams
         self._streams: tuple[torch.device, list[Any]] | None = None
+        #: the stacks of the members' students (:meth:`set_stack`) and each one's members
+        self.stacks = nn.ModuleList()
+        self._stacked: list[list[int]] = []
 
     def students(self) -> list[nn.Module]:
         return [m.student for m in self.members]
+
+    def compiled(self) -> list[nn.Module]:
+        return [*self.stacks, *self.students()]
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the members' students train as stacks (:meth:`set_stack`)."""
+        return bool(self._stacked)
+
+    def set_stack(self, on: bool) -> None:
+        """Train the students of each architecture that two or more members share as one
+        stack (see the module docstring), or, with ``on`` false, each on its own again (its
+        weights copied out of the stack). Call it before the optimizers are made."""
+        if on == self.stacked:
+            return
+        if not on:
+            for m in self.members:
+                for t in [*m.student.parameters(), *m.student.buffers()]:
+                    t.data = t.detach().clone()
+            self.stacks, self._stacked = nn.ModuleList(), []
+            return
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, m in enumerate(self.members):
+            s = m.student
+            if type(s) is models.CifarResNet and s.n == 1:
+                key = (s.blocks, s.linear.out_features, s.conv1.in_channels)
+                groups.setdefault(key, []).append(i)
+        self._stacked = [group for group in groups.values() if len(group) > 1]
+        self.stacks = nn.ModuleList(
+            models.stack([self.members[i].student for i in group]) for group in self._stacked
+        )
+        self._alias()
+
+    def _alias(self) -> None:
+        """Point each stacked student's weights at its share of its stack's (again: moving or
+        converting modules gives them tensors of their own)."""
+        for stack, group in zip(self.stacks, self._stacked, strict=True):
+            for j, i in enumerate(group):
+                models.alias(stack, self.members[i].student, j)
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Cohort:
+        super()._apply(*args, **kwargs)
+        self._alias()
+        return self
 
     def to(self, *args: Any, **kwargs: Any) -> Cohort:  # type: ignore[override]
         super().to(*args, **kwargs)
         for m in self.members:  # what a member keeps outside its modules (FT's paraphraser)
             m.to(*args, **kwargs)
+        self._alias()
         return self
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {
+        """The stacks first (``stack<k>/student``), then every member's modules but a stacked
+        student, ``<label>/<key>``."""
+        stacked = {i for group in self._stacked for i in group}
+        own = {
             f"{label}/{key}": module
-            for label, m in zip(self.labels, self.members, strict=True)
+            for i, (label, m) in enumerate(zip(self.labels, self.members, strict=True))
             for key, module in m.trainable().items()
+            if not (key == "student" and i in stacked)
         }
+        return {**{f"stack{k}/student": s for k, s in enumerate(self.stacks)}, **own}
 
     def graph_mode(self) -> str:
         modes = {m.graph_mode() for m in self.members}
@@ -97,6 +161,7 @@ class Cohort(Method):
         parts, ``<label>/<part>``."""
         parts: dict[str, Tensor] = {}
         logits = []
+        given = self.stack_outputs(x)
         streams = self.member_streams(x.device)
         backend = torch.get_device_module(x.device)
         main = backend.current_stream() if streams else None
@@ -107,10 +172,14 @@ class Cohort(Method):
             if streams:
                 streams[i].wait_stream(main)  # the inputs and targets, made on the step's stream
             if crossing:  # read on the member's stream, in its backward pass too
-                for v in [x, y, *tree_flatten(t)[0]]:
+                for v in [x, y, *tree_flatten(t)[0], *given.get(i, [])]:
                     if isinstance(v, Tensor) and v.is_cuda:
                         v.record_stream(streams[i])
-            with backend.stream(streams[i]) if streams else contextlib.nullcontext():
+            with contextlib.ExitStack() as scope:
+                if streams:
+                    scope.enter_context(backend.stream(streams[i]))
+                if i in given:
+                    scope.enter_context(m.given_student(given[i]))
                 own_logits, own = m.student_loss(x, y, t)
                 logits.append(own_logits.detach().float())
             parts.update({f"{label}/{k}": v for k, v in own.items()})
@@ -121,6 +190,14 @@ class Cohort(Method):
             for v in [*logits, *parts.values()]:
                 v.record_stream(main)
         return torch.stack(logits), parts
+
+    def stack_outputs(self, x: Tensor) -> dict[int, list[Tensor]]:
+        """Each stacked member's share of its stack's outputs on ``x``, by member index."""
+        given: dict[int, list[Tensor]] = {}
+        for stack, group in zip(self.stacks, self._stacked, strict=True):
+            for i, outs in zip(group, models.unstacked(stack(x), len(group)), strict=True):
+                given[i] = outs
+        return given
 
     def member_streams(self, device: torch.device) -> list[Any]:
         """One stream per member on ``device`` (made once) with :attr:`streams`, else none."""

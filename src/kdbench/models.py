@@ -4,11 +4,16 @@
 defined them, and resnet32 (5 blocks per stage, a student of the CRD protocol) alike;
 ``forward(x)`` returns ``[stage1, stage2, stage3, logits]``. ``fold_batchnorm`` gives a frozen
 model's inference copy with each batch norm folded into the convolution before it.
+
+``stack(students)`` makes one network of several students of one architecture (a cohort's,
+:mod:`kdbench.cohort`): grouped convolutions, so that one kernel runs a layer of every student;
+``alias(stacked, student, i)`` points a student's weights at its share of the stack's.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import torch
@@ -43,16 +48,20 @@ def canonical_arch(arch: str) -> str:
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    """Two 3×3 convolutions and a shortcut; ``n`` such blocks side by side as grouped
+    convolutions with ``n > 1`` (:func:`stack`)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, n: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv1 = nn.Conv2d(in_planes * n, planes * n, 3, stride, 1, bias=False, groups=n)
+        self.bn1 = nn.BatchNorm2d(planes * n)
+        self.conv2 = nn.Conv2d(planes * n, planes * n, 3, 1, 1, bias=False, groups=n)
+        self.bn2 = nn.BatchNorm2d(planes * n)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+                nn.Conv2d(in_planes * n, planes * n, 1, stride, bias=False, groups=n),
+                nn.BatchNorm2d(planes * n),
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,24 +70,48 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """Stem conv → three stages of BasicBlocks (16/32/64) → global pool → linear."""
+class StackedLinear(nn.Module):
+    """``n`` linear layers, one per group of ``in_features`` inputs: (batch, n·in) → (n,
+    batch, out); ``weight`` is (n, out, in) and ``bias`` (n, out), each ``[i]`` an
+    ``nn.Linear``'s."""
 
-    def __init__(self, blocks: int, num_classes: int, in_channels: int = 3) -> None:
+    def __init__(self, n: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        layers = [nn.Linear(in_features, out_features) for _ in range(n)]
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, features = self.weight.shape
+        x = x.reshape(x.shape[0], n, features).transpose(0, 1)  # (n, batch, in)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class CifarResNet(nn.Module):
+    """Stem conv → three stages of BasicBlocks (16/32/64) → global pool → linear.
+
+    With ``n > 1``, ``n`` such networks side by side on one input (:func:`stack`): every width
+    ``n`` times, grouped convolutions, and logits (n, batch, classes)."""
+
+    def __init__(self, blocks: int, num_classes: int, in_channels: int = 3, n: int = 1) -> None:
         super().__init__()
         self.blocks = blocks
-        self.conv1 = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(WIDTHS[0])
+        self.n = n
+        self.conv1 = nn.Conv2d(in_channels, WIDTHS[0] * n, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(WIDTHS[0] * n)
         stages = []
         in_planes = WIDTHS[0]
         for planes, stride in zip(WIDTHS, STRIDES, strict=True):
             layers = []
             for i in range(blocks):
-                layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, n))
                 in_planes = planes
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(WIDTHS[-1], num_classes)
+        width = WIDTHS[-1]
+        self.linear: nn.Module = (
+            nn.Linear(width, num_classes) if n == 1 else StackedLinear(n, width, num_classes)
+        )
 
     def forward(self, x: Tensor) -> list[Tensor]:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -87,6 +120,61 @@ class CifarResNet(nn.Module):
         s3 = self.layer3(s2)
         logits = self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(s3, 1), 1))
         return [s1, s2, s3, logits]
+
+
+def stack(students: list[nn.Module]) -> CifarResNet:
+    """One network that computes every one of ``students`` (CIFAR ResNets of one architecture
+    and dataset) on one input, starting from their weights and batch-norm statistics: each
+    convolution grouped, one group per student. Its outputs hold theirs side by side: student
+    ``i``'s stage maps are channels ``[i·C, (i+1)·C)`` of its stage maps (:func:`unstacked`),
+    its logits ``[i]`` of its logits. Each student's outputs are computed from its own weights
+    alone, so its gradients are those of its own loss. The global random state is not used."""
+    if len(students) < 2 or not all(type(s) is CifarResNet and s.n == 1 for s in students):
+        raise KdbenchError("models.stack needs two or more CIFAR ResNets")
+    first = students[0]
+    shape = (first.blocks, first.linear.out_features, first.conv1.in_channels)
+    for s in students[1:]:
+        if (s.blocks, s.linear.out_features, s.conv1.in_channels) != shape:
+            raise KdbenchError("models.stack needs students of one architecture and dataset")
+    with torch.random.fork_rng(devices=[]):
+        stacked = CifarResNet(*shape, n=len(students))
+    states = [s.state_dict() for s in students]
+    merged = {}
+    for name, target in stacked.state_dict().items():
+        own = [state[name].detach() for state in states]
+        if name.endswith("num_batches_tracked"):
+            merged[name] = max(own)
+        elif target.dim() == own[0].dim() + 1:
+            merged[name] = torch.stack(own)
+        else:
+            merged[name] = torch.cat(own)
+    stacked.load_state_dict(merged)
+    return stacked.to(first.conv1.weight.device)
+
+
+def unstacked(outputs: list[Tensor], n: int) -> list[list[Tensor]]:
+    """The outputs of a stack of ``n`` (:func:`stack`) as each student's ``[stage1, stage2,
+    stage3, logits]`` (views)."""
+    *maps, logits = outputs
+    splits = [m.tensor_split(n, dim=1) for m in maps]
+    return [[split[i] for split in splits] + [logits[i]] for i in range(n)]
+
+
+def alias(stacked: CifarResNet, student: nn.Module, i: int) -> None:
+    """Point every weight and batch-norm statistic of ``student``, the ``i``-th of
+    :func:`stack`'s students, at its share of ``stacked``'s, in place: what trains the stack
+    trains the student, and the student (evaluated, saved) shows it."""
+    own = dict(itertools.chain(stacked.named_parameters(), stacked.named_buffers()))
+    for name, tensor in itertools.chain(student.named_parameters(), student.named_buffers()):
+        whole = own[name].detach()
+        if name.endswith("num_batches_tracked"):
+            share = whole
+        elif whole.dim() == tensor.dim() + 1:
+            share = whole[i]
+        else:
+            size = tensor.shape[0]
+            share = whole[i * size : (i + 1) * size]
+        tensor.data = share
 
 
 def build(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:

@@ -73,6 +73,7 @@ LATER_SETTINGS = (
     "pipeline_targets",
     "cohort_streams",
     "priority_targets",
+    "cohort_stack",
 )
 
 
@@ -159,6 +160,12 @@ class TrainConfig:
     #: the waiting ones of the student's and teacher's graphs (:mod:`kdbench.graphs`,
     #: ``priority``); the same targets. Not yet measured on a GPU; no effect on a CPU
     priority_targets: bool = False
+    #: in a cohort, the students of each architecture that two or more members share trained
+    #: as one network of grouped convolutions (:func:`kdbench.models.stack`): one kernel per
+    #: layer for all of them instead of one each; the same recipe, each student's gradients
+    #: from its own loss alone, its weights those of its own run up to rounding (on CPU, tested).
+    #: Not yet measured on a GPU
+    cohort_stack: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -334,8 +341,8 @@ def compile_models(method: Method, cfg: TrainConfig, device: torch.device | None
     mode = compile_mode(cfg, device)
     if mode == "none":
         return
-    for student in method.students():
-        student.compile(mode=mode)
+    for network in method.compiled():
+        network.compile(mode=mode)
     if method.needs_teacher:
         method.teacher.compile(mode=mode)
 
@@ -344,12 +351,15 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     """Move ``method`` to ``device`` (channels_last on CUDA), fold its teacher's batch norms
     and compile it per ``cfg``; set the process's deterministic-algorithms, cuDNN autotuning
     and host-eigh switches from ``cfg.deterministic``, ``cfg.cudnn_benchmark`` and
-    ``cfg.eigh_on_host``; a cohort's member streams from ``cfg.cohort_streams``."""
+    ``cfg.eigh_on_host``; a cohort's member streams and stacks from ``cfg.cohort_streams`` and
+    ``cfg.cohort_stack``."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.benchmark = cudnn_autotuning(cfg, device)
     tucker.set_eigh_on_host(cfg.eigh_on_host)
+    if isinstance(method, Cohort):
+        method.set_stack(cfg.cohort_stack)
     method.to(device)
     if cfg.fold_teacher and method.needs_teacher:
         dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else None
@@ -869,7 +879,7 @@ def fit_runs(
     session_seconds: list[float] = []
     for epoch in range(len(runs[0].epochs), cfg.epochs):
         t0 = time.perf_counter()
-        lr = optimizers[f"{runs[0].prefix}student"].param_groups[0]["lr"]
+        lr = next(iter(optimizers.values())).param_groups[0]["lr"]  # the student's first
         faults.phase(f"e{epoch + 1}")
 
         def on_bad_step(step: int, epoch: int = epoch) -> None:

@@ -80,6 +80,9 @@ class Method(nn.Module):
         #: the teacher's outputs that :meth:`teacher_outputs` returns instead of running it
         #: (:meth:`student_loss`)
         self._given: list[Tensor] | None = None
+        #: the student's outputs that :meth:`student_outputs` returns instead of running it (a
+        #: stacked cohort's, :meth:`kdbench.cohort.Cohort.student_loss`)
+        self._given_student: list[Tensor] | None = None
         # The teacher is frozen: eval mode, no gradients, not a trainable submodule.
         self._teacher = [teacher] if teacher is not None else []
         if teacher is not None:
@@ -124,6 +127,23 @@ class Method(nn.Module):
             outs = self.teacher(x)
         return [t.clone() for t in outs]
 
+    def student_outputs(self, x: Tensor) -> list[Tensor]:
+        """The student's ``[stage1, stage2, stage3, logits]`` for ``x``; what methods call
+        instead of the student itself, so that a stacked cohort (:mod:`kdbench.cohort`) can
+        hand each member its share of one pass of all its students."""
+        if self._given_student is not None:
+            return list(self._given_student)
+        return self.student(x)
+
+    @contextlib.contextmanager
+    def given_student(self, outputs: list[Tensor]) -> Iterator[None]:
+        """A scope in which :meth:`student_outputs` returns ``outputs``."""
+        self._given_student = list(outputs)
+        try:
+            yield
+        finally:
+            self._given_student = None
+
     def students(self) -> list[nn.Module]:
         """The networks compiled and evaluated as students: this method's student (a
         :class:`kdbench.cohort.Cohort`'s: every member's)."""
@@ -167,6 +187,11 @@ class Method(nn.Module):
             return self.forward_train(x, y)
         finally:
             self._given = None
+
+    def compiled(self) -> list[nn.Module]:
+        """The networks that ``train.compile`` compiles besides the teacher: the students (and
+        a stacked cohort's stacks)."""
+        return self.students()
 
     def checkpoint_extras(self) -> dict[str, nn.Module]:
         """Auxiliary modules whose weights are saved beside the student's."""
@@ -281,5 +306,5 @@ class FeatureMethod(Method):
         """Teacher stage (no grad), student stage and student logits for one batch."""
         i = int(self.params["stage"]) - 1
         t = self.teacher_outputs(x)[i]
-        outs = self.student(x)
+        outs = self.student_outputs(x)
         return t, outs[i], outs[-1]

@@ -50,7 +50,7 @@ class KD(Method):
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         teacher_logits = self.teacher_outputs(x)[-1]
-        logits = self.student(x)[-1]
+        logits = self.student_outputs(x)[-1]
         hard, soft = kd_loss_parts(
             logits,
             teacher_logits,

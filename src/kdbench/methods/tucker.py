@@ -158,7 +158,7 @@ class Tucker(TuckerBase):
 
     def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
         _, core_t, factors, modes = targets
-        outs = self.student(x)
+        outs = self.student_outputs(x)
         s, logits = outs[int(self.params["stage"]) - 1], outs[-1]
         sample = self.params["decomposition"] == "sample"
         if self.params["basis"] == "teacher":

@@ -51,7 +51,7 @@ class TuckerRecomp(TuckerBase):
 
     def student_loss(self, x: Tensor, y: Tensor, targets: Any) -> tuple[Tensor, dict[str, Tensor]]:
         a, factors, modes = targets
-        outs = self.student(x)
+        outs = self.student_outputs(x)
         s, logits = outs[int(self.params["stage"]) - 1], outs[-1]
         target = self.params["target"]
         if target in ("student", "both"):

@@ -21,6 +21,6 @@ class Vanilla(Method):
     }
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.student(x)[-1]
+        logits = self.student_outputs(x)[-1]
         ce = F.cross_entropy(logits, y, label_smoothing=float(self.params["label_smoothing"]))
         return logits, {"ce": ce}
