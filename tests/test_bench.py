@@ -183,10 +183,13 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     assert bench.main([*argv, "--cohort-size", "4"]) == 1
     assert "trained with cohort_streams (--cohort-streams)" in capsys.readouterr().err
     # the rows trained with train.cohort_stack: only with --cohort-stack or the config's
-    # cohort_stack
-    stacked = {**on_streams, "train_seconds": 3.0}
+    # cohort_stack; this one of `epochs --only-cohort`, without its members' seconds, which
+    # come from their rows (2 s each)
+    stacked = {k: v for k, v in on_streams.items() if k != "members_train_seconds"}
+    stacked["train_seconds"] = 3.0
     stacked["train_config"] = {"cohort_streams": True, "cohort_stack": True}
-    epochs.write_text(json.dumps({"epochs": [*rows, cohort, on_streams, stacked]}))
+    timed = [{**r, "train_seconds": 2.0} if r["method"] in cohort["members"] else r for r in rows]
+    epochs.write_text(json.dumps({"epochs": [*timed, cohort, on_streams, stacked]}))
     config = yaml.safe_load(streams_config.read_text())
     config["train"]["cohort_stack"] = True
     stack_config = tmp_path / "stacked.yaml"
@@ -203,7 +206,7 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
         g = json.loads(grid.read_text())["grid"]
         assert g["cohort_stack"] is stack
         assert g["cohort_saving_seconds_per_member_epoch"] == {"resnet20": saving}
-    epochs.write_text(json.dumps({"epochs": [*rows, cohort, on_streams]}))
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort, on_streams, stacked]}))  # no 2 s
     assert bench.main(stack_argv) == 1
     assert "with cohort_streams (--cohort-streams) and cohort_stack (--cohort-stack)" in (
         capsys.readouterr().err

@@ -35,6 +35,7 @@ def _config(work, **changes):
     cfg["methods"]["tucker"]["decomposition"] = ["full"]
     cfg["methods"]["tucker_recomp"]["targets"] = ["student"]
     cfg["cohort_size"] = 3
+    cfg["train"]["cohort_stack"] = True  # each cohort's students as one network, end to end
     for key, value in changes.items():
         cfg["methods"][key].update(value)
     (work / "cohort.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -72,6 +73,8 @@ def test_each_student_gets_its_own_outputs_from_its_cohort(cohort_run):
     ]
     log = (work / "results/logs/digits/cohorts/resnet20-seed0-c0.log").read_text()
     assert "cohort resnet20-seed0-c0: 3 students on one teacher pass" in log
+    assert "cohort: 3 students as one network (train.cohort_stack)" in log
+    assert doc["config"]["train"]["cohort_stack"] is True  # the last member's metrics.json
     summary = pd.read_csv(work / SUMMARY)
     assert set(summary[summary.role == "student"].method) == {
         "vanilla", "kd", "featuremap", "ft", "tucker", "tucker_recomp",

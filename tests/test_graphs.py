@@ -456,6 +456,8 @@ def _run(method, cfg, epochs, step_fn=None):
         ("cohort", {}, "pipeline"),
         # its members on streams of their own (train.cohort_streams; CPU stand-ins here)
         ("cohort", {"streams": True}, "pipeline"),
+        # its students as one stack (train.cohort_stack)
+        ("cohort", {"streams": True, "stack": True}, "pipeline"),
     ],
 )
 def test_replayed_graphs_train_exactly_as_eager_steps(

@@ -729,14 +729,26 @@ def cohort_savings(
     teacher (the teacher's pass and the shared decompositions done once; with ``streams``, the
     members run side by side as well), from ``epochs --cohort`` rows trained with
     ``train.cohort_streams`` = ``streams`` and ``train.cohort_stack`` = ``stack``: their
-    members' seconds one by one less the cohort's, over those members less one; the mean where
-    several rows have one."""
+    members' seconds one by one (in the same run, else the files' last rows of them) less the
+    cohort's, over those members less one; the mean where several rows have one."""
     if by not in ("teacher", "pair"):
         raise ValueError(f"cohort_savings: by must be 'teacher' or 'pair', not {by!r}")
+    # a row of `epochs --only-cohort` (no members' rows beside it): its members' rows in the
+    # files, the last of each
+    own = {
+        (r["pair"], r["method"]): r["train_seconds"]
+        for r in results
+        if r.get("setting") == "default" and "train_seconds" in r
+    }
     saved: dict[str, list[float]] = {}
     for r in results:
-        if r.get("setting") != "cohort" or "members_train_seconds" not in r:
+        if r.get("setting") != "cohort":
             continue
+        if "members_train_seconds" not in r:
+            alone = [own.get((r["pair"], m)) for m in r.get("members", [])]
+            if not alone or None in alone:
+                continue
+            r = {**r, "members_train_seconds": sum(alone)}
         row_cfg = r.get("train_config", {})
         if bool(row_cfg.get("cohort_streams")) != streams:
             continue
@@ -1133,7 +1145,7 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
             }
             rows.append(row)
             print(
-                f"  {row['method']:<28} {'ok  ' if row['ok'] else 'FAIL'} steps {row['steps']}, "
+                f"  {row['method']:<32} {'ok  ' if row['ok'] else 'FAIL'} steps {row['steps']}, "
                 f"evaluation {row['evaluation']}; losses differ by at most {diff:.1e} "
                 f"(relative), weights by {weights:.1e}",
                 flush=True,

@@ -54,7 +54,9 @@ class Cohort(Method):
 
     name = "cohort"
 
-    def __init__(self, members: list[Method], labels: list[str], streams: bool = False) -> None:
+    def __init__(
+        self, members: list[Method], labels: list[str], streams: bool = False, stack: bool = False
+    ) -> None:
         teachers = {id(m.teacher) for m in members if m.needs_teacher}
         if len(teachers) != 1:
             raise KdbenchError(
@@ -73,6 +75,7 @@ class Cohort(Method):
         #: the stacks of the members' students (:meth:`set_stack`) and each one's members
         self.stacks = nn.ModuleList()
         self._stacked: list[list[int]] = []
+        self.set_stack(stack)
 
     def students(self) -> list[nn.Module]:
         return [m.student for m in self.members]

@@ -360,6 +360,8 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     tucker.set_eigh_on_host(cfg.eigh_on_host)
     if isinstance(method, Cohort):
         method.set_stack(cfg.cohort_stack)
+        for stack in method.stacks:
+            log.info("cohort: %d students as one network (train.cohort_stack)", stack.n)
     method.to(device)
     if cfg.fold_teacher and method.needs_teacher:
         dtype = torch.bfloat16 if device.type == "cuda" and cfg.bf16 else None

@@ -3,7 +3,8 @@
 #   OUT=gpu-results bash tests/gpu/measure.sh [STEP ...]
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
-# methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority.
+# methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
+# stack.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -17,16 +18,17 @@
 # and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
 # choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
-# took about 55 s cold, its warm-up included). After the five H200 sessions of 2026-11-26 and
-# 27 (their JSON: docs/perf) the open questions are, most telling first: priority (do the
-# resnet20 recompositions come within 1.05x of featuremap with their decomposition's stream at
-# a high priority?), mps-cohort (do several cohorts to a GPU under MPS save more than one
-# cohort on member streams?), cohort56 (what a resnet56 cohort on member streams saves, and the
-# two recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then
-# takes cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods
-# vanilla (the teacher and vanilla, the grid's other rows from before autotuning), mps again
-# with autotuning; spread (pipeline_targets, cuDNN autotuning and cohort_streams: results within
-# seed noise?).
+# took about 55 s cold, its warm-up included). After the five H200 sessions of 2026-11-26 and 27
+# (their JSON: docs/perf) the open questions are, most telling first: stack (how much faster is a
+# cohort whose students of one architecture are one network of grouped convolutions? the grid's best
+# hope of 4 GPU-hours; `grid` then takes stack.json and stack56.json with --cohort-stack), priority
+# (do the resnet20 recompositions come within 1.05x of featuremap with their decomposition's stream
+# at a high priority?), mps-cohort (do several cohorts to a GPU under MPS save more than one cohort
+# on member streams?), cohort56 (what a resnet56 cohort on member streams saves, and the two
+# recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes
+# cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods vanilla (the
+# teacher and vanilla, the grid's other rows from before autotuning), mps again with autotuning;
+# spread (pipeline_targets, cuDNN autotuning and cohort_streams: results within seed noise?).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -51,7 +53,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority}; do
+    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -165,6 +167,16 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     cohort56) step cohort56 540 $B epochs --no-reference --epochs 1 --methods \
         "tucker_recomp student-r32" "tucker_recomp both-r32" "${GRID[@]:1:5}" --cohort \
         "${sets[@]}" --json "$OUT/cohort56.json" ;;
+    # the grid's 7 taught resnet20 methods one by one, as one cohort (on member streams, the
+    # default) and as one stacked cohort (train.cohort_stack: the 7 students as one network of
+    # grouped convolutions), after the graphs check of a stacked cohort; then resnet56's two
+    # cohorts alone (`bench grid` takes the members' seconds from the files' rows of them)
+    stack) step graphs-stack 100 $B graphs --cohort --set cohort_stack=true \
+            --json "$OUT/graphs-stack.json"
+        step stack 300 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
+            --methods "${GRID[@]:1}" --cohort-stack "${sets[@]}" --json "$OUT/stack.json"
+        step stack56 300 $B epochs --no-reference --epochs 1 --methods "${GRID[@]:1}" \
+            --cohort-stack --only-cohort "${sets[@]}" --json "$OUT/stack56.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
