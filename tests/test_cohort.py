@@ -58,12 +58,16 @@ def _train(method, epochs=2):
     return totals
 
 
-def test_each_member_trains_as_it_does_alone(tmp_path, monkeypatch):
+def _alone(tmp_path):
+    """A teacher, :data:`MEMBERS` of it each trained alone, their epoch totals and labels."""
     torch.manual_seed(2)
     teacher = models.build("resnet8", 10, 3)
     alone = _members(tmp_path, teacher)
-    alone_totals = [_train(m) for m in alone]
-    labels = [bench._label(*c) for c in MEMBERS]
+    return teacher, alone, [_train(m) for m in alone], [bench._label(*c) for c in MEMBERS]
+
+
+def test_each_member_trains_as_it_does_alone(tmp_path, monkeypatch):
+    teacher, alone, alone_totals, labels = _alone(tmp_path)
     cohort = Cohort(_members(tmp_path, teacher), labels)
     assert cohort.graph_mode() == "split" and len(cohort.students()) == len(MEMBERS)
     calls = []
@@ -94,13 +98,8 @@ def test_each_member_trains_as_it_does_alone(tmp_path, monkeypatch):
 
 
 def test_a_stacked_cohort_trains_each_member_as_alone_up_to_rounding(tmp_path, monkeypatch):
-    torch.manual_seed(2)
-    teacher = models.build("resnet8", 10, 3)
-    alone = _members(tmp_path, teacher)
-    alone_totals = [_train(m) for m in alone]
-    labels = [bench._label(*c) for c in MEMBERS]
-    cohort = Cohort(_members(tmp_path, teacher), labels, streams=True)
-    cohort.set_stack(True)
+    teacher, alone, alone_totals, labels = _alone(tmp_path)
+    cohort = Cohort(_members(tmp_path, teacher), labels, streams=True, stack=True)
     (stack,) = cohort.stacks
     assert stack.n == len(MEMBERS) and cohort.compiled()[0] is stack
     assert list(cohort.trainable()) == ["stack0/student", "ft/translator"]
