@@ -167,14 +167,16 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     cohort56) step cohort56 540 $B epochs --no-reference --epochs 1 --methods \
         "tucker_recomp student-r32" "tucker_recomp both-r32" "${GRID[@]:1:5}" --cohort \
         "${sets[@]}" --json "$OUT/cohort56.json" ;;
-    # the grid's 7 taught resnet20 methods one by one, as one cohort (on member streams, the
-    # default) and as one stacked cohort (train.cohort_stack: the 7 students as one network of
-    # grouped convolutions), after the graphs check of a stacked cohort; then resnet56's two
-    # cohorts alone (`bench grid` takes the members' seconds from the files' rows of them)
+    # the grid's 7 taught resnet20 methods as one cohort (on member streams, the default), then
+    # as one stacked cohort (train.cohort_stack: the 7 students as one network of grouped
+    # convolutions), after the graphs check of a stacked cohort; then resnet56's alike. The
+    # cohorts alone: `bench grid` takes their members' seconds from the files' rows of them
+    # (docs/perf's cohort.json and cohort56.json)
     stack) step graphs-stack 100 $B graphs --cohort --set cohort_stack=true \
             --json "$OUT/graphs-stack.json"
-        step stack 300 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
-            --methods "${GRID[@]:1}" --cohort-stack "${sets[@]}" --json "$OUT/stack.json"
+        step stack 240 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
+            --methods "${GRID[@]:1}" --cohort-stack --only-cohort "${sets[@]}" \
+            --json "$OUT/stack.json"
         step stack56 300 $B epochs --no-reference --epochs 1 --methods "${GRID[@]:1}" \
             --cohort-stack --only-cohort "${sets[@]}" --json "$OUT/stack56.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
