@@ -14,7 +14,16 @@ from kdbench.cohort import Cohort
 from kdbench.data import Loader, Split, load_dataset
 from kdbench.errors import KdbenchError
 from kdbench.methods.ft import Paraphraser
-from kdbench.train import TrainConfig, make_schedule, make_sgd, prepare, train_epoch
+from kdbench.train import (
+    TrainConfig,
+    evaluate,
+    evaluate_each,
+    evaluate_runs,
+    make_schedule,
+    make_sgd,
+    prepare,
+    train_epoch,
+)
 
 MEMBERS = [
     ("vanilla", {}),
@@ -125,6 +134,15 @@ def test_a_stacked_cohort_trains_each_member_as_alone_up_to_rounding(tmp_path, m
         shares = models.unstacked(stack(x), len(MEMBERS))
         for m, share in zip(cohort.members, shares, strict=True):
             assert all(torch.equal(a, b) for a, b in zip(m.student(x), share, strict=True))
+    # evaluated: the stack once for all its students, each with its own network's scores
+    assert cohort.evaluated() == [(stack, list(range(len(MEMBERS))))]
+    loader, cpu, cfg = _loader(), torch.device("cpu"), TrainConfig()
+    each = [evaluate(m.student, loader, cpu, cfg) for m in cohort.members]
+    assert evaluate_each(stack, loader, cpu, cfg) == each
+    both = evaluate_runs(cohort, len(MEMBERS), (loader, loader), cpu, cfg)
+    assert both == [(own, own) for own in each]
+    with pytest.raises(KdbenchError, match="8 runs, but the method evaluates"):
+        evaluate_runs(cohort, 8, (loader, loader), cpu, cfg)
     # converted (channels_last), the students still point at the stack
     cohort.to(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -137,6 +155,7 @@ def test_a_stacked_cohort_trains_each_member_as_alone_up_to_rounding(tmp_path, m
     before = [{k: v.clone() for k, v in m.student.state_dict().items()} for m in cohort.members]
     cohort.set_stack(False)
     assert not cohort.stacks and list(cohort.trainable())[0] == "vanilla/student"
+    assert cohort.evaluated() == [(m.student, [i]) for i, m in enumerate(cohort.members)]
     with torch.no_grad():
         stack.linear.bias.add_(1.0)
     for m, state in zip(cohort.members, before, strict=True):

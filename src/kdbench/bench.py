@@ -56,6 +56,7 @@ from kdbench.methods.ft import Paraphraser
 from kdbench.train import (
     TrainConfig,
     evaluate,
+    evaluate_each,
     make_eval_batch,
     make_loaders,
     make_schedule,
@@ -354,8 +355,8 @@ def time_epochs(
         _sync(device)
         t1 = time.perf_counter()
         for loader in run.evals:
-            for student in method.students():
-                evaluate(student, loader, device, cfg, run.eval_fn)
+            for network, _ in method.evaluated():
+                evaluate_each(network, loader, device, cfg, run.eval_fn)
         t2 = time.perf_counter()
         run.next_lr()
         if epoch >= warmup:

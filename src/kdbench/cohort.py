@@ -26,10 +26,11 @@ become one network (:func:`kdbench.models.stack`): each convolution grouped, one
 student, so that a layer of all of them is one kernel instead of one per student. The stack
 holds the weights and is what trains (one optimizer for all its students: they share the
 recipe, and SGD's update is elementwise); each member's student keeps its modules, its weights
-pointing at its share of the stack's (:func:`kdbench.models.alias`), so that it is evaluated and
-saved as before. A member's loss reads its share of the stack's outputs
-(:meth:`Method.student_outputs`), and its gradients still come from its own loss alone. On CPU
-a stacked cohort's members train to their own runs' weights up to rounding (tested).
+pointing at its share of the stack's (:func:`kdbench.models.alias`), so that it is saved as
+before; the stack is evaluated once for all its students (:meth:`evaluated`). A member's loss
+reads its share of the stack's outputs (:meth:`Method.student_outputs`), and its gradients
+still come from its own loss alone. On CPU a stacked cohort's members train to their own runs'
+weights up to rounding (tested).
 
 ``python -m kdbench.bench epochs --cohort`` times a cohort of the chosen methods against their
 runs one by one (README, Performance).
@@ -82,6 +83,11 @@ class Cohort(Method):
 
     def compiled(self) -> list[nn.Module]:
         return [*self.stacks, *self.students()]
+
+    def evaluated(self) -> list[tuple[nn.Module, list[int]]]:
+        stacked = {i for group in self._stacked for i in group}
+        alone = [(m.student, [i]) for i, m in enumerate(self.members) if i not in stacked]
+        return [*zip(self.stacks, self._stacked, strict=True), *alone]
 
     @property
     def stacked(self) -> bool:

@@ -624,8 +624,12 @@ def train_epoch(
 
 def eval_batch(model: nn.Module, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy and correct predictions of ``model`` (in eval mode, under inference
-    mode and the run's autocast) on one batch, on the device."""
+    mode and the run's autocast) on one batch, on the device; of a stack of students
+    (:func:`kdbench.models.stack`, logits (students, batch, classes)), one of each per student."""
     logits = model(xb)[-1].float()
+    if logits.dim() == 3:  # each student's sum as its own network's would be
+        losses = [F.cross_entropy(own, yb, reduction="sum") for own in logits]
+        return torch.stack(losses), (logits.argmax(-1) == yb).sum(-1)
     return F.cross_entropy(logits, yb, reduction="sum"), (logits.argmax(1) == yb).sum()
 
 
@@ -643,17 +647,34 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (%) of ``model`` over ``loader`` (one host sync).
     ``batch_fn`` is the run's :func:`make_eval_batch` (default: eager :func:`eval_batch`)."""
+    (result,) = evaluate_each(model, loader, device, cfg, batch_fn)
+    return result
+
+
+def evaluate_each(
+    model: nn.Module,
+    loader: Loader,
+    device: torch.device,
+    cfg: TrainConfig,
+    batch_fn: EvalBatch | None = None,
+) -> list[tuple[float, float]]:
+    """:func:`evaluate` of each student that ``model`` computes: one for a network, one per
+    student for a stack of them (:func:`kdbench.models.stack`), from one pass (one host sync)."""
     batch_fn = batch_fn or eval_batch
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum = correct = None
     with torch.inference_mode(), autocast(device, cfg):
         for xb, yb in loader.epoch():
             loss, right = batch_fn(model, xb, yb)
+            if loss_sum is None or correct is None:
+                loss_sum, correct = torch.zeros_like(loss), torch.zeros_like(right)
             loss_sum += loss
             correct += right
+    if loss_sum is None or correct is None:
+        raise KdbenchError("evaluate: the loader has no batch")
     n = len(loader.y)
-    return float(loss_sum) / n, 100.0 * float(correct) / n
+    losses, hits = loss_sum.reshape(-1).tolist(), correct.reshape(-1).tolist()
+    return [(total / n, 100.0 * right / n) for total, right in zip(losses, hits, strict=True)]
 
 
 def make_eval_batch(device: torch.device, cfg: TrainConfig) -> EvalBatch:
@@ -665,6 +686,29 @@ def make_eval_batch(device: torch.device, cfg: TrainConfig) -> EvalBatch:
 
         return GraphedEval()
     return eval_batch
+
+
+def evaluate_runs(
+    method: Method,
+    runs: int,
+    loaders: tuple[Loader, Loader],
+    device: torch.device,
+    cfg: TrainConfig,
+    batch_fn: EvalBatch | None = None,
+) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """Each of ``method``'s ``runs`` students (:meth:`Method.students`, in order) evaluated on
+    the validation and test ``loaders``: :func:`evaluate`'s results for each, evaluating the
+    networks of :meth:`Method.evaluated` (a stacked cohort's stacks once for all their
+    students)."""
+    val, test = loaders
+    scores: dict[int, tuple[tuple[float, float], tuple[float, float]]] = {}
+    for network, which in method.evaluated():
+        on_val = evaluate_each(network, val, device, cfg, batch_fn)
+        on_test = evaluate_each(network, test, device, cfg, batch_fn)
+        scores.update(zip(which, zip(on_val, on_test, strict=True), strict=True))
+    if sorted(scores) != list(range(runs)):
+        raise KdbenchError(f"evaluate_runs: {runs} runs, but the method evaluates {sorted(scores)}")
+    return [scores[i] for i in range(runs)]
 
 
 def rng_state(device: torch.device) -> dict[str, Tensor]:
@@ -903,13 +947,7 @@ def fit_runs(
         for sched in schedules.values():
             sched.step()
         n_train = train_loader.num_samples
-        scores = [
-            (
-                evaluate(run.student, val_loader, device, cfg, eval_fn),
-                evaluate(run.student, test_loader, device, cfg, eval_fn),
-            )
-            for run in runs
-        ]
+        scores = evaluate_runs(method, len(runs), (val_loader, test_loader), device, cfg, eval_fn)
         stats = {k: float(v) for k, v in method.pop_stats().items()}
         seconds = time.perf_counter() - t0
         correct = [totals.correct] if isinstance(totals.correct, int) else totals.correct

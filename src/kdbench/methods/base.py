@@ -188,6 +188,12 @@ class Method(nn.Module):
         finally:
             self._given = None
 
+    def evaluated(self) -> list[tuple[nn.Module, list[int]]]:
+        """The networks evaluated after each epoch, each with the indices (in
+        :meth:`students`) of the students whose scores it gives, in its output order: each
+        student alone (a stacked cohort's stacks give all their students' at once)."""
+        return [(student, [i]) for i, student in enumerate(self.students())]
+
     def compiled(self) -> list[nn.Module]:
         """The networks that ``train.compile`` compiles besides the teacher: the students (and
         a stacked cohort's stacks)."""
