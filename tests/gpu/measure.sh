@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack.
+# stack stack56.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -21,14 +21,15 @@
 # took about 55 s cold, its warm-up included). After the five H200 sessions of 2026-11-26 and 27
 # (their JSON: docs/perf) the open questions are, most telling first: stack (how much faster is a
 # cohort whose students of one architecture are one network of grouped convolutions? the grid's best
-# hope of 4 GPU-hours; `grid` then takes stack.json and stack56.json with --cohort-stack), priority
-# (do the resnet20 recompositions come within 1.05x of featuremap with their decomposition's stream
-# at a high priority?), mps-cohort (do several cohorts to a GPU under MPS save more than one cohort
-# on member streams?), cohort56 (what a resnet56 cohort on member streams saves, and the two
-# recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes
-# cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods vanilla (the
-# teacher and vanilla, the grid's other rows from before autotuning), mps again with autotuning;
-# spread (pipeline_targets, cuDNN autotuning and cohort_streams: results within seed noise?).
+# hope of 4 GPU-hours; then stack56, in a call of its own; `grid` then takes stack.json and
+# stack56.json with --cohort-stack), priority (do the resnet20 recompositions come within 1.05x of
+# featuremap with their decomposition's stream at a high priority?), mps-cohort (do several cohorts
+# to a GPU under MPS save more than one cohort on member streams?), cohort56 (what a resnet56 cohort
+# on member streams saves, and the two recompositions' resnet56 rows that still predate cuDNN
+# autotuning; `bench grid` then takes cohort56.json beside docs/perf's files, on any machine),
+# epochs56 with --methods vanilla (the teacher and vanilla, the grid's other rows from before
+# autotuning), mps again with autotuning; spread (pipeline_targets, cuDNN autotuning and
+# cohort_streams: results within seed noise?).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -53,7 +54,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack}; do
+    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -127,7 +128,13 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
             --no-cohort-streams --json "$OUT/grid-plain.json"
         [ -s "$OUT/cohort.json" ] && [ -s "$OUT/mps-cohort.json" ] &&
             opts+=(--cohort-concurrency "$OUT/mps-cohort.json")
-        step grid 30 $B grid "${files[@]}" "${opts[@]}" --json "$OUT/grid.json" ;;
+        step grid 30 $B grid "${files[@]}" "${opts[@]}" --json "$OUT/grid.json"
+        # and in stacked cohorts (train.cohort_stack), from stack's and stack56's rows
+        stacked=()
+        for f in stack stack56; do [ -s "$OUT/$f.json" ] && stacked+=("$OUT/$f.json"); done
+        [ ${#stacked[@]} -gt 0 ] && step grid-stack 30 $B grid "${files[@]}" "${stacked[@]}" \
+            --config config/config.yaml --cohort-size "${COHORT_SIZE:-8}" --cohort-stack \
+            --json "$OUT/grid-stack.json" ;;
     # KD uncompiled (train.compile: none), against the compiled default of epochs56: what
     # torch.compile adds on top of the graphs (compiled steps captured as CUDA graphs)
     compile) step compile 150 $B epochs --methods kd --no-reference --train-size 20000 \
@@ -169,16 +176,17 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
         "${sets[@]}" --json "$OUT/cohort56.json" ;;
     # the grid's 7 taught resnet20 methods as one cohort (on member streams, the default), then
     # as one stacked cohort (train.cohort_stack: the 7 students as one network of grouped
-    # convolutions), after the graphs check of a stacked cohort; then resnet56's alike. The
-    # cohorts alone: `bench grid` takes their members' seconds from the files' rows of them
-    # (docs/perf's cohort.json and cohort56.json)
+    # convolutions), after the graphs check of a stacked cohort; stack56: resnet56's alike (a
+    # step of its own: cold, the two together outlast one 10-minute call). The cohorts alone:
+    # `bench grid` takes their members' seconds from the files' rows of them (docs/perf's
+    # cohort.json and cohort56.json)
     stack) step graphs-stack 100 $B graphs --cohort --set cohort_stack=true \
             --json "$OUT/graphs-stack.json"
-        step stack 240 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
+        step stack 300 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
             --methods "${GRID[@]:1}" --cohort-stack --only-cohort "${sets[@]}" \
-            --json "$OUT/stack.json"
-        step stack56 300 $B epochs --no-reference --epochs 1 --methods "${GRID[@]:1}" \
-            --cohort-stack --only-cohort "${sets[@]}" --json "$OUT/stack56.json" ;;
+            --json "$OUT/stack.json" ;;
+    stack56) step stack56 420 $B epochs --no-reference --epochs 1 --methods "${GRID[@]:1}" \
+        --cohort-stack --only-cohort "${sets[@]}" --json "$OUT/stack56.json" ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
