@@ -160,6 +160,24 @@ def test_a_stacked_cohort_trains_each_member_as_alone_up_to_rounding(tmp_path, m
         stack.linear.bias.add_(1.0)
     for m, state in zip(cohort.members, before, strict=True):
         assert all(torch.equal(v, state[k]) for k, v in m.student.state_dict().items())
+    cohort.train()
+    cohort.members[0].student(x)  # unstacked, a student runs itself again
+
+
+def test_a_stacked_cohort_refuses_a_method_that_runs_its_student_itself():
+    kd = methods.get("kd")
+
+    class Direct(kd):  # not through Method.student_outputs: it would not train
+        def forward_train(self, x, y):
+            logits = self.student(x)[-1]
+            return logits, {"ce": torch.nn.functional.cross_entropy(logits, y)}
+
+    teacher = models.build("resnet8", 10, 3)
+    students = [models.build("resnet8", 10, 3) for _ in range(2)]
+    members = [Direct(students[0], teacher, {}), kd(students[1], teacher, {})]
+    cohort = Cohort(members, ["direct", "kd"], stack=True)
+    with pytest.raises(KdbenchError, match=r"method 'kd' runs its student itself.*student_outputs"):
+        _train(cohort, epochs=1)
 
 
 def _assert_as_alone(cohort, totals, alone, alone_totals):

@@ -39,6 +39,7 @@ runs one by one (README, Performance).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -48,6 +49,16 @@ from torch.utils._pytree import tree_flatten
 from kdbench import models
 from kdbench.errors import KdbenchError
 from kdbench.methods.base import Method, sharing
+
+
+def _trained_alone(method: str, student: nn.Module, args: Any) -> None:
+    """A stacked student run in training mode: its method did not ask for its outputs through
+    :meth:`Method.student_outputs`, and the student would not train (its stack does)."""
+    if student.training:
+        raise KdbenchError(
+            f"method {method!r} runs its student itself, which a stacked cohort cannot train "
+            "(train.cohort_stack): call self.student_outputs(x) instead of self.student(x)"
+        )
 
 
 class Cohort(Method):
@@ -76,6 +87,7 @@ class Cohort(Method):
         #: the stacks of the members' students (:meth:`set_stack`) and each one's members
         self.stacks = nn.ModuleList()
         self._stacked: list[list[int]] = []
+        self._guards: list[Any] = []  # the stacked students' hooks (:meth:`set_stack`)
         self.set_stack(stack)
 
     def students(self) -> list[nn.Module]:
@@ -104,7 +116,9 @@ class Cohort(Method):
             for m in self.members:
                 for t in [*m.student.parameters(), *m.student.buffers()]:
                     t.data = t.detach().clone()
-            self.stacks, self._stacked = nn.ModuleList(), []
+            for guard in self._guards:
+                guard.remove()
+            self.stacks, self._stacked, self._guards = nn.ModuleList(), [], []
             return
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, m in enumerate(self.members):
@@ -117,6 +131,10 @@ class Cohort(Method):
             models.stack([self.members[i].student for i in group]) for group in self._stacked
         )
         self._alias()
+        for group in self._stacked:  # a stacked student trains only through its stack
+            for i in group:
+                guard = functools.partial(_trained_alone, self.members[i].name)
+                self._guards.append(self.members[i].student.register_forward_pre_hook(guard))
 
     def _alias(self) -> None:
         """Point each stacked student's weights at its share of its stack's (again: moving or
