@@ -734,6 +734,22 @@ def cohort_savings(
     cohort's, over those members less one; the mean where several rows have one."""
     if by not in ("teacher", "pair"):
         raise ValueError(f"cohort_savings: by must be 'teacher' or 'pair', not {by!r}")
+    return _mean_by(_cohort_gains(results, streams, stack), by)
+
+
+def _mean_by(gains: list[tuple[str, float]], by: str) -> dict[str, float]:
+    """The mean of ``gains`` ((pair, value) pairs) per pair, or per its teacher."""
+    grouped: dict[str, list[float]] = {}
+    for pair, gain in gains:
+        grouped.setdefault(pair if by == "pair" else pair.split(":")[0], []).append(gain)
+    return {key: sum(v) / len(v) for key, v in grouped.items()}
+
+
+def _cohort_gains(
+    results: list[dict[str, Any]], streams: bool, stack: bool
+) -> list[tuple[str, float]]:
+    """(pair, seconds saved per taught member beyond the first) of every cohort row of
+    :func:`cohort_savings`."""
     # a row of `epochs --only-cohort` (no members' rows beside it): its members' rows in the
     # files, the last of each
     own = {
@@ -741,7 +757,7 @@ def cohort_savings(
         for r in results
         if r.get("setting") == "default" and "train_seconds" in r
     }
-    saved: dict[str, list[float]] = {}
+    gains = []
     for r in results:
         if r.get("setting") != "cohort":
             continue
@@ -758,9 +774,8 @@ def cohort_savings(
         taught = [m for m in r["members"] if methods.get(m.split()[0]).needs_teacher]
         if len(taught) > 1:
             gain = r["members_train_seconds"] - r["train_seconds"]
-            key = r["pair"] if by == "pair" else r["pair"].split(":")[0]
-            saved.setdefault(key, []).append(gain / (len(taught) - 1))
-    return {key: sum(v) / len(v) for key, v in saved.items()}
+            gains.append((r["pair"], gain / (len(taught) - 1)))
+    return gains
 
 
 def grid_estimate(
@@ -855,13 +870,11 @@ def grid_estimate(
     if cohort_concurrency and cohort_size <= 0:
         raise KdbenchError("bench grid: --cohort-concurrency needs cohorts (--cohort-size N)")
     if cohort_size > 0:
-        train = cfg.get("train") or {}
-        streams, stack = cohort_streams, cohort_stack
-        if streams is None:
-            streams = bool(train.get("cohort_streams", TrainConfig().cohort_streams))
-        if stack is None:
-            stack = bool(train.get("cohort_stack", TrainConfig().cohort_stack))
-        saved = cohort_savings(results, streams, stack=stack)
+        recipe = TrainConfig.from_config(kdconfig.train_params(cfg, "student"))
+        streams = recipe.cohort_streams if cohort_streams is None else cohort_streams
+        stack = recipe.cohort_stack if cohort_stack is None else cohort_stack
+        gains = _cohort_gains(results, streams, stack)  # one scan for both means
+        saved = _mean_by(gains, "teacher")
         cohorts = [
             c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
         ]
@@ -881,7 +894,7 @@ def grid_estimate(
                     else " and without cohort_stack (--no-cohort-stack)"
                 )
             )
-        by_pair = cohort_savings(results, streams, by="pair", stack=stack)
+        by_pair = _mean_by(gains, "pair")
 
         def saving(run: kdconfig.StudentRun) -> float:  # the pair's, else the teacher's
             return by_pair.get(f"{run.teacher}:{run.student}", saved[run.teacher])

@@ -97,7 +97,7 @@ class Cohort(Method):
         return [*self.stacks, *self.students()]
 
     def evaluated(self) -> list[tuple[nn.Module, list[int]]]:
-        stacked = {i for group in self._stacked for i in group}
+        stacked = self._in_stacks
         alone = [(m.student, [i]) for i, m in enumerate(self.members) if i not in stacked]
         return [*zip(self.stacks, self._stacked, strict=True), *alone]
 
@@ -105,6 +105,11 @@ class Cohort(Method):
     def stacked(self) -> bool:
         """Whether the members' students train as stacks (:meth:`set_stack`)."""
         return bool(self._stacked)
+
+    @property
+    def _in_stacks(self) -> set[int]:
+        """The members whose students are in a stack."""
+        return {i for group in self._stacked for i in group}
 
     def set_stack(self, on: bool) -> None:
         """Train the students of each architecture that two or more members share as one
@@ -158,7 +163,7 @@ class Cohort(Method):
     def trainable(self) -> dict[str, nn.Module]:
         """The stacks first (``stack<k>/student``), then every member's modules but a stacked
         student, ``<label>/<key>``."""
-        stacked = {i for group in self._stacked for i in group}
+        stacked = self._in_stacks
         own = {
             f"{label}/{key}": module
             for i, (label, m) in enumerate(zip(self.labels, self.members, strict=True))

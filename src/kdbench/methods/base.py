@@ -135,14 +135,19 @@ class Method(nn.Module):
             return list(self._given_student)
         return self.student(x)
 
-    @contextlib.contextmanager
-    def given_student(self, outputs: list[Tensor]) -> Iterator[None]:
+    def given_student(self, outputs: list[Tensor]) -> contextlib.AbstractContextManager[None]:
         """A scope in which :meth:`student_outputs` returns ``outputs``."""
-        self._given_student = list(outputs)
+        return self._giving("_given_student", outputs)
+
+    @contextlib.contextmanager
+    def _giving(self, attr: str, outputs: list[Tensor]) -> Iterator[None]:
+        """A scope in which ``attr`` (``_given``: the teacher's outputs, ``_given_student``: the
+        student's) holds ``outputs``."""
+        setattr(self, attr, list(outputs))
         try:
             yield
         finally:
-            self._given_student = None
+            setattr(self, attr, None)
 
     def students(self) -> list[nn.Module]:
         """The networks compiled and evaluated as students: this method's student (a
@@ -182,11 +187,8 @@ class Method(nn.Module):
         """``forward_train`` given :meth:`teacher_targets`' result. ``split`` methods write
         theirs; by default, ``forward_train`` with :meth:`teacher_outputs` returning
         ``targets`` (the teacher's outputs) instead of running the teacher."""
-        self._given = list(targets)
-        try:
+        with self._giving("_given", targets):
             return self.forward_train(x, y)
-        finally:
-            self._given = None
 
     def evaluated(self) -> list[tuple[nn.Module, list[int]]]:
         """The networks evaluated after each epoch, each with the indices (in
