@@ -1109,8 +1109,9 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
         "compile": "none",
         **_parse_sets(args.set),
     }
-    # CIFAR-100 shape, 1,000 training images: the last batch of 128 is smaller
-    data = _synthetic_data(3, 32, 100, (1000, 300, 300))
+    # CIFAR-100 shape, 1,000 training images by default: the last batch of 128 is smaller
+    n_eval = max(1, round(0.3 * args.train_size))
+    data = _synthetic_data(3, 32, 100, (args.train_size, n_eval, n_eval))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paraphraser = Path(tmp) / "paraphraser.pt"
@@ -1366,6 +1367,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     gr.add_argument("--device", default="auto")
     gr.add_argument("--methods", nargs="+", default=None, help="method names or labels")
+    gr.add_argument(
+        "--train-size",
+        type=_count,
+        default=1000,
+        help="training images (default 1000); validation and test: 30%% of that each",
+    )
     gr.add_argument(
         "--cohort",
         action="store_true",
