@@ -290,9 +290,9 @@ def test_bench_grid_with_several_cohorts_per_gpu_from_a_concurrent_cohort_file(t
 
 
 def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
-    """The README's grid GPU-hours (10.2 one run per GPU, 6.6 with 4 under MPS; with the fifth
-    session's files 9.0, 5.8, and 6.5 in cohorts of 8) from the JSON files of docs/perf, as its
-    command computes them."""
+    """The grid GPU-hours quoted in docs/perf/README.md (10.2 one run per GPU, 6.6 with 4 under
+    MPS) and the README (with the fifth session's files 9.0, 5.8, and 6.5 in cohorts of 8) from
+    the JSON files of docs/perf, as their commands compute them."""
     h200 = REPO / "docs" / "perf" / "h200-2026-11-26"
     files = ["s2/epochs56.json", "s2/epochs20.json", "s3/epochs56.json", "s3/epochs20.json"]
     files += ["s3/tucker-pipeline_targets-true.json", "s4/epochs20.json"]
