@@ -56,7 +56,7 @@ from kdbench.methods.ft import Paraphraser
 from kdbench.train import (
     TrainConfig,
     evaluate,
-    evaluate_each,
+    evaluate_runs,
     make_eval_batch,
     make_loaders,
     make_schedule,
@@ -354,9 +354,8 @@ def time_epochs(
         train_epoch(method, run.optimizers, train, epoch, device, cfg, step_fn=run.step_fn)
         _sync(device)
         t1 = time.perf_counter()
-        for loader in run.evals:
-            for network, _ in method.evaluated():
-                evaluate_each(network, loader, device, cfg, run.eval_fn)
+        # as fit does: a stacked cohort's stacks once for all their students
+        evaluate_runs(method, len(method.students()), tuple(run.evals), device, cfg, run.eval_fn)
         t2 = time.perf_counter()
         run.next_lr()
         if epoch >= warmup:

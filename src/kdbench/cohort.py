@@ -127,9 +127,7 @@ class Cohort(Method):
             return
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, m in enumerate(self.members):
-            s = m.student
-            if type(s) is models.CifarResNet and s.n == 1:
-                key = (s.blocks, s.linear.out_features, s.conv1.in_channels)
+            if (key := models.stack_key(m.student)) is not None:
                 groups.setdefault(key, []).append(i)
         self._stacked = [group for group in groups.values() if len(group) > 1]
         self.stacks = nn.ModuleList(

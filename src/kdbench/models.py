@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -122,6 +123,14 @@ class CifarResNet(nn.Module):
         return [s1, s2, s3, logits]
 
 
+def stack_key(model: nn.Module) -> tuple[int, int, int] | None:
+    """What students must share to be stacked together (:func:`stack`): their blocks per
+    stage, classes and input channels; None for a model that cannot be stacked."""
+    if type(model) is not CifarResNet or model.n != 1:
+        return None
+    return (model.blocks, model.linear.out_features, model.conv1.in_channels)
+
+
 def stack(students: list[nn.Module]) -> CifarResNet:
     """One network that computes every one of ``students`` (CIFAR ResNets of one architecture
     and dataset) on one input, starting from their weights and batch-norm statistics: each
@@ -129,27 +138,21 @@ def stack(students: list[nn.Module]) -> CifarResNet:
     ``i``'s stage maps are channels ``[i·C, (i+1)·C)`` of its stage maps (:func:`unstacked`),
     its logits ``[i]`` of its logits. Each student's outputs are computed from its own weights
     alone, so its gradients are those of its own loss. The global random state is not used."""
-    if len(students) < 2 or not all(type(s) is CifarResNet and s.n == 1 for s in students):
+    keys = {stack_key(s) for s in students}
+    if len(students) < 2 or None in keys:
         raise KdbenchError("models.stack needs two or more CIFAR ResNets")
-    first = students[0]
-    shape = (first.blocks, first.linear.out_features, first.conv1.in_channels)
-    for s in students[1:]:
-        if (s.blocks, s.linear.out_features, s.conv1.in_channels) != shape:
-            raise KdbenchError("models.stack needs students of one architecture and dataset")
+    if len(keys) > 1:
+        raise KdbenchError("models.stack needs students of one architecture and dataset")
+    (shape,) = keys
     with torch.random.fork_rng(devices=[]):
         stacked = CifarResNet(*shape, n=len(students))
-    states = [s.state_dict() for s in students]
-    merged = {}
-    for name, target in stacked.state_dict().items():
-        own = [state[name].detach() for state in states]
-        if name.endswith("num_batches_tracked"):
-            merged[name] = max(own)
-        elif target.dim() == own[0].dim() + 1:
-            merged[name] = torch.stack(own)
-        else:
-            merged[name] = torch.cat(own)
-    stacked.load_state_dict(merged)
-    return stacked.to(first.conv1.weight.device)
+    with torch.no_grad():
+        for i, student in enumerate(students):
+            for name, tensor, share in _shares(stacked, student, i):
+                own = tensor.detach().to(share.device)
+                counted = name.endswith("num_batches_tracked")  # one for all: the largest
+                share.copy_(torch.maximum(share, own) if counted else own)
+    return stacked.to(students[0].conv1.weight.device)
 
 
 def unstacked(outputs: list[Tensor], n: int) -> list[list[Tensor]]:
@@ -160,20 +163,30 @@ def unstacked(outputs: list[Tensor], n: int) -> list[list[Tensor]]:
     return [[split[i] for split in splits] + [logits[i]] for i in range(n)]
 
 
+def _shares(
+    stacked: CifarResNet, student: nn.Module, i: int
+) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """Each weight and batch-norm statistic of ``student``, the ``i``-th of :func:`stack`'s
+    students, with its share of ``stacked``'s (a view): ``[i]`` of a stacked linear layer's,
+    the ``i``-th block of channels of the others, and the one batch counter of all."""
+    whole = dict(itertools.chain(stacked.named_parameters(), stacked.named_buffers()))
+    for name, tensor in itertools.chain(student.named_parameters(), student.named_buffers()):
+        all_of_them = whole[name].detach()
+        if name.endswith("num_batches_tracked"):
+            share = all_of_them
+        elif all_of_them.dim() == tensor.dim() + 1:
+            share = all_of_them[i]
+        else:
+            size = tensor.shape[0]
+            share = all_of_them[i * size : (i + 1) * size]
+        yield name, tensor, share
+
+
 def alias(stacked: CifarResNet, student: nn.Module, i: int) -> None:
     """Point every weight and batch-norm statistic of ``student``, the ``i``-th of
     :func:`stack`'s students, at its share of ``stacked``'s, in place: what trains the stack
     trains the student, and the student (evaluated, saved) shows it."""
-    own = dict(itertools.chain(stacked.named_parameters(), stacked.named_buffers()))
-    for name, tensor in itertools.chain(student.named_parameters(), student.named_buffers()):
-        whole = own[name].detach()
-        if name.endswith("num_batches_tracked"):
-            share = whole
-        elif whole.dim() == tensor.dim() + 1:
-            share = whole[i]
-        else:
-            size = tensor.shape[0]
-            share = whole[i * size : (i + 1) * size]
+    for _, tensor, share in _shares(stacked, student, i):
         tensor.data = share
 
 
