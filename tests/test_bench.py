@@ -137,9 +137,10 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     epochs = tmp_path / "epochs.json"
     epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))
     grid = tmp_path / "grid.json"
-    # the demo without member streams (the cohort row above was trained without them)
+    # the demo without member streams or stacks (the cohort row above was trained without them)
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     config["train"]["cohort_streams"] = False
+    config["train"]["cohort_stack"] = False
     demo = str(tmp_path / "plain.yaml")
     Path(demo).write_text(yaml.safe_dump(config))
     argv = ["grid", str(epochs), "--config", demo, "--dataset", "digits", "--json", str(grid)]
@@ -166,7 +167,9 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     on_streams = {**cohort, "train_seconds": 4.0}
     on_streams["train_config"] = {"cohort_streams": True}
     epochs.write_text(json.dumps({"epochs": [*rows, cohort, on_streams]}))
-    streams_config = REPO / "config" / "demo.yaml"  # on by default
+    config["train"]["cohort_streams"] = True  # the default
+    streams_config = tmp_path / "streams.yaml"
+    streams_config.write_text(yaml.safe_dump(config))
     argv[argv.index(demo)] = str(streams_config)
     assert bench.main([*argv, "--cohort-size", "4"]) == 0
     g = json.loads(grid.read_text())["grid"]
@@ -183,19 +186,16 @@ def test_bench_grid_estimates_the_grid_in_cohorts_from_a_cohort_row(tmp_path, ca
     assert bench.main([*argv, "--cohort-size", "4"]) == 1
     assert "trained with cohort_streams (--cohort-streams)" in capsys.readouterr().err
     # the rows trained with train.cohort_stack: only with --cohort-stack or the config's
-    # cohort_stack; this one of `epochs --only-cohort`, without its members' seconds, which
-    # come from their rows (2 s each)
+    # cohort_stack (the demo's: auto, which a GPU's grid takes as on CUDA: stacked); this one
+    # of `epochs --only-cohort`, without its members' seconds, which come from their rows (2 s
+    # each)
     stacked = {k: v for k, v in on_streams.items() if k != "members_train_seconds"}
     stacked["train_seconds"] = 3.0
     stacked["train_config"] = {"cohort_streams": True, "cohort_stack": True}
     timed = [{**r, "train_seconds": 2.0} if r["method"] in cohort["members"] else r for r in rows]
     epochs.write_text(json.dumps({"epochs": [*timed, cohort, on_streams, stacked]}))
-    config = yaml.safe_load(streams_config.read_text())
-    config["train"]["cohort_stack"] = True
-    stack_config = tmp_path / "stacked.yaml"
-    stack_config.write_text(yaml.safe_dump(config))
     stack_argv = [*argv, "--cohort-size", "4"]
-    stack_argv[stack_argv.index(str(streams_config))] = str(stack_config)
+    stack_argv[stack_argv.index(str(streams_config))] = str(REPO / "config" / "demo.yaml")
     for call, stack, saving in (
         ([*argv, "--cohort-size", "4"], False, 2.0),
         ([*argv, "--cohort-size", "4", "--cohort-stack"], True, 3.0),
@@ -234,7 +234,7 @@ def test_bench_grid_costs_a_mixed_cohort_with_each_member_s_own_pair(tmp_path):
     epochs_per_run = int(kdconfig.train_params(resolved, "student")["epochs"])
     epochs, grid = tmp_path / "epochs.json", tmp_path / "grid.json"
     argv = ["grid", str(epochs), "--config", str(config), "--json", str(grid)]
-    argv += ["--cohort-size", "8", "--cohort-streams"]
+    argv += ["--cohort-size", "8", "--cohort-streams", "--no-cohort-stack"]
     for cohorts, cut in (
         ([cohort("resnet20", 1.0)], 7 + 7 + 7 + 7 + 5),  # resnet20's saving for all
         ([cohort("resnet20", 1.0), cohort("resnet56", 2.0)], 14 + 14 + (3 * 2 + 5 - 2) + 7 + 5),
@@ -255,7 +255,7 @@ def test_bench_grid_with_several_cohorts_per_gpu_from_a_concurrent_cohort_file(t
     rows = _demo_rows(pair)
     cohort = {"pair": pair, "method": "cohort of 2", "setting": "cohort", "train_seconds": 3.0}
     cohort.update(members=["kd", "featuremap"], members_train_seconds=4.0)
-    cohort["train_config"] = {"cohort_streams": True}
+    cohort["train_config"] = {"cohort_streams": True, "cohort_stack": True}  # the defaults
     epochs = tmp_path / "epochs.json"
     epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))
     # 1, 2 and 4 cohorts at once: 1.5x and 1.2x the throughput of one
@@ -291,8 +291,9 @@ def test_bench_grid_with_several_cohorts_per_gpu_from_a_concurrent_cohort_file(t
 
 def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     """The grid GPU-hours quoted in docs/perf/README.md (10.2 one run per GPU, 6.6 with 4 under
-    MPS) and the README (with the fifth session's files 9.0, 5.8, and 6.5 in cohorts of 8) from
-    the JSON files of docs/perf, as their commands compute them."""
+    MPS) and the README (with the fifth session's files 9.0, 5.8, and 6.5 in cohorts of 8; with
+    the sixth's, 3.8 in stacked cohorts of 8) from the JSON files of docs/perf, as their
+    commands compute them."""
     h200 = REPO / "docs" / "perf" / "h200-2026-11-26"
     files = ["s2/epochs56.json", "s2/epochs20.json", "s3/epochs56.json", "s3/epochs20.json"]
     files += ["s3/tucker-pipeline_targets-true.json", "s4/epochs20.json"]
@@ -301,6 +302,8 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     argv += ["--concurrency", str(h200 / "s4/mps.json"), "--json", str(out)]
     assert bench.main(argv) == 0
     g = json.loads(out.read_text())["grid"]
+    # the config's cohorts of 8, stacked, which these files have no rows of: left out
+    assert "gpu_hours_total_cohorts" not in g and "cohort_stack" in g["cohorts_not_estimated"]
     assert g["runs"] == {"teachers": 1, "paraphrasers": 1, "students": 120}
     assert round(g["gpu_hours_total"], 1) == 10.2 and g["runs_per_gpu"] == 4
     assert round(g["gpu_hours_total_concurrent"], 1) == 6.6
@@ -310,11 +313,25 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     at = argv.index("--config")  # the files come before the options
     argv[at:at] = [str(h200_5 / f) for f in ("cohort.json", "kd56.json", "cohort56.json")]
     for flag, cohorts in (("--cohort-streams", 6.5), ("--no-cohort-streams", 7.3)):
-        assert bench.main([*argv, "--cohort-size", "8", flag]) == 0
+        assert bench.main([*argv, "--cohort-size", "8", flag, "--no-cohort-stack"]) == 0
         g = json.loads(out.read_text())["grid"]
         assert round(g["gpu_hours_total"], 1) == 9.0
         assert round(g["gpu_hours_total_concurrent"], 1) == 5.8
         assert round(g["gpu_hours_total_cohorts"], 1) == cohorts and g["cohorts"] == 15
+    # and with the sixth session's stacked cohorts of 7 (resnet20 and resnet56): the config's
+    # own cohorts (8, on streams, stacked on CUDA), 3.8
+    h200_6 = REPO / "docs" / "perf" / "h200-2026-11-27-s6"
+    argv[at:at] = [str(h200_6 / f) for f in ("stack.json", "stack56.json")]
+    assert bench.main(argv) == 0
+    g = json.loads(out.read_text())["grid"]
+    assert g["cohort_size"] == 8 and g["cohort_streams"] and g["cohort_stack"]
+    assert round(g["gpu_hours_total"], 1) == 9.0
+    assert round(g["gpu_hours_total_cohorts"], 1) == 3.8 and g["cohorts"] == 15
+    by_pair = g["cohort_saving_seconds_per_member_epoch_by_pair"]
+    assert {k: round(v, 2) for k, v in by_pair.items()} == {
+        "resnet110:resnet20": 0.82,
+        "resnet110:resnet56": 1.73,
+    }
 
 
 def test_timed_epochs_step_the_learning_rate_schedule_as_fit_does(monkeypatch):

@@ -388,6 +388,33 @@ def test_train_cohort_writes_each_members_own_run_and_resumes(tmp_path, monkeypa
         assert (tmp_path / "cohort" / label / "Loss.png").stat().st_size > 0
 
 
+def test_a_cohorts_state_resumes_only_as_it_was_stacked(tmp_path, monkeypatch, caplog):
+    """train.cohort_stack as it resolves on the device guards the state: auto on CPU (not
+    stacked) resumes as false does; a stacked cohort (true) does not take it, and starts over."""
+    common, teacher, members = _digits_runs(tmp_path)
+    members = members[:2]
+    cohort = [{**m, "outputs": _outputs(tmp_path / "cohort", m["method"])} for m in members]
+    kwargs = {"name": "c0", "teacher_weights": teacher, "state": tmp_path / "c0.pt", **common}
+    write_json = io.write_json
+
+    def interrupted(path, doc):
+        raise KeyboardInterrupt
+
+    for setting, resumed in (("auto", None), (False, [1]), ("auto", None), (True, [])):
+        kwargs["train"] = {**common["train"], "cohort_stack": setting}
+        if resumed is None:  # killed after its first epoch, its state saved
+            monkeypatch.setattr(io, "write_json", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                runs.train_cohort(members=cohort, **kwargs)
+            monkeypatch.setattr(io, "write_json", write_json)
+            continue
+        caplog.clear()
+        docs = runs.train_cohort(members=cohort, **kwargs)
+        assert [d["final"]["resumed_after_epochs"] for d in docs] == [resumed] * 2
+        assert all(d["provenance"]["cohort_stack"] is bool(setting) for d in docs)
+        assert ("of a different configuration" in caplog.text) is (not resumed)
+
+
 def test_link_outputs_links_each_file_dated_now_or_names_the_missing_one(tmp_path):
     source = tmp_path / "cohort" / "resnet8" / "kd" / "default"
     source.mkdir(parents=True)

@@ -120,8 +120,9 @@ def test_run_grid_of_the_full_config():
 
 
 def test_cohorts_split_the_students_of_a_teacher_and_seed_in_config_order():
-    assert kdconfig.cohorts(FULL) == []  # cohort_size 0, the default: a job per student
-    cohorts = kdconfig.cohorts({**FULL, "cohort_size": 8})
+    assert kdconfig.cohorts({**FULL, "cohort_size": 0}) == []  # 0: a job per student
+    assert FULL["cohort_size"] == 8  # the full benchmark's
+    cohorts = kdconfig.cohorts(FULL)
     students = [s for s in kdconfig.student_runs(FULL) if s.teacher != "none"]
     order = FULL["datasets"]  # config order, within a dataset and seed too (a stable sort)
     assert [m for c in cohorts for m in c.members] == sorted(
@@ -191,11 +192,14 @@ def test_workflow_refuses_a_bad_config_with_one_line(tmp_path, path, value, key)
 def test_dry_run_of_the_full_benchmark_lists_the_expected_jobs():
     proc = snakemake("-n", "--configfile", "config/config.yaml")
     assert proc.returncode == 0, proc.stderr
-    # per dataset × pair × seed: vanilla, kd, featuremap, ft, tucker × 4, tucker_recomp × 12
+    # per dataset × pair × seed: vanilla, kd, featuremap, ft, tucker × 4, tucker_recomp × 12;
+    # vanilla alone, the 2 × 19 others of a dataset, teacher and seed in cohorts of 8 (5 a seed)
     assert job_counts(proc.stdout) == {
         "train_teacher": 2,
         "train_paraphraser": 2,  # one per dataset × teacher × seed, shared by 12 FT students
-        "distill": 2 * 2 * 20 * 3,
+        "distill": 2 * 2 * 3,
+        "distill_cohort": 2 * 5 * 3,
+        "cohort_member": 2 * 2 * 19 * 3,
         "aggregate": 1,
         "extract_features_metrics": 2 + 2 * 2 * 20 * 3,  # every trained model
         "analyse_features": 2,  # per dataset

@@ -138,7 +138,8 @@ def test_dry_run_plans_the_full_benchmark(tmp_path):
     """`snakemake --profile profiles/slurm -n` of config/config.yaml, no cluster needed."""
     output = _dry_run(tmp_path, "config/config.yaml")
     counts = job_counts(output)
-    assert counts["distill"] == 240 and counts["train_teacher"] == 2
+    assert counts["distill"] == 12 and counts["train_teacher"] == 2  # vanilla: no teacher pass
+    assert counts["distill_cohort"] == 30 and counts["cohort_member"] == 228  # cohorts of 8
     assert counts["train_paraphraser"] == 2 and counts["extract_features_metrics"] == 242
     resources = _resources(output)
     for rule in ("train_teacher", "train_paraphraser"):

@@ -176,6 +176,20 @@ def test_cudnn_autotuning_auto_is_on_for_cuda_unless_deterministic(
     assert cudnn_autotuning(cfg, torch.device(device)) is want
 
 
+@pytest.mark.parametrize(
+    ("setting", "device", "want"),
+    [("auto", "cuda", True), ("auto", "cpu", False), (False, "cuda", False), (True, "cpu", True)],
+)
+def test_cohort_stack_auto_stacks_on_cuda_alone(setting, device, want):
+    from kdbench.train import TrainConfig, cohort_stacking
+
+    assert TrainConfig().cohort_stack == "auto"
+    cfg = TrainConfig.from_config({"cohort_stack": setting})
+    assert cohort_stacking(cfg, torch.device(device)) is want
+    with pytest.raises(KdbenchError, match="cohort_stack must be true, false or auto, got 'on'"):
+        TrainConfig.from_config({"cohort_stack": "on"})
+
+
 def test_cudnn_benchmark_rejects_other_values():
     from kdbench.train import TrainConfig
 

@@ -55,6 +55,7 @@ from kdbench.errors import KdbenchError, one_line
 from kdbench.methods.ft import Paraphraser
 from kdbench.train import (
     TrainConfig,
+    cohort_stacking,
     evaluate,
     evaluate_runs,
     make_eval_batch,
@@ -510,7 +511,9 @@ def bench_epochs(
                         _build(c, teacher, arch, classes, channels, paraphraser) for c in cases
                     ]
                     method: methods.Method = Cohort(members, labels)
-                    name = _cohort_name(len(labels), row_cfg)
+                    # auto resolved, so that the row says what it timed (and `grid` reads it)
+                    row_cfg = replace(row_cfg, cohort_stack=cohort_stacking(row_cfg, device))
+                    name = _cohort_name(len(labels), row_cfg, device)
                 else:
                     method = _build(case, teacher, arch, classes, channels, paraphraser)
                     name = _label(*case) if tag != "teacher" else "teacher"
@@ -548,13 +551,13 @@ def bench_epochs(
     return doc
 
 
-def _cohort_name(members: int, cfg: TrainConfig) -> str:
+def _cohort_name(members: int, cfg: TrainConfig, device: torch.device) -> str:
     """A cohort row's method: ``cohort of N``, and ``on streams`` with ``cfg.cohort_streams``,
-    ``stacked`` with ``cfg.cohort_stack``."""
+    ``stacked`` where ``cfg.cohort_stack`` stacks on ``device``."""
     return (
         f"cohort of {members}"
         + (" on streams" if cfg.cohort_streams else "")
-        + (", stacked" if cfg.cohort_stack else "")
+        + (", stacked" if cohort_stacking(cfg, device) else "")
     )
 
 
@@ -796,7 +799,8 @@ def grid_estimate(
     config's cohorts of that size (:func:`kdbench.config.cohorts`), each saving per epoch what
     :func:`cohort_savings` measured for each member's pair (else for its teacher) for every
     member but the one that would save most, from rows trained with ``cohort_streams`` and
-    ``cohort_stack`` (else the config's ``train.cohort_streams`` and ``train.cohort_stack``);
+    ``cohort_stack`` (else the config's ``train.cohort_streams`` and ``train.cohort_stack``,
+    ``auto`` as on CUDA);
     with ``cohort_concurrency`` (a ``concurrent --cohort`` file),
     ``gpu_hours_total_cohorts_concurrent`` too: the cohorts with the best measured number of
     them at once on each GPU."""
@@ -805,6 +809,7 @@ def grid_estimate(
     from kdbench import config as kdconfig
 
     cfg = kdconfig.resolve(yaml.safe_load(Path(config_path).read_text()))
+    explicit = cohort_size is not None  # else the config's, which the files may not cost
     if cohort_size is None:
         cohort_size = int(cfg.get("cohort_size") or 0)
     used = [r for r in results if r["setting"] in ("default", "teacher")]
@@ -871,7 +876,9 @@ def grid_estimate(
     if cohort_size > 0:
         recipe = TrainConfig.from_config(kdconfig.train_params(cfg, "student"))
         streams = recipe.cohort_streams if cohort_streams is None else cohort_streams
-        stack = recipe.cohort_stack if cohort_stack is None else cohort_stack
+        if cohort_stack is None:  # a GPU's grid: auto as on CUDA
+            cohort_stack = cohort_stacking(recipe, torch.device("cuda"))
+        stack = cohort_stack
         gains = _cohort_gains(results, streams, stack)  # one scan for both means
         saved = _mean_by(gains, "teacher")
         cohorts = [
@@ -879,7 +886,7 @@ def grid_estimate(
         ]
         missing = sorted({c.teacher for c in cohorts} - set(saved))
         if missing:
-            raise KdbenchError(
+            why = (
                 f"bench grid: cohorts of {cohort_size} need an `epochs --cohort` row of at least "
                 f"2 taught members with teacher {', '.join(missing)} in the files"
                 + (
@@ -893,27 +900,33 @@ def grid_estimate(
                     else " and without cohort_stack (--no-cohort-stack)"
                 )
             )
-        by_pair = _mean_by(gains, "pair")
+            if explicit or cohort_concurrency:
+                raise KdbenchError(why)
+            # the config's cohort_size, which these files cannot cost: the grid without them
+            print(f"{why}; the estimate leaves the config's cohorts out", file=sys.stderr)
+            out["cohorts_not_estimated"] = why.removeprefix("bench grid: ")
+        else:
+            by_pair = _mean_by(gains, "pair")
 
-        def saving(run: kdconfig.StudentRun) -> float:  # the pair's, else the teacher's
-            return by_pair.get(f"{run.teacher}:{run.student}", saved[run.teacher])
+            def saving(run: kdconfig.StudentRun) -> float:  # the pair's, else the teacher's
+                return by_pair.get(f"{run.teacher}:{run.student}", saved[run.teacher])
 
-        # every member but one saves: the one that would save most, if they differ, pays
-        each = [[saving(m) for m in c.members] for c in cohorts]
-        cut = student_epochs * sum(sum(s) - max(s) for s in each)
-        out["cohort_size"] = cohort_size
-        out["cohort_streams"] = streams
-        out["cohort_stack"] = stack
-        out["cohorts"] = len(cohorts)
-        out["cohort_saving_seconds_per_member_epoch"] = saved
-        out["cohort_saving_seconds_per_member_epoch_by_pair"] = by_pair
-        out["gpu_hours_total_cohorts"] = (total - cut) / 3600
-        if cohort_concurrency:
-            best = _best_concurrency(cohort_concurrency, cohorts=True)
-            out["cohorts_per_gpu"] = best["runs"]
-            out["gpu_hours_total_cohorts_concurrent"] = (
-                out["gpu_hours_total_cohorts"] / best["throughput_vs_one"]
-            )
+            # every member but one saves: the one that would save most, if they differ, pays
+            each = [[saving(m) for m in c.members] for c in cohorts]
+            cut = student_epochs * sum(sum(s) - max(s) for s in each)
+            out["cohort_size"] = cohort_size
+            out["cohort_streams"] = streams
+            out["cohort_stack"] = stack
+            out["cohorts"] = len(cohorts)
+            out["cohort_saving_seconds_per_member_epoch"] = saved
+            out["cohort_saving_seconds_per_member_epoch_by_pair"] = by_pair
+            out["gpu_hours_total_cohorts"] = (total - cut) / 3600
+            if cohort_concurrency:
+                best = _best_concurrency(cohort_concurrency, cohorts=True)
+                out["cohorts_per_gpu"] = best["runs"]
+                out["gpu_hours_total_cohorts_concurrent"] = (
+                    out["gpu_hours_total_cohorts"] / best["throughput_vs_one"]
+                )
     print(
         f"\n{dataset} grid of {config_path}: {counts['students']} students, "
         f"{counts['teachers']} teacher(s), {counts['paraphrasers']} paraphraser(s): "
@@ -1149,7 +1162,9 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
                 graphed["steps"].startswith("eager") or graphed["evaluation"].startswith("eager")
             )
             row = {
-                "method": _cohort_name(len(group), graphed_cfg) if cohort else _label(*group[0]),
+                "method": _cohort_name(len(group), graphed_cfg, device)
+                if cohort
+                else _label(*group[0]),
                 "steps": graphed["steps"],
                 "evaluation": graphed["evaluation"],
                 "max_relative_loss_difference": diff,
@@ -1418,7 +1433,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the cohorts' students of one architecture as one network, from the rows "
         "trained so (`epochs --cohort-stack`), or not (default: the config's "
-        "train.cohort_stack)",
+        "train.cohort_stack, auto as on CUDA)",
     )
     g.add_argument("--json", type=Path, default=None)
     g.add_argument("--device", default="cpu", help=argparse.SUPPRESS)

@@ -158,14 +158,17 @@ class TrainConfig:
     #: with ``pipeline_targets``, the methods' targets (Tucker's decomposition, which the host
     #: waits for) on a CUDA stream of high priority, so that the GPU runs their kernels before
     #: the waiting ones of the student's and teacher's graphs (:mod:`kdbench.graphs`,
-    #: ``priority``); the same targets. Not yet measured on a GPU; no effect on a CPU
+    #: ``priority``); the same targets. No gain measured: on an H200 the resnet20 Tucker rows
+    #: took 1.03-1.09x longer with it over three epochs (README Performance); no effect on a CPU
     priority_targets: bool = False
     #: in a cohort, the students of each architecture that two or more members share trained
     #: as one network of grouped convolutions (:func:`kdbench.models.stack`): one kernel per
     #: layer for all of them instead of one each; the same recipe, each student's gradients
     #: from its own loss alone, its weights those of its own run up to rounding (on CPU, tested).
-    #: Not yet measured on a GPU
-    cohort_stack: bool = False
+    #: ``auto``: on CUDA (a cohort of 7 resnet20 students of resnet110 1.50x, of 7 resnet56
+    #: students 1.42x, against the same cohort on streams; H200, README Performance), off on
+    #: CPU (1.43x slower there: a convolution on a CPU is bound by arithmetic, not latency)
+    cohort_stack: bool | str = "auto"
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -208,6 +211,10 @@ class TrainConfig:
         if self.cudnn_benchmark not in (True, False, "auto"):
             raise KdbenchError(
                 f"train.cudnn_benchmark must be true, false or auto, got {self.cudnn_benchmark!r}"
+            )
+        if self.cohort_stack not in (True, False, "auto"):
+            raise KdbenchError(
+                f"train.cohort_stack must be true, false or auto, got {self.cohort_stack!r}"
             )
         if self.cudnn_benchmark is True and self.deterministic:
             raise KdbenchError(
@@ -332,6 +339,14 @@ def cudnn_autotuning(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" and not cfg.deterministic
 
 
+def cohort_stacking(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether a cohort on ``device`` stacks its students (``train.cohort_stack``, ``auto``
+    resolved: on CUDA)."""
+    if cfg.cohort_stack != "auto":
+        return bool(cfg.cohort_stack)
+    return device.type == "cuda"
+
+
 def compile_models(method: Method, cfg: TrainConfig, device: torch.device | None = None) -> None:
     """``torch.compile`` the student and the teacher in place (``train.compile``, ``auto``
     resolved for ``device``, by default the student's; state-dict keys unchanged). The compiled
@@ -359,7 +374,7 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = cudnn_autotuning(cfg, device)
     tucker.set_eigh_on_host(cfg.eigh_on_host)
     if isinstance(method, Cohort):
-        method.set_stack(cfg.cohort_stack)
+        method.set_stack(cohort_stacking(cfg, device))
         for stack in method.stacks:
             log.info("cohort: %d students as one network (train.cohort_stack)", stack.n)
     method.to(device)
@@ -861,7 +876,13 @@ def fit_runs(
     metrics documents."""
     state_path = Path(state_path)
     device = resolve_device(cfg.device)
-    fp = fingerprint({"record": record, "seed": seed, "train": cfg.state_record()})
+    stacked = isinstance(method, Cohort) and cohort_stacking(cfg, device)
+    # train.cohort_stack as it resolves on this device (a stacked cohort's state holds its
+    # stacks' weights), recorded only when true, as before auto was the default
+    train_record = {**cfg.state_record(), "cohort_stack": True}
+    if not stacked:
+        del train_record["cohort_stack"]
+    fp = fingerprint({"record": record, "seed": seed, "train": train_record})
     prepare(method, cfg, device)
     modules = method.trainable()
     optimizers = {name: make_sgd(mod, cfg) for name, mod in modules.items()}
@@ -906,6 +927,8 @@ def fit_runs(
         "cudnn_benchmark": cudnn_autotuning(cfg, device),
         "previous_sessions": sessions,
     }
+    if isinstance(method, Cohort):  # train.cohort_stack as it resolved on this device
+        shared["cohort_stack"] = stacked
     data_summary, train_config = data.summary(), asdict(cfg)
     for run in runs:
         run.doc = {
