@@ -18,14 +18,11 @@
 # and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
 # choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
-# took about 55 s cold, its warm-up included). After the five H200 sessions of 2026-11-26 and 27
-# (their JSON: docs/perf) the open questions are, most telling first: stack (how much faster is a
-# cohort whose students of one architecture are one network of grouped convolutions? the grid's best
-# hope of 4 GPU-hours; then stack56, in a call of its own; `grid` then takes stack.json and
-# stack56.json with --cohort-stack), priority (do the resnet20 recompositions come within 1.05x of
-# featuremap with their decomposition's stream at a high priority?), mps-cohort (do several cohorts
-# to a GPU under MPS save more than one cohort on member streams?), cohort56 (what a resnet56 cohort
-# on member streams saves, and the two recompositions' resnet56 rows that still predate cuDNN
+# took about 55 s cold, its warm-up included). After the six H200 sessions of 2026-11-26 and 27
+# (their JSON: docs/perf; the sixth timed stack, stack56 and priority: stacked cohorts are the
+# default on CUDA since, and priority_targets gave no gain) the open questions are, most telling
+# first: mps-cohort (do several cohorts to a GPU under MPS, stacked now by default, save more
+# than one?), cohort56 (the two recompositions' resnet56 rows that still predate cuDNN
 # autotuning; `bench grid` then takes cohort56.json beside docs/perf's files, on any machine),
 # epochs56 with --methods vanilla (the teacher and vanilla, the grid's other rows from before
 # autotuning), mps again with autotuning; spread (pipeline_targets, cuDNN autotuning and
@@ -154,14 +151,15 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     cohort) step cohort 360 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
         --methods "${GRID[@]:1}" --cohort-streams "${sets[@]}" --json "$OUT/cohort.json" ;;
     # the resnet20 Tucker rows over featuremap with the decomposition's stream at a high
-    # priority (train.priority_targets), after the graphs check with it, then without it
+    # priority (train.priority_targets), after the graphs check with it, then without it; three
+    # timed epochs (one epoch's rows scatter by up to 0.15 of featuremap's time between runs)
     priority) step graphs-priority 60 $B graphs --set priority_targets=true \
             --json "$OUT/graphs-priority.json"
         for on in true false; do
-            step "priority-$on" 200 $B epochs --no-reference --epochs 1 \
+            step "priority-$on" 200 $B epochs --no-reference --epochs 3 \
                 --pair resnet110:resnet20 --methods featuremap "tucker full-teacher-r32" \
                 "tucker_recomp teacher-r32" "tucker_recomp both-r32" "${sets[@]}" \
-                --set priority_targets=$on --json "$OUT/priority-$on.json"
+                --set priority_targets=$on --json "$OUT/priority3-$on.json"
         done ;;
     # 1, 2 and 4 cohorts of the grid's 7 taught resnet20 methods at once under an MPS daemon
     # (each on member streams, the default): does MPS add to what the cohorts save? (`bench
