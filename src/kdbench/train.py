@@ -876,14 +876,14 @@ def fit_runs(
     metrics documents."""
     state_path = Path(state_path)
     device = resolve_device(cfg.device)
-    stacked = isinstance(method, Cohort) and cohort_stacking(cfg, device)
-    # train.cohort_stack as it resolves on this device (a stacked cohort's state holds its
+    prepare(method, cfg, device)
+    stacked = isinstance(method, Cohort) and method.stacked
+    # train.cohort_stack as the cohort trains on this device (a stacked cohort's state holds its
     # stacks' weights), recorded only when true, as before auto was the default
     train_record = {**cfg.state_record(), "cohort_stack": True}
     if not stacked:
         del train_record["cohort_stack"]
     fp = fingerprint({"record": record, "seed": seed, "train": train_record})
-    prepare(method, cfg, device)
     modules = method.trainable()
     optimizers = {name: make_sgd(mod, cfg) for name, mod in modules.items()}
     schedules = {name: make_schedule(opt, cfg) for name, opt in optimizers.items()}
@@ -927,7 +927,7 @@ def fit_runs(
         "cudnn_benchmark": cudnn_autotuning(cfg, device),
         "previous_sessions": sessions,
     }
-    if isinstance(method, Cohort):  # train.cohort_stack as it resolved on this device
+    if isinstance(method, Cohort):  # whether its students trained as stacks on this device
         shared["cohort_stack"] = stacked
     data_summary, train_config = data.summary(), asdict(cfg)
     for run in runs:
