@@ -396,15 +396,23 @@ def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
     assert rows[0]["images_per_second"] > 0
     out = tmp_path / "spread.json"
     argv = ["spread", "--device", "cpu", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "2"]
-    argv += ["--set", "check_every_step=true"]  # for the fast runs
+    argv += ["--set", "check_every_step=true", "--cohort"]  # for the fast runs and a cohort
     assert bench.main([*argv, "--json", str(out)]) == 0
     spread = json.loads(out.read_text())["spread"]
-    assert set(spread) == {"fast", "plain", "deterministic"}
+    assert set(spread) == {"fast", "plain", "deterministic", "cohort"}
+    cohort = spread.pop("cohort")
     assert spread["fast"]["train_config"]["check_every_step"] is True
     assert spread["fast"]["train_config"]["fused"] == "auto"
     for row in spread.values():  # on CPU every setting repeats bit for bit
         assert row["repeat_weights_identical"] and row["repeat_max_abs_diff"]["test_acc"] == 0
         assert len(row["test_acc_last_per_seed"]) == 2
+    # the fast runs' KD students stacked with a featuremap student: their own runs up to
+    # rounding (the grouped convolutions' backward sums in another order)
+    assert cohort["cohort_stack"] is True and cohort["train_config"]["check_every_step"]
+    assert cohort["members"] == ["resnet8-kd-default", "resnet8-featuremap-default"]
+    assert len(cohort["test_acc_last_per_seed"]) == 2
+    assert 0 < cohort["vs_fast_max_abs_diff"]["train_loss"] < 1e-3
+    assert 0 < cohort["vs_fast_weights_max_abs_diff"] < 0.05
 
 
 def test_bench_bad_arguments_are_one_line(capsys, tmp_path):

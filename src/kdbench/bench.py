@@ -1014,13 +1014,50 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
             doc["weights"] = torch.load(outputs["final_weights"], weights_only=True)
             return doc
 
+        def cohort(seed: int, change: dict, teacher: Path) -> list[dict[str, Any]]:
+            """KD and featuremap students of ``seed`` as one cohort (their metrics, KD's
+            first), with their final weights."""
+            members = []
+            for method in ("kd", "featuremap"):
+                d = root / f"cohort-s{seed}" / method
+                members.append(
+                    {
+                        "arch": "resnet8",
+                        "method": method,
+                        "variant": "default",
+                        "method_params": {},
+                        "outputs": {
+                            "metrics": d / "metrics.json",
+                            "final_weights": d / "final.pt",
+                            "best_weights": d / "best.pt",
+                            "loss_plot": d / "Loss.png",
+                            "accuracy_plot": d / "Accuracy.png",
+                        },
+                    }
+                )
+            docs = runs.train_cohort(
+                name=f"s{seed}",
+                dataset="digits",
+                data=data,
+                teacher="resnet20",
+                teacher_weights=teacher,
+                seed=seed,
+                members=members,
+                train={**recipe, "epochs": args.epochs, **change},
+                state=root / f"cohort-s{seed}.state",
+            )
+            for doc, m in zip(docs, members, strict=True):
+                doc["weights"] = torch.load(m["outputs"]["final_weights"], weights_only=True)
+            return docs
+
         run("teacher", "vanilla", "resnet20", 0, args.teacher_epochs, {})
         teacher = root / "teacher" / "final.pt"
         settings = dict(SPREAD_SETTINGS)
         settings["fast"] = {**settings["fast"], **_parse_sets(args.set)}
+        alone: dict[str, list[dict[str, Any]]] = {}  # each setting's KD runs, per seed
         for setting, change in settings.items():
             t0 = time.perf_counter()
-            docs = [
+            docs = alone[setting] = [
                 run(f"{setting}-s{s}", "kd", "resnet8", s, args.epochs, change, teacher)
                 for s in range(args.seeds)
             ]
@@ -1052,8 +1089,50 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
                 f"{row['repeat_weights_identical']}",
                 flush=True,
             )
+        if args.cohort:  # the fast runs' KD students again, each in a stacked cohort
+            t0 = time.perf_counter()
+            change = {**settings["fast"], "cohort_stack": True}
+            kd = [cohort(s, change, teacher)[0] for s in range(args.seeds)]
+            rows["cohort"] = row = _spread_cohort_row(kd, alone["fast"])
+            row["seconds"] = time.perf_counter() - t0
+            diff = row["vs_fast_max_abs_diff"]
+            print(
+                f"  {'cohort':<14} test acc {row['test_acc_last_mean']:.2f} ± "
+                f"{row['test_acc_last_std']:.2f} % over {args.seeds} seeds (KD, stacked with "
+                f"featuremap); against the fast runs: max |Δ test acc| {diff['test_acc']:.3f} "
+                f"pts, |Δ train loss| {diff['train_loss']:.2e}, |Δ weight| "
+                f"{row['vs_fast_weights_max_abs_diff']:.2e}",
+                flush=True,
+            )
     torch.use_deterministic_algorithms(False)
     return {"spread": rows}
+
+
+def _spread_cohort_row(kd: list[dict[str, Any]], fast: list[dict[str, Any]]) -> dict[str, Any]:
+    """``spread --cohort``'s row: the KD members of the stacked cohorts (one per seed) against
+    the fast setting's KD runs of the same seeds (the same initial weights and data order)."""
+    finals = [d["final"]["test_acc_last"] for d in kd]
+    return {
+        "train_config": dict(kd[0]["config"]["train"]),
+        "members": list(kd[0]["cohort"]["members"]),
+        "cohort_stack": kd[0]["provenance"]["cohort_stack"],
+        "test_acc_last_per_seed": finals,
+        "test_acc_last_mean": statistics.mean(finals),
+        "test_acc_last_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "vs_fast_max_abs_diff": {
+            key: max(
+                abs(x[key] - y[key])
+                for a, b in zip(kd, fast, strict=True)
+                for x, y in zip(a["epochs"], b["epochs"], strict=True)
+            )
+            for key in ("train_loss", "test_loss", "test_acc", "val_acc")
+        },
+        "vs_fast_weights_max_abs_diff": max(
+            float((a["weights"][k].float() - b["weights"][k].float()).abs().max())
+            for a, b in zip(kd, fast, strict=True)
+            for k in a["weights"]
+        ),
+    }
 
 
 #: ``graphs``: the methods checked by default (one of each graph mode and target kind)
@@ -1374,6 +1453,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="a train setting of the fast runs, e.g. cuda_graphs=true (repeatable)",
+    )
+    sp.add_argument(
+        "--cohort",
+        action="store_true",
+        help="also each seed's KD student in a stacked cohort with a featuremap student "
+        "(train.cohort_stack), against the fast runs",
     )
     sp.add_argument("--json", type=Path, default=None)
     gr = sub.add_parser(

@@ -26,7 +26,8 @@
 # autotuning; `bench grid` then takes cohort56.json beside docs/perf's files, on any machine),
 # epochs56 with --methods vanilla (the teacher and vanilla, the grid's other rows from before
 # autotuning), mps again with autotuning; spread (pipeline_targets, cuDNN autotuning and
-# cohort_streams: results within seed noise?).
+# cohort_streams: results within seed noise? and a stacked cohort's KD student against its own
+# run).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -83,8 +84,9 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # extra time over featuremap goes
     methods) step methods 90 $B methods --steps 10 --json "$OUT/methods.json" ;;
     # run-to-run and seed spread (default with SET's switches, plain, deterministic), digits,
-    # KD resnet20 → resnet8
-    spread) step spread 120 $B spread --epochs 15 --teacher-epochs 15 "${sets[@]}" \
+    # KD resnet20 → resnet8; and each seed's KD student in a stacked cohort (train.cohort_stack)
+    # against its default run
+    spread) step spread 180 $B spread --epochs 15 --teacher-epochs 15 --cohort "${sets[@]}" \
         --json "$OUT/spread.json" ;;
     # KD, featuremap and full-tensor Tucker epochs without train.overlap_teacher (on by
     # default: with it, epochs56; `graphs` checks it against eager steps)
