@@ -41,6 +41,7 @@ BAD = [
     (("methods", "kd", "T"), 0, "methods.kd.T"),
     (("seeds",), KeyError, "missing key 'seeds'"),
     (("protocol",), "cifar", "protocol: 'cifar' is not one of seed, crd"),
+    (("train", "cohort_stack"), "yes", "train.cohort_stack: 'yes' is not one of auto, True, False"),
     (("accuracy",), "max", "accuracy: 'max' is not one of best_val, last"),
     (("anchors",), "", "anchors"),
     (("train", "optimizer", "lr"), "fast", "train.optimizer.lr: 'fast' is not of type 'number'"),
