@@ -149,9 +149,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # as one cohort (one teacher pass per batch for all, the recompositions sharing the Tucker
     # decomposition: kdbench.cohort), as the workflow's cohorts train: what they save the grid;
     # then that cohort again with each member on a CUDA stream of its own
-    # (train.cohort_streams: the members' kernels side by side)
+    # (train.cohort_streams: the members' kernels side by side); both unstacked (stack: stacked)
     cohort) step cohort 360 $B epochs --pair resnet110:resnet20 --no-reference --epochs 1 \
-        --methods "${GRID[@]:1}" --cohort-streams "${sets[@]}" --json "$OUT/cohort.json" ;;
+        --methods "${GRID[@]:1}" --cohort-streams "${sets[@]}" --set cohort_stack=false \
+        --json "$OUT/cohort.json" ;;
     # the resnet20 Tucker rows over featuremap with the decomposition's stream at a high
     # priority (train.priority_targets), after the graphs check with it, then without it; three
     # timed epochs (one epoch's rows scatter by up to 0.15 of featuremap's time between runs)
@@ -164,13 +165,13 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
                 --set priority_targets=$on --json "$OUT/priority3-$on.json"
         done ;;
     # 1, 2 and 4 cohorts of the grid's 7 taught resnet20 methods at once under an MPS daemon
-    # (each on member streams, the default): does MPS add to what the cohorts save? (`bench
-    # grid --cohort-concurrency` takes the file)
+    # (each on member streams and stacked, the defaults): does MPS add to what the cohorts save?
+    # (`bench grid --cohort-concurrency` takes the file)
     mps-cohort) step mps-cohort 360 $B concurrent --mps --runs 1 2 4 --pair resnet110:resnet20 \
         --train-size 20000 --epochs 1 --cohort "${GRID[@]:1}" "${sets[@]}" \
         --json "$OUT/mps-cohort.json" ;;
-    # the same on resnet110 -> resnet56, the cohort on member streams only (the default since
-    # the fifth session), the rows the fifth session lost first (its cohort56.json, cut off)
+    # the same on resnet110 -> resnet56, the cohort as the settings say (on member streams,
+    # stacked on CUDA), the rows the fifth session lost first (its cohort56.json, cut off)
     cohort56) step cohort56 540 $B epochs --no-reference --epochs 1 --methods \
         "tucker_recomp student-r32" "tucker_recomp both-r32" "${GRID[@]:1:5}" --cohort \
         "${sets[@]}" --json "$OUT/cohort56.json" ;;
