@@ -876,9 +876,9 @@ def grid_estimate(
     if cohort_size > 0:
         recipe = TrainConfig.from_config(kdconfig.train_params(cfg, "student"))
         streams = recipe.cohort_streams if cohort_streams is None else cohort_streams
-        if cohort_stack is None:  # a GPU's grid: auto as on CUDA
-            cohort_stack = cohort_stacking(recipe, torch.device("cuda"))
-        stack = cohort_stack
+        stack = (  # a GPU's grid: auto as on CUDA
+            cohort_stacking(recipe, torch.device("cuda")) if cohort_stack is None else cohort_stack
+        )
         gains = _cohort_gains(results, streams, stack)  # one scan for both means
         saved = _mean_by(gains, "teacher")
         cohorts = [
@@ -988,14 +988,7 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
             change: dict,
             teacher: Path | None = None,
         ) -> dict[str, Any]:
-            d = root / name
-            outputs = {
-                "metrics": d / "metrics.json",
-                "final_weights": d / "final.pt",
-                "best_weights": d / "best.pt",
-                "loss_plot": d / "Loss.png",
-                "accuracy_plot": d / "Accuracy.png",
-            }
+            outputs = _spread_outputs(root / name)
             doc = runs.train(
                 role="student" if teacher else "teacher",
                 dataset="digits",
@@ -1017,24 +1010,16 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
         def cohort(seed: int, change: dict, teacher: Path) -> list[dict[str, Any]]:
             """KD and featuremap students of ``seed`` as one cohort (their metrics, KD's
             first), with their final weights."""
-            members = []
-            for method in ("kd", "featuremap"):
-                d = root / f"cohort-s{seed}" / method
-                members.append(
-                    {
-                        "arch": "resnet8",
-                        "method": method,
-                        "variant": "default",
-                        "method_params": {},
-                        "outputs": {
-                            "metrics": d / "metrics.json",
-                            "final_weights": d / "final.pt",
-                            "best_weights": d / "best.pt",
-                            "loss_plot": d / "Loss.png",
-                            "accuracy_plot": d / "Accuracy.png",
-                        },
-                    }
-                )
+            members = [
+                {
+                    "arch": "resnet8",
+                    "method": method,
+                    "variant": "default",
+                    "method_params": {},
+                    "outputs": _spread_outputs(root / f"cohort-s{seed}" / method),
+                }
+                for method in ("kd", "featuremap")
+            ]
             docs = runs.train_cohort(
                 name=f"s{seed}",
                 dataset="digits",
@@ -1054,25 +1039,18 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
         teacher = root / "teacher" / "final.pt"
         settings = dict(SPREAD_SETTINGS)
         settings["fast"] = {**settings["fast"], **_parse_sets(args.set)}
-        alone: dict[str, list[dict[str, Any]]] = {}  # each setting's KD runs, per seed
+        fast: list[dict[str, Any]] = []  # the fast setting's KD runs, per seed
         for setting, change in settings.items():
             t0 = time.perf_counter()
-            docs = alone[setting] = [
+            docs = [
                 run(f"{setting}-s{s}", "kd", "resnet8", s, args.epochs, change, teacher)
                 for s in range(args.seeds)
             ]
             again = run(f"{setting}-s0-again", "kd", "resnet8", 0, args.epochs, change, teacher)
-            a, b = docs[0]["epochs"], again["epochs"]
-            finals = [d["final"]["test_acc_last"] for d in docs]
             row = {
                 "train_config": {k: v for k, v in docs[0]["config"]["train"].items()},
-                "test_acc_last_per_seed": finals,
-                "test_acc_last_mean": statistics.mean(finals),
-                "test_acc_last_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                "repeat_max_abs_diff": {
-                    key: max(abs(x[key] - y[key]) for x, y in zip(a, b, strict=True))
-                    for key in ("train_loss", "test_loss", "test_acc", "val_acc")
-                },
+                **_final_accuracies(docs),
+                "repeat_max_abs_diff": _curves_apart([(docs[0], again)]),
                 "repeat_weights_identical": all(
                     torch.equal(docs[0]["weights"][k], again["weights"][k])
                     for k in docs[0]["weights"]
@@ -1080,6 +1058,7 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
                 "seconds": time.perf_counter() - t0,
             }
             rows[setting] = row
+            fast = docs if setting == "fast" else fast
             diff = row["repeat_max_abs_diff"]
             print(
                 f"  {setting:<14} test acc {row['test_acc_last_mean']:.2f} ± "
@@ -1093,7 +1072,7 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
             t0 = time.perf_counter()
             change = {**settings["fast"], "cohort_stack": True}
             kd = [cohort(s, change, teacher)[0] for s in range(args.seeds)]
-            rows["cohort"] = row = _spread_cohort_row(kd, alone["fast"])
+            rows["cohort"] = row = _spread_cohort_row(kd, fast)
             row["seconds"] = time.perf_counter() - t0
             diff = row["vs_fast_max_abs_diff"]
             print(
@@ -1108,25 +1087,44 @@ def bench_spread(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return {"spread": rows}
 
 
+def _spread_outputs(d: Path) -> dict[str, Path]:
+    """A ``spread`` run's outputs, in ``d``."""
+    names = ("metrics.json", "final.pt", "best.pt", "Loss.png", "Accuracy.png")
+    keys = ("metrics", "final_weights", "best_weights", "loss_plot", "accuracy_plot")
+    return {k: d / n for k, n in zip(keys, names, strict=True)}
+
+
+def _final_accuracies(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs' last-epoch test accuracies (one per seed), their mean and spread."""
+    finals = [d["final"]["test_acc_last"] for d in docs]
+    return {
+        "test_acc_last_per_seed": finals,
+        "test_acc_last_mean": statistics.mean(finals),
+        "test_acc_last_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+    }
+
+
+def _curves_apart(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, float]:
+    """The largest difference between the curves of each pair of runs' metrics, per curve."""
+    return {
+        key: max(
+            abs(x[key] - y[key])
+            for a, b in pairs
+            for x, y in zip(a["epochs"], b["epochs"], strict=True)
+        )
+        for key in ("train_loss", "test_loss", "test_acc", "val_acc")
+    }
+
+
 def _spread_cohort_row(kd: list[dict[str, Any]], fast: list[dict[str, Any]]) -> dict[str, Any]:
     """``spread --cohort``'s row: the KD members of the stacked cohorts (one per seed) against
     the fast setting's KD runs of the same seeds (the same initial weights and data order)."""
-    finals = [d["final"]["test_acc_last"] for d in kd]
     return {
         "train_config": dict(kd[0]["config"]["train"]),
         "members": list(kd[0]["cohort"]["members"]),
         "cohort_stack": kd[0]["provenance"]["cohort_stack"],
-        "test_acc_last_per_seed": finals,
-        "test_acc_last_mean": statistics.mean(finals),
-        "test_acc_last_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-        "vs_fast_max_abs_diff": {
-            key: max(
-                abs(x[key] - y[key])
-                for a, b in zip(kd, fast, strict=True)
-                for x, y in zip(a["epochs"], b["epochs"], strict=True)
-            )
-            for key in ("train_loss", "test_loss", "test_acc", "val_acc")
-        },
+        **_final_accuracies(kd),
+        "vs_fast_max_abs_diff": _curves_apart(list(zip(kd, fast, strict=True))),
         "vs_fast_weights_max_abs_diff": max(
             float((a["weights"][k].float() - b["weights"][k].float()).abs().max())
             for a, b in zip(kd, fast, strict=True)

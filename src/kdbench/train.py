@@ -880,9 +880,9 @@ def fit_runs(
     stacked = isinstance(method, Cohort) and method.stacked
     # train.cohort_stack as the cohort trains on this device (a stacked cohort's state holds its
     # stacks' weights), recorded only when true, as before auto was the default
-    train_record = {**cfg.state_record(), "cohort_stack": True}
-    if not stacked:
-        del train_record["cohort_stack"]
+    train_record = {k: v for k, v in cfg.state_record().items() if k != "cohort_stack"}
+    if stacked:
+        train_record["cohort_stack"] = True
     fp = fingerprint({"record": record, "seed": seed, "train": train_record})
     modules = method.trainable()
     optimizers = {name: make_sgd(mod, cfg) for name, mod in modules.items()}
