@@ -320,6 +320,18 @@ def _outputs(root, label):
     return {k: str(root / label / v) for k, v in names.items()}
 
 
+def _killed_after_its_first_state(patch: pytest.MonkeyPatch) -> None:
+    """Training stops (KeyboardInterrupt) once its first epoch's state and metrics are written."""
+    save = io.StateWriter.save
+
+    def save_then_stop(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        self.wait()
+        raise KeyboardInterrupt
+
+    patch.setattr(io.StateWriter, "save", save_then_stop)
+
+
 @pytest.mark.parametrize("stack", [False, True])
 def test_train_cohort_writes_each_members_own_run_and_resumes(tmp_path, monkeypatch, stack):
     """With ``train.cohort_stack`` (one stack of the 4 students) as alone up to rounding."""
@@ -344,16 +356,9 @@ def test_train_cohort_writes_each_members_own_run_and_resumes(tmp_path, monkeypa
     if stack:
         common["train"] = {**common["train"], "cohort_stack": True}
     kwargs = {"name": "c0", "teacher_weights": teacher, "state": tmp_path / "c0.pt", **common}
-    # killed while writing its first epoch's metrics: the state of that epoch is saved
-    write_json = io.write_json
-
-    def interrupted(path, doc):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(io, "write_json", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        _killed_after_its_first_state(patch)
         runs.train_cohort(members=cohort, **kwargs)
-    monkeypatch.setattr(io, "write_json", write_json)
     docs = runs.train_cohort(members=cohort, **kwargs)
     assert not (tmp_path / "c0.pt").exists()
     for doc, label in zip(docs, labels, strict=True):
@@ -395,18 +400,12 @@ def test_a_cohorts_state_resumes_only_as_it_was_stacked(tmp_path, monkeypatch, c
     members = members[:2]
     cohort = [{**m, "outputs": _outputs(tmp_path / "cohort", m["method"])} for m in members]
     kwargs = {"name": "c0", "teacher_weights": teacher, "state": tmp_path / "c0.pt", **common}
-    write_json = io.write_json
-
-    def interrupted(path, doc):
-        raise KeyboardInterrupt
-
     for setting, resumed in (("auto", None), (False, [1]), ("auto", None), (True, [])):
         kwargs["train"] = {**common["train"], "cohort_stack": setting}
-        if resumed is None:  # killed after its first epoch, its state saved
-            monkeypatch.setattr(io, "write_json", interrupted)
-            with pytest.raises(KeyboardInterrupt):
+        if resumed is None:
+            with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+                _killed_after_its_first_state(patch)
                 runs.train_cohort(members=cohort, **kwargs)
-            monkeypatch.setattr(io, "write_json", write_json)
             continue
         caplog.clear()
         docs = runs.train_cohort(members=cohort, **kwargs)

@@ -122,6 +122,108 @@ def test_a_run_killed_between_the_two_renames_resumes_from_the_previous_state(tm
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+def _state_like() -> dict:
+    """Tensors of every kind a training state holds, and plain values around them."""
+    weights = torch.randn(4, 3, 3, 3)
+    return {
+        "version": 1,
+        "modules": {"student": {"conv.weight": weights, "bn.num_batches_tracked": torch.tensor(7)}},
+        "optimizers": {"student": {"state": {0: {"momentum_buffer": weights[:, 1]}}, "lr": 0.1}},
+        "rng": {"cpu": torch.get_rng_state()},
+        "flags": torch.tensor([True, False, True]),
+        "half": torch.arange(5, dtype=torch.bfloat16),
+        "empty": torch.empty(0, 2),
+        "epochs": [{"epoch": 1, "val_acc": 50.0, "parts": (1, None)}],
+    }
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_a_state_is_saved_packed_as_a_snapshot_and_loads_tensor_by_tensor(tmp_path):
+    state = _state_like()
+    packed = io.pack_tensors(state)
+    assert [k for k, v in packed.items() if isinstance(v, torch.Tensor)] == ["blob"]
+    expected = json.loads(json.dumps(state, default=lambda t: t.tolist()))
+    state["modules"]["student"]["conv.weight"].add_(1)  # after the snapshot: not in it
+    got = io.unpack_tensors(packed)
+    assert json.loads(json.dumps(got, default=lambda t: t.tolist())) == expected
+    assert got["optimizers"]["student"]["state"][0]["momentum_buffer"].shape == (4, 3, 3)
+    # each tensor in a storage of its own: a module's weights saved alone stay small
+    weights = got["modules"]["student"]["conv.weight"]
+    assert weights.untyped_storage().nbytes() == weights.numel() * 4
+    io.save_state(tmp_path / "s.pt", state)
+    _assert_same(io.load_state_file(tmp_path / "s.pt"), state)
+
+
+def test_a_state_written_before_packing_still_loads(tmp_path):
+    import hashlib
+    from io import BytesIO
+
+    state = _state_like()
+    buf = BytesIO()
+    torch.save(state, buf)
+    digest = hashlib.sha256(buf.getvalue()).hexdigest().encode()
+    (tmp_path / "old.pt").write_bytes(io.STATE_MAGIC + digest + b"\n" + buf.getvalue())
+    _assert_same(io.load_state_file(tmp_path / "old.pt"), state)
+
+
+def test_the_state_writer_writes_while_the_caller_goes_on(tmp_path, monkeypatch):
+    """save returns before the state is written; the metrics follow the state, named after the
+    phase it was saved in; wait and close wait for it."""
+    import threading
+
+    from kdbench import faults
+
+    release, write = threading.Event(), io._write_packed_state
+
+    def held(path, packed):
+        assert release.wait(30)
+        write(path, packed)
+
+    monkeypatch.setattr(io, "_write_packed_state", held)
+    monkeypatch.setenv("KDBENCH_FAULT_LOG", str(tmp_path / "points"))
+    state, metrics, saved = tmp_path / "run.state", tmp_path / "metrics.json", _state_like()
+    monkeypatch.setattr(faults, "_phase", "e1")
+    with io.StateWriter() as writer:
+        writer.save(state, saved, then_json=[(metrics, {"epoch": 1})])
+        faults.phase("e2")  # the caller goes on to the next epoch
+        assert not state.exists() and not metrics.exists()
+        release.set()
+        writer.wait()
+        assert json.loads(metrics.read_text()) == {"epoch": 1}
+        _assert_same(io.load_state_file(state), saved)
+    points = (tmp_path / "points").read_text().split()
+    assert points == ["write:run.state:e1", "write:metrics.json:e1"]
+
+
+def test_a_failed_state_write_is_raised_and_writes_no_metrics(tmp_path):
+    (tmp_path / "file").write_text("")
+    state, metrics = tmp_path / "file" / "run.state", tmp_path / "metrics.json"
+    writer = io.StateWriter()
+    writer.save(state, _state_like(), then_json=[(metrics, {"epoch": 1})])
+    with pytest.raises(KdbenchError, match="cannot write"):
+        writer.close()
+    assert not metrics.exists()
+    # leaving the block on another error keeps that error, the failed write noted on it
+    with pytest.raises(KeyboardInterrupt) as stop, io.StateWriter() as writer:
+        writer.save(state, _state_like())
+        raise KeyboardInterrupt
+    assert "the last training state was not written: cannot write" in stop.value.__notes__[0]
+
+
 #: how a step's finite check is read: on the device once per epoch with an unfused optimizer
 #: (the step is taken, the run stops at the epoch's end), on the device with fused SGD (the step
 #: is skipped there), or on the host at every step

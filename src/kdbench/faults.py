@@ -13,10 +13,14 @@ variables, unset in normal use, act on them:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
+from collections.abc import Iterator
 
 _phase = "start"
+_thread = threading.local()  # a thread's own phase (:func:`in_phase`)
 
 
 def phase(name: str) -> None:
@@ -25,13 +29,29 @@ def phase(name: str) -> None:
     _phase = name
 
 
+def current_phase() -> str:
+    """The phase that this thread's points are named after."""
+    return getattr(_thread, "phase", None) or _phase
+
+
+@contextlib.contextmanager
+def in_phase(name: str) -> Iterator[None]:
+    """Name this thread's points after phase ``name`` meanwhile, whatever :func:`phase` says (a
+    background write of the state saved in that phase: ``kdbench.io.StateWriter``)."""
+    _thread.phase = name
+    try:
+        yield
+    finally:
+        _thread.phase = None
+
+
 def point(name: str) -> None:
     """A place where the run may be killed; does nothing unless the variables above are set."""
     fault = os.environ.get("KDBENCH_FAULT")
     record = os.environ.get("KDBENCH_FAULT_LOG")
     if not fault and not record:
         return
-    ident = f"{name}:{_phase}"
+    ident = f"{name}:{current_phase()}"
     if record:
         with open(record, "a") as fh:
             fh.write(ident + "\n")

@@ -2,7 +2,8 @@
 
 Training state is written with a checksum (:func:`save_state`), and the previous state is kept
 beside it until the new one is in place, so a damaged state is detected and the one before it
-used (:func:`load_state_file`).
+used (:func:`load_state_file`). Its tensors are packed into one buffer (:func:`pack_tensors`),
+and :class:`StateWriter` writes it while training goes on.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from kdbench import faults
 from kdbench.errors import KdbenchError
 
 STATE_MAGIC = b"KDBENCH-STATE 1 sha256="
+_PACKED = "__kdbench_packed__"  # marks a state whose tensors are packed (pack_tensors)
+_TENSOR = "__kdbench_tensor__"  # marks a packed tensor's place in the state
 
 
 def _file_mode() -> int:
@@ -95,8 +99,16 @@ def remove_stale_temps(*paths: str | os.PathLike[str]) -> list[Path]:
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
+    _write_text(path, _json_text(data))
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def _write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
 
 
 def link_outputs(source: str | os.PathLike[str], outputs: list[str]) -> None:
@@ -137,25 +149,145 @@ def previous_state(path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + ".prev")
 
 
+def pack_tensors(obj: Any) -> dict[str, Any]:
+    """``obj`` (dicts, lists and tuples of tensors and plain values) as a copy whose tensors are
+    packed into one byte tensor on the CPU, a snapshot that later changes to ``obj``'s tensors do
+    not reach. A training state holds thousands of small tensors (8 ResNet56 students' weights,
+    momenta and best weights: 6,888), which ``torch.save`` writes one record each (0.35 s for
+    those 81 MB on 2 cores) and which would each be copied from the GPU on their own; packed,
+    one copy per device and one record. :func:`unpack_tensors` undoes it."""
+    tensors: list[torch.Tensor] = []
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors.append(x.detach())
+            return {_TENSOR: len(tensors) - 1}
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    tree = walk(obj)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    parts, layout, offset = [], [None] * len(tensors), 0
+    for indices in by_device.values():
+        flat = [tensors[i].contiguous().reshape(-1).view(torch.uint8) for i in indices]
+        parts.append(torch.cat(flat).cpu())  # a copy: from the GPU, or a new buffer on the CPU
+        for i, f in zip(indices, flat, strict=True):
+            dtype = str(tensors[i].dtype).removeprefix("torch.")
+            layout[i] = [dtype, list(tensors[i].shape), offset, f.numel()]
+            offset += f.numel()
+    blob = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    return {_PACKED: 1, "tree": tree, "tensors": layout, "blob": blob}
+
+
+def unpack_tensors(packed: dict[str, Any]) -> Any:
+    """The object that :func:`pack_tensors` packed, each tensor in a storage of its own."""
+    blob = packed["blob"]
+    tensors = [
+        blob[offset : offset + size].clone().view(getattr(torch, dtype)).reshape(shape)
+        for dtype, shape, offset, size in packed["tensors"]
+    ]
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            return tensors[x[_TENSOR]] if _TENSOR in x else {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    return walk(packed["tree"])
+
+
+def _write_packed_state(path: str | os.PathLike[str], packed: dict[str, Any]) -> None:
+    buf = BytesIO()
+    torch.save(packed, buf)
+    payload = buf.getbuffer()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    with atomic_path(path, keep_previous=previous_state(path)) as tmp, open(tmp, "wb") as fh:
+        fh.write(STATE_MAGIC + digest + b"\n")
+        fh.write(payload)
+
+
 def save_state(path: str | os.PathLike[str], obj: Any) -> None:
     """Write training state with a checksum, atomically, keeping the previous state."""
-    buf = BytesIO()
-    torch.save(obj, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    with atomic_path(path, keep_previous=previous_state(path)) as tmp:
-        tmp.write_bytes(STATE_MAGIC + digest + b"\n" + payload)
+    _write_packed_state(path, pack_tensors(obj))
+
+
+class StateWriter:
+    """:func:`save_state` in a background thread, for a training loop: :meth:`save` takes the
+    snapshot (:func:`pack_tensors`) and returns while the state is serialised, checksummed,
+    written, synced to disk and renamed into place, which for 8 ResNet56 students took 0.74 s
+    on 2 cores, longer than a GPU needs for a tenth of their epoch. The next :meth:`save` and
+    :meth:`close` wait for that write and raise its error. Use as a context manager: leaving it
+    waits for the last write, so the state a run stops with is on disk."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdbench-state")
+        self._pending: Future[None] | None = None
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        obj: Any,
+        then_json: Sequence[tuple[str | os.PathLike[str], Any]] = (),
+    ) -> None:
+        """Save ``obj`` as the state at ``path``, then write each (path, document) of
+        ``then_json`` as :func:`write_json` does (the documents as they are now): a run's
+        metrics.json never shows an epoch whose state is not on disk."""
+        self.wait()
+        packed, phase = pack_tensors(obj), faults.current_phase()
+        texts = [(p, _json_text(doc)) for p, doc in then_json]
+
+        def write() -> None:
+            with faults.in_phase(phase):  # its kill points: the epoch it was saved in
+                _write_packed_state(path, packed)
+                for p, text in texts:
+                    _write_text(p, text)
+
+        self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        """Until the last state saved is on disk (its write's error, if it failed)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
+    def __enter__(self) -> StateWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the run stops on an error: its last state still lands, the error stays the one
+            self.close()
+        except Exception as write_error:  # noqa: BLE001 - reported, not raised over exc
+            exc.add_note(f"the last training state was not written: {write_error}")
 
 
 def load_state_file(path: str | os.PathLike[str]) -> Any:
-    """Read a file written by :func:`save_state`; ValueError if it is damaged."""
+    """Read a file written by :func:`save_state` (or by kdbench before its tensors were
+    packed); ValueError if it is damaged."""
     blob = Path(path).read_bytes()
     head, sep, payload = blob.partition(b"\n")
     if not sep or not head.startswith(STATE_MAGIC):
         raise ValueError("not a kdbench state file")
     if hashlib.sha256(payload).hexdigest().encode() != head[len(STATE_MAGIC) :]:
         raise ValueError("checksum mismatch (truncated or damaged)")
-    return torch.load(BytesIO(payload), map_location="cpu", weights_only=True)
+    state = torch.load(BytesIO(payload), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and state.get(_PACKED) == 1:
+        return unpack_tensors(state)
+    return state
 
 
 def remove_state(path: str | os.PathLike[str]) -> None:

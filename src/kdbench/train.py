@@ -740,7 +740,11 @@ def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
 
 
 def cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    """A copy of ``module``'s state on the CPU (from a GPU: one copy for all its tensors)."""
+    state = module.state_dict()
+    if all(v.device.type == "cpu" for v in state.values()):
+        return {k: v.detach().clone() for k, v in state.items()}
+    return io.unpack_tensors(io.pack_tensors(state))
 
 
 def peak_memory(device: torch.device) -> dict[str, float | None]:
@@ -946,106 +950,111 @@ def fit_runs(
     dev = shared["device"]
     log.info("device %s: %s, %d threads", device, dev["name"], dev["threads"])
     session_seconds: list[float] = []
-    for epoch in range(len(runs[0].epochs), cfg.epochs):
-        t0 = time.perf_counter()
-        lr = next(iter(optimizers.values())).param_groups[0]["lr"]  # the student's first
-        faults.phase(f"e{epoch + 1}")
+    # each epoch's state is written while the next one trains; leaving the block waits for the
+    # last, so a run that stops (an error, the end) leaves its latest state on disk
+    with io.StateWriter() as states:
+        for epoch in range(len(runs[0].epochs), cfg.epochs):
+            t0 = time.perf_counter()
+            lr = next(iter(optimizers.values())).param_groups[0]["lr"]  # the student's first
+            faults.phase(f"e{epoch + 1}")
 
-        def on_bad_step(step: int, epoch: int = epoch) -> None:
-            nonlocal skipped
-            skipped += 1
-            where = f"{_describe(record)} epoch {epoch + 1} step {step + 1}"
-            nonfinite_batch(where, skipped, cfg.skip_nonfinite, epoch, state_path)
+            def on_bad_step(step: int, epoch: int = epoch) -> None:
+                nonlocal skipped
+                skipped += 1
+                where = f"{_describe(record)} epoch {epoch + 1} step {step + 1}"
+                nonfinite_batch(where, skipped, cfg.skip_nonfinite, epoch, state_path)
 
-        totals = train_epoch(
-            method,
-            optimizers,
-            train_loader,
-            epoch,
-            device,
-            cfg,
-            on_bad_step=on_bad_step,
-            step_fn=step_fn,
-        )
-        for sched in schedules.values():
-            sched.step()
-        n_train = train_loader.num_samples
-        scores = evaluate_runs(method, len(runs), (val_loader, test_loader), device, cfg, eval_fn)
-        stats = {k: float(v) for k, v in method.pop_stats().items()}
-        seconds = time.perf_counter() - t0
-        correct = [totals.correct] if isinstance(totals.correct, int) else totals.correct
-        for run, hits, ((val_loss, val_acc), (test_loss, test_acc)) in zip(
-            runs, correct, scores, strict=True
-        ):
-            parts_mean = {k: v / n_train for k, v in run.own(totals.parts).items()}
-            entry = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": sum(parts_mean.values()),
-                "train_loss_parts": parts_mean,
-                "train_acc": 100.0 * hits / n_train,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "epoch_seconds": seconds / len(runs),
-            }
-            own_stats = run.own(stats)
-            if own_stats:
-                entry["method_stats"] = own_stats
-            if totals.bad_steps:
-                entry["skipped_batches"] = len(totals.bad_steps)
-            if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
-                raise KdbenchError(
-                    f"{_describe(run.record)}: non-finite loss at epoch {epoch + 1} "
-                    f"(train {entry['train_loss']}, val {val_loss}); "
-                    f"last good state kept in {state_path}"
-                )
-            run.epochs.append(entry)
-            if val_acc > run.best["val_acc"]:
-                run.best = {
-                    "epoch": epoch + 1,
-                    "val_acc": val_acc,
-                    "weights": cpu_state_dict(run.student),
-                }
-        io.save_state(
-            state_path,
-            {
-                "version": STATE_VERSION,
-                "fingerprint": fp,
-                "modules": {k: cpu_state_dict(m) for k, m in modules.items()},
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "schedules": {k: s.state_dict() for k, s in schedules.items()},
-                "rng": rng_state(device),
-                "epochs": runs[0].epochs if alone else {r.prefix: r.epochs for r in runs},
-                "best": runs[0].best if alone else {r.prefix: r.best for r in runs},
-                "resumed": resumed,
-                "sessions": [*sessions, {**me, "epochs": epoch + 1}],
-            },
-        )
-        session_seconds.append(seconds)
-        remaining = (cfg.epochs - epoch - 1) * sum(session_seconds) / len(session_seconds)
-        for run in runs:
-            io.write_json(run.outputs.metrics, run.doc)
-            entry = run.epochs[-1]
-            parts_txt = " ".join(f"{k} {v:.4f}" for k, v in entry["train_loss_parts"].items())
-            log.info(
-                "%sepoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% test %.2f%% lr %.4g %.1fs "
-                "ETA %s",
-                run.tag,
-                epoch + 1,
-                cfg.epochs,
-                entry["train_loss"],
-                parts_txt,
-                entry["train_acc"],
-                entry["val_acc"],
-                entry["test_acc"],
-                lr,
-                seconds,
-                fmt_duration(remaining),
+            totals = train_epoch(
+                method,
+                optimizers,
+                train_loader,
+                epoch,
+                device,
+                cfg,
+                on_bad_step=on_bad_step,
+                step_fn=step_fn,
             )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
+            for sched in schedules.values():
+                sched.step()
+            n_train = train_loader.num_samples
+            scores = evaluate_runs(
+                method, len(runs), (val_loader, test_loader), device, cfg, eval_fn
+            )
+            stats = {k: float(v) for k, v in method.pop_stats().items()}
+            seconds = time.perf_counter() - t0
+            correct = [totals.correct] if isinstance(totals.correct, int) else totals.correct
+            for run, hits, ((val_loss, val_acc), (test_loss, test_acc)) in zip(
+                runs, correct, scores, strict=True
+            ):
+                parts_mean = {k: v / n_train for k, v in run.own(totals.parts).items()}
+                entry = {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": sum(parts_mean.values()),
+                    "train_loss_parts": parts_mean,
+                    "train_acc": 100.0 * hits / n_train,
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "test_loss": test_loss,
+                    "test_acc": test_acc,
+                    "epoch_seconds": seconds / len(runs),
+                }
+                own_stats = run.own(stats)
+                if own_stats:
+                    entry["method_stats"] = own_stats
+                if totals.bad_steps:
+                    entry["skipped_batches"] = len(totals.bad_steps)
+                if not all(math.isfinite(v) for v in (entry["train_loss"], val_loss, test_loss)):
+                    raise KdbenchError(
+                        f"{_describe(run.record)}: non-finite loss at epoch {epoch + 1} "
+                        f"(train {entry['train_loss']}, val {val_loss}); "
+                        f"last good state kept in {state_path}"
+                    )
+                run.epochs.append(entry)
+                if val_acc > run.best["val_acc"]:
+                    run.best = {
+                        "epoch": epoch + 1,
+                        "val_acc": val_acc,
+                        "weights": cpu_state_dict(run.student),
+                    }
+            states.save(
+                state_path,
+                {
+                    "version": STATE_VERSION,
+                    "fingerprint": fp,
+                    "modules": {k: m.state_dict() for k, m in modules.items()},
+                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                    "schedules": {k: s.state_dict() for k, s in schedules.items()},
+                    "rng": rng_state(device),
+                    "epochs": runs[0].epochs if alone else {r.prefix: r.epochs for r in runs},
+                    "best": runs[0].best if alone else {r.prefix: r.best for r in runs},
+                    "resumed": resumed,
+                    "sessions": [*sessions, {**me, "epochs": epoch + 1}],
+                },
+                then_json=[(run.outputs.metrics, run.doc) for run in runs],
+            )
+            session_seconds.append(seconds)
+            remaining = (cfg.epochs - epoch - 1) * sum(session_seconds) / len(session_seconds)
+            for run in runs:
+                entry = run.epochs[-1]
+                parts_txt = " ".join(f"{k} {v:.4f}" for k, v in entry["train_loss_parts"].items())
+                log.info(
+                    "%sepoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% test %.2f%% lr %.4g "
+                    "%.1fs ETA %s",
+                    run.tag,
+                    epoch + 1,
+                    cfg.epochs,
+                    entry["train_loss"],
+                    parts_txt,
+                    entry["train_acc"],
+                    entry["val_acc"],
+                    entry["test_acc"],
+                    lr,
+                    seconds,
+                    fmt_duration(remaining),
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1)
 
     faults.phase("final")
     memory = peak_memory(device)
