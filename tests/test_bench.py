@@ -415,6 +415,23 @@ def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
     assert 0 < cohort["vs_fast_weights_max_abs_diff"] < 0.05
 
 
+def test_bench_state_times_saving_a_cohorts_state_on_cpu(tmp_path, capsys):
+    out = tmp_path / "state.json"
+    argv = ["state", "--device", "cpu", "--arch", "ResNetBaby", "--students", "1", "3"]
+    assert bench.main([*argv, "--rounds", "2", "--dir", str(tmp_path), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["command"] == "state" and doc["device"]["type"] == "cpu"
+    one, three = doc["states"]
+    assert (one["arch"], one["students"], three["students"]) == ("resnet8", 1, 3)
+    assert 2.5 < three["megabytes"] / one["megabytes"] < 3.5  # weights, momenta, best weights
+    for row in (one, three):
+        for key in ("before", "blocking", "write", "load"):
+            assert row[f"{key}_seconds"] > 0
+        assert row["before_over_blocking"] == row["before_seconds"] / row["blocking_seconds"]
+    assert not list(tmp_path.glob("*.state*"))  # its states removed, nothing else left
+    assert "resnet8 ×3" in capsys.readouterr().out
+
+
 def test_bench_bad_arguments_are_one_line(capsys, tmp_path):
     assert bench.main(["epochs", "--device", "cpu", "--pair", "resnet20"]) == 1
     assert bench.main(["epochs", "--device", "cpu", "--methods", "kdd"]) == 1
@@ -423,7 +440,9 @@ def test_bench_bad_arguments_are_one_line(capsys, tmp_path):
     (tmp_path / "other.json").write_text('{"concurrent": [{"runs": 1}]}')
     for name in ("missing.json", "cut.json", "other.json"):
         assert bench.main(["grid", str(tmp_path / name)]) == 1
+    assert bench.main(["state", "--device", "cpu", "--arch", "vgg8"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
+    assert err.pop().startswith("kdbench bench: unknown architecture 'vgg8' (known: resnet110")
     assert err[0] == "kdbench bench: bench: --pair wants TEACHER:STUDENT, got 'resnet20'"
     assert err[1].startswith("kdbench bench: bench: unknown method(s) kdd")
     assert err[2] == "kdbench bench: bench concurrent: --mps needs a CUDA device, not cpu"

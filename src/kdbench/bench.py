@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m kdbench.bench {epochs,concurrent,grid,spread,graphs,methods} [options]``.
+"""Benchmarks: ``python -m kdbench.bench {epochs,concurrent,grid,spread,graphs,methods,state}
+[options]``.
 
 ``epochs`` times whole training epochs of kdbench's trainer (``kdbench.train.train_epoch``, the
 loop ``fit`` runs; warm-up epochs excluded) for a dataset shape, an architecture pair and a list
@@ -25,6 +26,10 @@ ratio to ``featuremap``. It also times ``kdbench.tucker.decompose`` against tens
 (pytorch backend, HOOI, SVD init, 100 iterations, tol 1e-4, as the original projects called it)
 on a 128×64×8×8 tensor with ranks (128, 32, 8, 8), and compares their reconstructions.
 Warm-up steps are excluded; CUDA timings are synchronised. ``--json`` saves every figure.
+
+``state`` times what saving the training state after every epoch costs the training loop: the
+snapshot it waits for (:class:`kdbench.io.StateWriter`), the write that then runs beside
+training, and the synchronous write kdbench did before, for one student and a cohort's.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from kdbench.methods.ft import Paraphraser
 from kdbench.train import (
     TrainConfig,
     cohort_stacking,
+    cpu_state_dict,
     evaluate,
     evaluate_runs,
     make_eval_batch,
@@ -65,6 +71,7 @@ from kdbench.train import (
     make_step,
     prepare,
     resolve_device,
+    rng_state,
     train_epoch,
     train_step,
 )
@@ -1321,6 +1328,104 @@ def _at_least(text: str, low: int) -> int:
     return value
 
 
+def _save_state_as_before(path: Path, obj: dict[str, Any]) -> None:
+    """How kdbench wrote a training state before :class:`kdbench.io.StateWriter`: each module
+    tensor copied to the host on its own, ``torch.save`` of every tensor as a record of its
+    own (the optimizers' moved from the GPU one by one), the checksum, the write and the sync
+    to disk, all before the next epoch began. The reference that ``bench state`` times
+    against (it writes a file that :func:`kdbench.io.load_state_file` reads)."""
+    import hashlib
+    from io import BytesIO
+
+    obj = {
+        **obj,
+        "modules": {
+            k: {n: t.to("cpu", copy=True) for n, t in m.items()} for k, m in obj["modules"].items()
+        },
+    }
+    buf = BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    with io.atomic_path(path, keep_previous=io.previous_state(path)) as tmp:
+        tmp.write_bytes(io.STATE_MAGIC + digest + b"\n" + payload)
+
+
+def bench_state(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Seconds per epoch that saving the training state of ``--students`` students of
+    ``--arch`` costs (a cohort's, as ``fit`` saves it after every epoch: their weights and
+    SGD momenta, their best weights on the host, the RNG state and curves): how long the
+    training loop waits for :class:`kdbench.io.StateWriter` to take its snapshot, how long the
+    write then runs beside training, and the previous synchronous write
+    (:func:`_save_state_as_before`), which the loop waited for whole; median of ``--rounds``."""
+    cuda = device.type == "cuda"
+    args.arch = models.canonical_arch(args.arch)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        where = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for n in args.students:
+            torch.manual_seed(0)
+            students = [models.build(args.arch, args.classes, 3).to(device) for _ in range(n)]
+            cfg = TrainConfig.from_config({"epochs": 1, "device": args.device})
+            optimizers = [make_sgd(m, cfg) for m in students]
+            x = torch.randn(2, 3, 32, 32, device=device)
+            for m, opt in zip(students, optimizers, strict=True):
+                m(x)[-1].sum().backward()  # momenta exist after a first step
+                opt.step()
+            state = {
+                "version": 1,
+                "modules": {f"s{i}": m.state_dict() for i, m in enumerate(students)},
+                "optimizers": {f"s{i}": o.state_dict() for i, o in enumerate(optimizers)},
+                "rng": rng_state(device),
+                "epochs": {
+                    f"s{i}": [{"epoch": e, "val_acc": 1.0} for e in range(200)] for i in range(n)
+                },
+                "best": {
+                    f"s{i}": {"epoch": 1, "weights": cpu_state_dict(m)}
+                    for i, m in enumerate(students)
+                },
+            }
+            path = where / f"bench-{args.arch}-x{n}.state"
+            times: dict[str, list[float]] = {"before": [], "blocking": [], "write": [], "load": []}
+            with io.StateWriter() as writer:
+                for _ in range(args.rounds):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    _save_state_as_before(path, state)
+                    t1 = time.perf_counter()
+                    writer.save(path, state)
+                    t2 = time.perf_counter()
+                    writer.wait()
+                    t3 = time.perf_counter()
+                    io.load_state_file(path)
+                    t4 = time.perf_counter()
+                    for key, seconds in zip(
+                        times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True
+                    ):
+                        times[key].append(seconds)
+            row = {
+                "arch": args.arch,
+                "students": n,
+                "megabytes": path.stat().st_size / 2**20,
+                **{f"{k}_seconds": statistics.median(v) for k, v in times.items()},
+            }
+            row["before_over_blocking"] = row["before_seconds"] / row["blocking_seconds"]
+            io.remove_state(path)
+            rows.append(row)
+            print(
+                f"  {args.arch} ×{n} ({row['megabytes']:.1f} MB): the loop waits "
+                f"{row['blocking_seconds'] * 1e3:.1f} ms (before: {row['before_seconds'] * 1e3:.1f}"
+                f" ms, {row['before_over_blocking']:.1f}×); the write then takes "
+                f"{row['write_seconds'] * 1e3:.1f} ms beside training; loading "
+                f"{row['load_seconds'] * 1e3:.1f} ms",
+                flush=True,
+            )
+            del students, optimizers, state
+            if cuda:
+                torch.cuda.empty_cache()
+    return {"where": str(args.dir or "a temporary directory"), "states": rows}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--batch", type=_count, default=128)
@@ -1520,6 +1625,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--json", type=Path, default=None)
     g.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    st = sub.add_parser(
+        "state", help="what saving a run's training state after each epoch costs its loop"
+    )
+    st.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    st.add_argument("--arch", default="resnet56", help="default resnet56")
+    st.add_argument(
+        "--students",
+        type=_count,
+        nargs="+",
+        default=[1, 8],
+        help="students in one state, a cohort's (default 1 8)",
+    )
+    st.add_argument("--classes", type=_count, default=100)
+    st.add_argument("--rounds", type=_count, default=7, help="timed saves (default 7)")
+    st.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="write there, e.g. the file system of results/state (default: a temporary one)",
+    )
+    st.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     m = sub.add_parser(
         "methods", help="time a training step of every method, and Tucker vs tensorly"
     )
@@ -1581,6 +1707,13 @@ def _run(args: argparse.Namespace) -> int:
         result = bench_spread(args, device)
     elif args.command == "grid":
         result = _grid_from_files(args)
+    elif args.command == "state":
+        print(
+            f"kdbench bench state: saving the training state of {args.arch} students "
+            f"({args.classes} classes) on {info['name']}, torch {torch.__version__}",
+            flush=True,
+        )
+        result = bench_state(args, device)
     elif args.command == "graphs":
         print(
             f"kdbench bench graphs: resnet20 → resnet8, eager and CUDA graphs, on {info['name']}, "

@@ -180,7 +180,7 @@ def pack_tensors(obj: Any) -> dict[str, Any]:
             dtype = str(tensors[i].dtype).removeprefix("torch.")
             layout[i] = [dtype, list(tensors[i].shape), offset, f.numel()]
             offset += f.numel()
-    blob = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    blob = parts[0] if len(parts) == 1 else torch.cat([torch.empty(0, dtype=torch.uint8), *parts])
     return {_PACKED: 1, "tree": tree, "tensors": layout, "blob": blob}
 
 

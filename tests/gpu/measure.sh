@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56.
+# stack stack56 state.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -52,7 +52,7 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56}; do
+    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -188,6 +188,13 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
             --json "$OUT/stack.json" ;;
     stack56) step stack56 420 $B epochs --no-reference --epochs 1 --methods "${GRID[@]:1}" \
         --cohort-stack --only-cohort "${sets[@]}" --json "$OUT/stack56.json" ;;
+    # what saving the training state after every epoch costs the loop, from the GPU, for one
+    # student and a cohort of 8 (the snapshot it waits for; before the background writer, the
+    # whole write), on the machine's disk ($STATE_DIR, default a temporary directory)
+    state) for arch in resnet20 resnet56; do
+            step "state-$arch" 60 $B state --arch "$arch" --students 1 8 \
+                ${STATE_DIR:+--dir "$STATE_DIR"} --json "$OUT/state-$arch.json"
+        done ;;
     *) echo "measure.sh: unknown step $s" >&2 ;;
     esac
 done
