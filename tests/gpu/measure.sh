@@ -27,7 +27,8 @@
 # epochs56 with --methods vanilla (the teacher and vanilla, the grid's other rows from before
 # autotuning), mps again with autotuning; spread (pipeline_targets, cuDNN autotuning and
 # cohort_streams: results within seed noise? and a stacked cohort's KD student against its own
-# run).
+# run); state (what saving the training state after each epoch costs a cohort's loop there:
+# `bench grid` leaves it out; under a minute).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
