@@ -270,70 +270,71 @@ def train_paraphraser(
         "provenance": provenance.collect(device),
     }
     skipped = sum(e.get("skipped_batches", 0) for e in epochs)
-    for epoch in range(len(epochs), cfg.epochs):
-        t0 = time.perf_counter()
-        lr = opt.param_groups[0]["lr"]
-        faults.phase(f"paraphraser-e{epoch + 1}")
+    with io.StateWriter() as states:  # each state written while the next epoch trains
+        for epoch in range(len(epochs), cfg.epochs):
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            faults.phase(f"paraphraser-e{epoch + 1}")
 
-        def on_bad_step(step: int, epoch: int = epoch) -> None:
-            nonlocal skipped
-            skipped += 1
-            where = f"paraphraser dataset={dataset} teacher={teacher} seed={seed}"
-            where += f" epoch {epoch + 1} step {step + 1}"
-            nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
+            def on_bad_step(step: int, epoch: int = epoch) -> None:
+                nonlocal skipped
+                skipped += 1
+                where = f"paraphraser dataset={dataset} teacher={teacher} seed={seed}"
+                where += f" epoch {epoch + 1} step {step + 1}"
+                nonfinite_batch(where, skipped, cfg.skip_nonfinite, len(epochs), state_path)
 
-        totals = train_epoch(
-            method, optimizers, train_loader, epoch, device, cfg, on_bad_step, step_fn
-        )
-        sched.step()
-        net.eval()
-        val_total = torch.zeros((), device=device)
-        with torch.inference_mode():
-            for xb, _ in val_loader.epoch():
-                with autocast(device, cfg):
-                    t = method.features(xb)
-                val_total += F.l1_loss(net(t).float(), t, reduction="sum") / t[0].numel()
-        entry = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": totals.parts.get("reconstruction", 0.0) / train_loader.num_samples,
-            "val_loss": float(val_total) / len(val_loader.y),
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        if totals.bad_steps:
-            entry["skipped_batches"] = len(totals.bad_steps)
-        if not all(math.isfinite(entry[k]) for k in ("train_loss", "val_loss")):
-            raise KdbenchError(
-                f"paraphraser {dataset} {teacher}: non-finite loss at epoch {epoch + 1} "
-                f"(train {entry['train_loss']}, val {entry['val_loss']}); "
-                f"last good state kept in {state_path}"
+            totals = train_epoch(
+                method, optimizers, train_loader, epoch, device, cfg, on_bad_step, step_fn
             )
-        epochs.append(entry)
-        if entry["val_loss"] < best["val_loss"]:
-            best = {"epoch": epoch + 1, "val_loss": entry["val_loss"]}
-            best["weights"] = cpu_state_dict(net)
-        io.save_state(
-            state_path,
-            {
-                "version": 1,
-                "fingerprint": fp,
-                "modules": {"paraphraser": cpu_state_dict(net)},
-                "optimizers": {"paraphraser": opt.state_dict()},
-                "schedules": {"paraphraser": sched.state_dict()},
-                "rng": rng_state(device),
-                "epochs": epochs,
-                "best": best,
-            },
-        )
-        io.write_json(outputs["metrics"], doc)
-        log.info(
-            "paraphraser epoch %d/%d reconstruction L1 train %.5f val %.5f %.1fs",
-            epoch + 1,
-            cfg.epochs,
-            entry["train_loss"],
-            entry["val_loss"],
-            entry["epoch_seconds"],
-        )
+            sched.step()
+            net.eval()
+            val_total = torch.zeros((), device=device)
+            with torch.inference_mode():
+                for xb, _ in val_loader.epoch():
+                    with autocast(device, cfg):
+                        t = method.features(xb)
+                    val_total += F.l1_loss(net(t).float(), t, reduction="sum") / t[0].numel()
+            entry = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": totals.parts.get("reconstruction", 0.0) / train_loader.num_samples,
+                "val_loss": float(val_total) / len(val_loader.y),
+                "epoch_seconds": time.perf_counter() - t0,
+            }
+            if totals.bad_steps:
+                entry["skipped_batches"] = len(totals.bad_steps)
+            if not all(math.isfinite(entry[k]) for k in ("train_loss", "val_loss")):
+                raise KdbenchError(
+                    f"paraphraser {dataset} {teacher}: non-finite loss at epoch {epoch + 1} "
+                    f"(train {entry['train_loss']}, val {entry['val_loss']}); "
+                    f"last good state kept in {state_path}"
+                )
+            epochs.append(entry)
+            if entry["val_loss"] < best["val_loss"]:
+                best = {"epoch": epoch + 1, "val_loss": entry["val_loss"]}
+                best["weights"] = cpu_state_dict(net)
+            states.save(
+                state_path,
+                {
+                    "version": 1,
+                    "fingerprint": fp,
+                    "modules": {"paraphraser": net.state_dict()},
+                    "optimizers": {"paraphraser": opt.state_dict()},
+                    "schedules": {"paraphraser": sched.state_dict()},
+                    "rng": rng_state(device),
+                    "epochs": epochs,
+                    "best": best,
+                },
+                then_json=[(outputs["metrics"], doc)],
+            )
+            log.info(
+                "paraphraser epoch %d/%d reconstruction L1 train %.5f val %.5f %.1fs",
+                epoch + 1,
+                cfg.epochs,
+                entry["train_loss"],
+                entry["val_loss"],
+                entry["epoch_seconds"],
+            )
     faults.phase("paraphraser-final")
     doc["final"] = {
         "selected_epoch": best["epoch"],
