@@ -787,6 +787,81 @@ def _cohort_gains(
     return gains
 
 
+def _cohort_estimate(
+    cfg: dict[str, Any],
+    dataset: str,
+    results: list[dict[str, Any]],
+    total: float,
+    cohort_size: int,
+    explicit: bool,
+    cohort_streams: bool | None,
+    cohort_stack: bool | None,
+    cohort_concurrency: Path | None,
+) -> dict[str, Any]:
+    """:func:`grid_estimate`'s figures for ``cfg``'s grid in cohorts of ``cohort_size``, from
+    the grid's ``total`` seconds one run at a time; where the files hold no row to cost them,
+    ``cohorts_not_estimated`` (why, also printed), or an error when ``explicit`` (the size asked
+    for) or ``cohort_concurrency`` wants them."""
+    from kdbench import config as kdconfig
+
+    recipe = TrainConfig.from_config(kdconfig.train_params(cfg, "student"))
+    student_epochs = recipe.epochs
+    streams = recipe.cohort_streams if cohort_streams is None else cohort_streams
+    stack = (  # a GPU's grid: auto as on CUDA
+        cohort_stacking(recipe, torch.device("cuda")) if cohort_stack is None else cohort_stack
+    )
+    gains = _cohort_gains(results, streams, stack)  # one scan for both means
+    saved = _mean_by(gains, "teacher")
+    cohorts = [
+        c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
+    ]
+    missing = sorted({c.teacher for c in cohorts} - set(saved))
+    if missing:
+        why = (
+            f"bench grid: cohorts of {cohort_size} need an `epochs --cohort` row of at least "
+            f"2 taught members with teacher {', '.join(missing)} in the files"
+            + (
+                " trained with cohort_streams (--cohort-streams)"
+                if streams
+                else " trained without cohort_streams (--no-cohort-streams)"
+            )
+            + (
+                " and cohort_stack (--cohort-stack)"
+                if stack
+                else " and without cohort_stack (--no-cohort-stack)"
+            )
+        )
+        if explicit or cohort_concurrency:
+            raise KdbenchError(why)
+        # the config's cohort_size, which these files cannot cost: the grid without them
+        print(f"{why}; the estimate leaves the config's cohorts out", file=sys.stderr)
+        return {"cohorts_not_estimated": why.removeprefix("bench grid: ")}
+    by_pair = _mean_by(gains, "pair")
+
+    def saving(run: kdconfig.StudentRun) -> float:  # the pair's, else the teacher's
+        return by_pair.get(f"{run.teacher}:{run.student}", saved[run.teacher])
+
+    # every member but one saves: the one that would save most, if they differ, pays
+    each = [[saving(m) for m in c.members] for c in cohorts]
+    cut = student_epochs * sum(sum(s) - max(s) for s in each)
+    out: dict[str, Any] = {
+        "cohort_size": cohort_size,
+        "cohort_streams": streams,
+        "cohort_stack": stack,
+        "cohorts": len(cohorts),
+        "cohort_saving_seconds_per_member_epoch": saved,
+        "cohort_saving_seconds_per_member_epoch_by_pair": by_pair,
+        "gpu_hours_total_cohorts": (total - cut) / 3600,
+    }
+    if cohort_concurrency:
+        best = _best_concurrency(cohort_concurrency, cohorts=True)
+        out["cohorts_per_gpu"] = best["runs"]
+        out["gpu_hours_total_cohorts_concurrent"] = (
+            out["gpu_hours_total_cohorts"] / best["throughput_vs_one"]
+        )
+    return out
+
+
 def grid_estimate(
     config_path: Path,
     dataset: str,
@@ -881,59 +956,17 @@ def grid_estimate(
     if cohort_concurrency and cohort_size <= 0:
         raise KdbenchError("bench grid: --cohort-concurrency needs cohorts (--cohort-size N)")
     if cohort_size > 0:
-        recipe = TrainConfig.from_config(kdconfig.train_params(cfg, "student"))
-        streams = recipe.cohort_streams if cohort_streams is None else cohort_streams
-        stack = (  # a GPU's grid: auto as on CUDA
-            cohort_stacking(recipe, torch.device("cuda")) if cohort_stack is None else cohort_stack
+        out |= _cohort_estimate(
+            cfg,
+            dataset,
+            results,
+            total,
+            cohort_size,
+            explicit,
+            cohort_streams,
+            cohort_stack,
+            cohort_concurrency,
         )
-        gains = _cohort_gains(results, streams, stack)  # one scan for both means
-        saved = _mean_by(gains, "teacher")
-        cohorts = [
-            c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
-        ]
-        missing = sorted({c.teacher for c in cohorts} - set(saved))
-        if missing:
-            why = (
-                f"bench grid: cohorts of {cohort_size} need an `epochs --cohort` row of at least "
-                f"2 taught members with teacher {', '.join(missing)} in the files"
-                + (
-                    " trained with cohort_streams (--cohort-streams)"
-                    if streams
-                    else " trained without cohort_streams (--no-cohort-streams)"
-                )
-                + (
-                    " and cohort_stack (--cohort-stack)"
-                    if stack
-                    else " and without cohort_stack (--no-cohort-stack)"
-                )
-            )
-            if explicit or cohort_concurrency:
-                raise KdbenchError(why)
-            # the config's cohort_size, which these files cannot cost: the grid without them
-            print(f"{why}; the estimate leaves the config's cohorts out", file=sys.stderr)
-            out["cohorts_not_estimated"] = why.removeprefix("bench grid: ")
-        else:
-            by_pair = _mean_by(gains, "pair")
-
-            def saving(run: kdconfig.StudentRun) -> float:  # the pair's, else the teacher's
-                return by_pair.get(f"{run.teacher}:{run.student}", saved[run.teacher])
-
-            # every member but one saves: the one that would save most, if they differ, pays
-            each = [[saving(m) for m in c.members] for c in cohorts]
-            cut = student_epochs * sum(sum(s) - max(s) for s in each)
-            out["cohort_size"] = cohort_size
-            out["cohort_streams"] = streams
-            out["cohort_stack"] = stack
-            out["cohorts"] = len(cohorts)
-            out["cohort_saving_seconds_per_member_epoch"] = saved
-            out["cohort_saving_seconds_per_member_epoch_by_pair"] = by_pair
-            out["gpu_hours_total_cohorts"] = (total - cut) / 3600
-            if cohort_concurrency:
-                best = _best_concurrency(cohort_concurrency, cohorts=True)
-                out["cohorts_per_gpu"] = best["runs"]
-                out["gpu_hours_total_cohorts_concurrent"] = (
-                    out["gpu_hours_total_cohorts"] / best["throughput_vs_one"]
-                )
     print(
         f"\n{dataset} grid of {config_path}: {counts['students']} students, "
         f"{counts['teachers']} teacher(s), {counts['paraphrasers']} paraphraser(s): "
