@@ -338,13 +338,19 @@ def test_the_paraphraser_reads_from_the_device_once_per_epoch(
 ):
     """FT's paraphraser trains with the students' epoch loop: no host synchronisation
     between its steps, and it honours the speed switches (here fold_teacher)."""
-    before_step = []  # the syncs seen before each step (and each file written)
+    before_step = []  # the syncs seen before each step (and each file written), by phase
     with HostSyncs() as seen:
-        point = lambda name: before_step.append((name, len(seen.syncs)))  # noqa: E731
+
+        def point(name):
+            before_step.append((name, faults.current_phase(), len(seen.syncs)))
+
         monkeypatch.setattr(faults, "point", point)
         doc = paraphrase_digits(tmp_path, digits_teacher, epochs=2, fold_teacher=True)
     assert doc["status"] == "complete" and doc["config"]["train"]["fold_teacher"] is True
-    epochs = [[n for name, n in before_step[i : i + 5] if name.startswith("step")] for i in (0, 7)]
+    epochs = [
+        [n for name, phase, n in before_step if name.startswith("step") and phase == epoch]
+        for epoch in ("paraphraser-e1", "paraphraser-e2")
+    ]
     assert [len(e) for e in epochs] == [5, 5]  # 5 batches of 256 an epoch
     assert [len(set(e)) for e in epochs] == [1, 1] and epochs[0][0] < epochs[1][0]
 

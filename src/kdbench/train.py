@@ -4,8 +4,9 @@
 the student on the validation and test splits after every epoch, and after each epoch writes
 
 * a resumable state (weights, optimizers, schedules, RNG state, metrics so far) to ``state_path``,
-  which lies outside the declared outputs, atomically;
-* ``metrics.json`` (status ``running``) atomically, so a walltime kill loses nothing.
+  which lies outside the declared outputs, atomically, from a background thread while the next
+  epoch trains (:class:`kdbench.io.StateWriter`);
+* then ``metrics.json`` (status ``running``) atomically, so a walltime kill loses nothing.
 
 At the end it writes the final and the best-by-validation weights, ``Loss.png`` and
 ``Accuracy.png``, and ``metrics.json`` with status ``complete`` last; then it deletes the state.
@@ -846,8 +847,8 @@ def fit(
 
     ``record`` describes the run (dataset, models, method, variant, every setting); it goes into
     metrics.json and its hash guards the resumable state. ``on_epoch_end(epoch)`` is called
-    after an epoch's state is saved (tests use it to interrupt a run).
-    """
+    after an epoch's state is handed to the writer (tests use it to interrupt a run: the state
+    is on disk once the exception has left ``fit``)."""
     (doc,) = fit_runs(
         method,
         data,
