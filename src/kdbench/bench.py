@@ -1384,7 +1384,9 @@ def _save_state_as_before(path: Path, obj: dict[str, Any]) -> None:
         tmp.write_bytes(io.STATE_MAGIC + digest + b"\n" + payload)
 
 
-def bench_state(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def bench_state(
+    args: argparse.Namespace, device: torch.device, info: dict[str, Any]
+) -> dict[str, Any]:
     """Seconds per epoch that saving the training state of ``--students`` students of
     ``--arch`` costs (a cohort's, as ``fit`` saves it after every epoch: their weights and
     SGD momenta, their best weights on the host, the RNG state and curves): how long the
@@ -1393,6 +1395,11 @@ def bench_state(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     (:func:`_save_state_as_before`), which the loop waited for whole; median of ``--rounds``."""
     cuda = device.type == "cuda"
     args.arch = models.canonical_arch(args.arch)
+    print(
+        f"kdbench bench state: the training state of {args.arch} students ({args.classes} "
+        f"classes) on {info['name']} ({info['threads']} threads), torch {torch.__version__}",
+        flush=True,
+    )
     rows = []
     with contextlib.ExitStack() as stack:
         where = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -1741,12 +1748,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "grid":
         result = _grid_from_files(args)
     elif args.command == "state":
-        print(
-            f"kdbench bench state: saving the training state of {args.arch} students "
-            f"({args.classes} classes) on {info['name']}, torch {torch.__version__}",
-            flush=True,
-        )
-        result = bench_state(args, device)
+        result = bench_state(args, device, info)
     elif args.command == "graphs":
         print(
             f"kdbench bench graphs: resnet20 → resnet8, eager and CUDA graphs, on {info['name']}, "
