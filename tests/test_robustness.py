@@ -187,13 +187,13 @@ def test_the_state_writer_writes_while_the_caller_goes_on(tmp_path, monkeypatch)
 
     from kdbench import faults
 
-    release, write = threading.Event(), io._write_packed_state
+    release, write = threading.Event(), io.write_state_file
 
     def held(path, packed):
         assert release.wait(30)
         write(path, packed)
 
-    monkeypatch.setattr(io, "_write_packed_state", held)
+    monkeypatch.setattr(io, "write_state_file", held)
     monkeypatch.setenv("KDBENCH_FAULT_LOG", str(tmp_path / "points"))
     state, metrics, saved = tmp_path / "run.state", tmp_path / "metrics.json", _state_like()
     monkeypatch.setattr(faults, "_phase", "e1")

@@ -1367,21 +1367,10 @@ def _save_state_as_before(path: Path, obj: dict[str, Any]) -> None:
     own (the optimizers' moved from the GPU one by one), the checksum, the write and the sync
     to disk, all before the next epoch began. The reference that ``bench state`` times
     against (it writes a file that :func:`kdbench.io.load_state_file` reads)."""
-    import hashlib
-    from io import BytesIO
-
-    obj = {
-        **obj,
-        "modules": {
-            k: {n: t.to("cpu", copy=True) for n, t in m.items()} for k, m in obj["modules"].items()
-        },
+    modules = {
+        k: {n: t.to("cpu", copy=True) for n, t in m.items()} for k, m in obj["modules"].items()
     }
-    buf = BytesIO()
-    torch.save(obj, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    with io.atomic_path(path, keep_previous=io.previous_state(path)) as tmp:
-        tmp.write_bytes(io.STATE_MAGIC + digest + b"\n" + payload)
+    io.write_state_file(path, {**obj, "modules": modules})
 
 
 def bench_state(
@@ -1403,10 +1392,10 @@ def bench_state(
     rows = []
     with contextlib.ExitStack() as stack:
         where = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        cfg = TrainConfig.from_config({"epochs": 1, "device": args.device})
         for n in args.students:
             torch.manual_seed(0)
             students = [models.build(args.arch, args.classes, 3).to(device) for _ in range(n)]
-            cfg = TrainConfig.from_config({"epochs": 1, "device": args.device})
             optimizers = [make_sgd(m, cfg) for m in students]
             x = torch.randn(2, 3, 32, 32, device=device)
             for m, opt in zip(students, optimizers, strict=True):

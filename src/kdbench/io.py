@@ -202,9 +202,11 @@ def unpack_tensors(packed: dict[str, Any]) -> Any:
     return walk(packed["tree"])
 
 
-def _write_packed_state(path: str | os.PathLike[str], packed: dict[str, Any]) -> None:
+def write_state_file(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as it is as a state file: ``torch.save``, the checksum, atomically, keeping
+    the previous state (:func:`save_state` packs it first)."""
     buf = BytesIO()
-    torch.save(packed, buf)
+    torch.save(obj, buf)
     payload = buf.getbuffer()
     digest = hashlib.sha256(payload).hexdigest().encode()
     with atomic_path(path, keep_previous=previous_state(path)) as tmp, open(tmp, "wb") as fh:
@@ -214,7 +216,7 @@ def _write_packed_state(path: str | os.PathLike[str], packed: dict[str, Any]) ->
 
 def save_state(path: str | os.PathLike[str], obj: Any) -> None:
     """Write training state with a checksum, atomically, keeping the previous state."""
-    _write_packed_state(path, pack_tensors(obj))
+    write_state_file(path, pack_tensors(obj))
 
 
 class StateWriter:
@@ -244,7 +246,7 @@ class StateWriter:
 
         def write() -> None:
             with faults.in_phase(phase):  # its kill points: the epoch it was saved in
-                _write_packed_state(path, packed)
+                write_state_file(path, packed)
                 for p, text in texts:
                     _write_text(p, text)
 

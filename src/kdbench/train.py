@@ -742,10 +742,7 @@ def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
 
 def cpu_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """A copy of ``module``'s state on the CPU (from a GPU: one copy for all its tensors)."""
-    state = module.state_dict()
-    if all(v.device.type == "cpu" for v in state.values()):
-        return {k: v.detach().clone() for k, v in state.items()}
-    return io.unpack_tensors(io.pack_tensors(state))
+    return io.unpack_tensors(io.pack_tensors(module.state_dict()))
 
 
 def peak_memory(device: torch.device) -> dict[str, float | None]:
