@@ -122,6 +122,68 @@ def test_a_run_killed_between_the_two_renames_resumes_from_the_previous_state(tm
     assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
+#: a job that fits ``fit_digits(<dir>, "run")`` for 3 epochs through ``run_job``, as a
+#: workflow script does
+SIGNALLED_JOB = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[2])
+from conftest import fit_digits
+
+from kdbench.runs import run_job
+
+
+def fit_three_epochs():
+    return fit_digits(Path(sys.argv[1]), "run", train={"epochs": 3})
+
+
+run_job(fit_three_epochs, Path(sys.argv[1]) / "job.log")
+"""
+
+
+@pytest.mark.parametrize(
+    ("point", "signal", "status", "why"),
+    [
+        ("write:run.state:e2", "TERM", 143, "stopped by SIGTERM"),
+        ("step3:e3", "TERM", 143, "stopped by SIGTERM"),
+        ("write:run.state:e2", "INT", 130, "interrupted (SIGINT)"),
+    ],
+)
+def test_a_signal_stops_a_job_in_one_line_once_its_state_in_flight_is_on_disk(
+    tmp_path, plain, point, signal, status, why
+):
+    """SIGTERM (a time limit, scancel) or SIGINT (Ctrl-C) while the state of epoch 2 is being
+    written in the background, or early in epoch 3: the job waits for that write, says so in
+    one line and exits 143 (130); running it again resumes after epoch 2 and trains as an
+    uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KDBENCH_FAULT": point, "KDBENCH_FAULT_SIGNAL": signal}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_JOB, str(tmp_path), str(REPO / "tests")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # the fault signals the process group: this job alone
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == status, proc.stderr
+    assert lines[-1] == f"kdbench: {why}; running the job again resumes it"
+    assert "Traceback" not in proc.stderr
+    state = io.load_state_file(tmp_path / "run.state")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["epoch"] for e in state["epochs"]] == [1, 2]
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert why in (tmp_path / "job.log").read_text()
+    doc = _fit(tmp_path, "run")
+    assert doc["final"]["resumed_after_epochs"] == [2] and curves(doc) == curves(plain)
+
+
 def _state_like() -> dict:
     """Tensors of every kind a training state holds, and plain values around them."""
     weights = torch.randn(4, 3, 3, 3)

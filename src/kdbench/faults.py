@@ -7,7 +7,9 @@ of epoch 2), ``write:seed0.pt:e2`` (the state written after epoch 2, before its 
 variables, unset in normal use, act on them:
 
 * ``KDBENCH_FAULT=<id>``: at that point the process group (the job and the Snakemake that
-  started it) is killed with SIGKILL, as a node failure or walltime kill would;
+  started it) is killed with SIGKILL, as a node failure or walltime kill would, or sent the
+  signal ``KDBENCH_FAULT_SIGNAL`` names instead (``TERM``: a batch system's time limit or
+  cancellation, which a job answers by stopping once its state in flight is on disk);
 * ``KDBENCH_FAULT_LOG=<file>``: every id reached is appended to the file, one per line.
 """
 
@@ -56,4 +58,5 @@ def point(name: str) -> None:
         with open(record, "a") as fh:
             fh.write(ident + "\n")
     if ident == fault:
-        os.killpg(os.getpgrp(), signal.SIGKILL)
+        name = os.environ.get("KDBENCH_FAULT_SIGNAL") or "KILL"
+        os.killpg(os.getpgrp(), signal.Signals[f"SIG{name.upper()}"])

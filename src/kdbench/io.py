@@ -253,10 +253,16 @@ class StateWriter:
         self._pending = self._pool.submit(write)
 
     def wait(self) -> None:
-        """Until the last state saved is on disk (its write's error, if it failed)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        """Until the last state saved is on disk (its write's error, if it failed). Interrupted
+        (SIGINT, or SIGTERM under ``errors.sigterm_raises``), it still waits at :meth:`close`."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
             pending.result()
+        finally:
+            if pending.done():  # written, or failed and raised here: not raised again
+                self._pending = None
 
     def close(self) -> None:
         try:

@@ -4,7 +4,9 @@
 students on one teacher pass (:mod:`kdbench.cohort`); ``run_job`` wraps any entry
 point with logging to the job's log file, the thread count, and error handling: a problem with
 the input is one line on stderr and exit status 1; an unexpected error keeps its traceback in the
-log file and prints one line that points there.
+log file and prints one line that points there. SIGTERM (a batch system's time limit or
+cancellation) and SIGINT stop a job in one line too, with exit status 143 and 130, once the
+training state in flight is on disk, so that running the job again loses no finished epoch.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 from kdbench import io, methods, models, mps
 from kdbench.cohort import Cohort
 from kdbench.data import Dataset, load_dataset
-from kdbench.errors import KdbenchError, one_line
+from kdbench.errors import KdbenchError, Terminated, one_line, sigterm_raises
 from kdbench.train import Run, RunOutputs, TrainConfig, file_sha256, fit, fit_runs
 
 log = logging.getLogger("kdbench")
@@ -75,12 +77,18 @@ def run_job(
         torch.get_num_threads(),
     )
     try:
-        if gpu and mps.wanted():
-            if (kwargs.get("train") or {}).get("device") == "cpu":
-                log.info("MPS: not for a run on the CPU (train.device: cpu)")
-            else:
-                _join_mps()
-        return func(**kwargs)
+        with sigterm_raises():
+            if gpu and mps.wanted():
+                if (kwargs.get("train") or {}).get("device") == "cpu":
+                    log.info("MPS: not for a run on the CPU (train.device: cpu)")
+                else:
+                    _join_mps()
+            return func(**kwargs)
+    except (Terminated, KeyboardInterrupt) as exc:
+        why = str(exc) if isinstance(exc, Terminated) else "interrupted (SIGINT)"
+        log.error("%s; the training state saved last is kept: running the job again resumes", why)
+        print(f"kdbench: {why}; running the job again resumes it", file=sys.stderr, flush=True)
+        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
     except KdbenchError as exc:
         log.error("%s", one_line(exc))
         print(f"kdbench: error: {one_line(exc)}", file=sys.stderr, flush=True)
