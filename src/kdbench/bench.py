@@ -24,8 +24,10 @@ own, so that their kernels can run side by side instead of taking turns.
 optimizer steps) of every method on the same student, teacher and batch, and prints each as a
 ratio to ``featuremap``. It also times ``kdbench.tucker.decompose`` against tensorly's ``tucker``
 (pytorch backend, HOOI, SVD init, 100 iterations, tol 1e-4, as the original projects called it)
-on a 128×64×8×8 tensor with ranks (128, 32, 8, 8), and compares their reconstructions.
-Warm-up steps are excluded; CUDA timings are synchronised. ``--json`` saves every figure.
+on a 128×64×8×8 tensor with ranks (128, 32, 8, 8), and compares their reconstructions; and
+the sample-wise decomposition by kdbench and by one batched SVD of the unfoldings (cuSOLVER's
+``gesvda`` on CUDA), each against LAPACK's in double precision (``--decomposition-only``: these
+alone). Warm-up steps are excluded; CUDA timings are synchronised. ``--json`` saves every figure.
 
 ``state`` times what saving the training state after every epoch costs the training loop: the
 snapshot it waits for (:class:`kdbench.io.StateWriter`), the write that then runs beside
@@ -46,12 +48,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 import torch
+from torch import Tensor
 
 from kdbench import io, methods, models, mps, provenance, reference, tucker
 from kdbench.cohort import Cohort
@@ -117,6 +120,8 @@ def _label(name: str, params: dict[str, Any]) -> str:
 
 def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
+    if args.decomposition_only:
+        return {"decomposition": bench_decomposition(device, args)}
     cfg = TrainConfig.from_config({"epochs": 1, "batch_size": args.batch, "device": args.device})
     shape = (args.batch, args.channels, args.image_size, args.image_size)
     g = torch.Generator().manual_seed(0)
@@ -161,6 +166,80 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
     for r in results:
         r["ratio_to_featuremap"] = r["seconds"] / base
     return {"steps": results, "decomposition": bench_decomposition(device, args)}
+
+
+#: ``methods``: the other solvers that the sample-wise decomposition is timed against, per
+#: device type: ``torch.linalg.svd`` of each sample's unfolding with these drivers (``gesvda``:
+#: cuSOLVER's batched approximate SVD, one call for the whole batch; None: LAPACK's on the host)
+SAMPLEWISE_SVD_DRIVERS: dict[str, tuple[str | None, ...]] = {"cuda": ("gesvda",), "cpu": (None,)}
+
+
+def samplewise_by_svd(
+    x: Tensor, ranks: Sequence[int], driver: str | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`kdbench.tucker.decompose_samplewise` of ``x`` (B × C × H × W) with ranks
+    (r, H, W), its channel factors taken from one ``torch.linalg.svd`` of the samples' C × HW
+    unfoldings with ``driver`` (the top ``r`` left singular vectors, which are the top
+    eigenvectors of the Gram matrices that kdbench decomposes; their signs fixed alike), not from
+    eigendecompositions: a candidate solver that ``methods`` times and checks against LAPACK."""
+    ranks = tucker.check_ranks(x.shape[1:], ranks)
+    if tucker.truncated_modes(x.shape[1:], ranks) != [0]:
+        raise KdbenchError(
+            f"samplewise_by_svd: ranks {list(ranks)} must truncate the channels only"
+        )
+    unfolded = x.detach().float().reshape(x.shape[0], x.shape[1], -1)
+    if ranks[0] > min(unfolded.shape[1:]):
+        raise KdbenchError(f"samplewise_by_svd: rank {ranks[0]} exceeds the unfoldings' rank")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        left = torch.linalg.svd(unfolded, full_matrices=False, driver=driver)[0]
+    factors = [tucker._fix_signs(left[..., : ranks[0]])]
+    factors += [tucker._identity(n, x, x.shape[0]) for n in x.shape[2:]]
+    return tucker.project(x, factors, [0]), factors
+
+
+def _samplewise_agreement(
+    got: tuple[Tensor, list[Tensor]], want: tuple[Tensor, list[Tensor]]
+) -> dict[str, float]:
+    """How far a sample-wise decomposition ``got`` is from ``want``: the largest difference of
+    the projections onto their channel subspaces (``U Uᵀ``: none within a degenerate
+    eigenspace), and the cores' relative difference with each factor column's sign aligned."""
+    (core, (factor, *_)), (ref_core, (ref, *_)) = got, want
+    core, factor = core.double().cpu(), factor.double().cpu()
+    ref_core, ref = ref_core.double().cpu(), ref.double().cpu()
+    projector = (factor @ factor.mT - ref @ ref.mT).abs().amax()
+    sign = torch.sign((factor * ref).sum(-2))  # (B, r)
+    aligned = core * sign.where(sign != 0, torch.ones_like(sign))[..., None, None]
+    return {
+        "projector_max_difference": float(projector),
+        "core_relative_difference": float((aligned - ref_core).norm() / ref_core.norm()),
+    }
+
+
+def bench_samplewise_solvers(
+    x: Tensor, ranks: Sequence[int], device: torch.device, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Seconds (median of ``repeats``) of the sample-wise decomposition of ``x`` by kdbench
+    (block Jacobi on CUDA, LAPACK on the host) and by each :data:`SAMPLEWISE_SVD_DRIVERS`
+    candidate of ``device``, and how far each is from LAPACK's in double precision."""
+    unfolded = x.detach().double().cpu().reshape(x.shape[0], x.shape[1], -1)
+    ref_factor = tucker._top(torch.linalg.eigh(unfolded @ unfolded.mT)[1], ranks[0])
+    reference = (
+        (ref_factor.mT @ unfolded).reshape(x.shape[0], ranks[0], *x.shape[2:]),
+        [ref_factor],
+    )
+    solvers: dict[str, Callable[[], tuple[Tensor, list[Tensor]]]] = {
+        "kdbench": lambda: tucker.decompose_samplewise(x, ranks)
+    }
+    for driver in SAMPLEWISE_SVD_DRIVERS.get(device.type, ()):
+        name = f"svd_{driver}" if driver else "svd"
+        solvers[name] = lambda driver=driver: samplewise_by_svd(x, ranks, driver)
+    return {
+        name: {
+            "seconds": statistics.median(_time(solve, device, 1, repeats)),
+            **_samplewise_agreement(solve(), reference),
+        }
+        for name, solve in solvers.items()
+    }
 
 
 def bench_decomposition(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
@@ -212,6 +291,9 @@ def bench_decomposition(device: torch.device, args: argparse.Namespace) -> dict[
             "full_seconds": statistics.median(full),
             "samplewise_seconds": statistics.median(sample),
         }
+    out["samplewise_solvers"] = bench_samplewise_solvers(
+        x, sample_ranks, device, args.decomp_repeats
+    )
     return out
 
 
@@ -1688,6 +1770,11 @@ def _parser() -> argparse.ArgumentParser:
         "--steps", type=_count, default=None, help="timed rounds (default 50 on CUDA, 20 on CPU)"
     )
     m.add_argument("--warmup", type=_natural, default=5)
+    m.add_argument(
+        "--decomposition-only",
+        action="store_true",
+        help="time the Tucker decompositions only (kdbench, tensorly, sample-wise solvers)",
+    )
     m.add_argument("--decomp-repeats", type=_count, default=50)
     m.add_argument("--tensorly-repeats", type=_count, default=5)
     return parser
@@ -1782,9 +1869,10 @@ def _run_methods(args: argparse.Namespace, device: torch.device, info: dict[str,
         flush=True,
     )
     result = bench_methods(args)
-    print("\nstep time relative to featuremap:")
-    for r in result["steps"]:
-        print(f"  {r['method']:<28} {r['ratio_to_featuremap']:6.3f}×")
+    if "steps" in result:
+        print("\nstep time relative to featuremap:")
+        for r in result["steps"]:
+            print(f"  {r['method']:<28} {r['ratio_to_featuremap']:6.3f}×")
     d = result["decomposition"]
     print(
         f"\nTucker {tuple(d['shape'])} ranks {tuple(d['ranks'])}: "
@@ -1799,6 +1887,13 @@ def _run_methods(args: argparse.Namespace, device: torch.device, info: dict[str,
                 f"  {key}: whole tensor {d[key]['full_seconds'] * 1e3:.3f} ms, sample-wise "
                 f"(ranks {tuple(d['ranks'][1:])}) {d[key]['samplewise_seconds'] * 1e3:.3f} ms"
             )
+    print("  sample-wise solvers (differences from LAPACK in double precision):")
+    for name, r in d["samplewise_solvers"].items():
+        print(
+            f"    {name:<12} {r['seconds'] * 1e3:9.3f} ms, subspace projections differ by "
+            f"{r['projector_max_difference']:.1e}, cores by {r['core_relative_difference']:.1e} "
+            "(relative)"
+        )
     return result
 
 

@@ -149,10 +149,14 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
 def _top(vectors: Tensor, rank: int) -> Tensor:
     """The last ``rank`` eigenvectors (ascending order) as columns in descending order, each
     with its largest-magnitude entry positive."""
-    top = vectors[..., -rank:].flip(-1)
-    pivot = top.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.sign(torch.gather(top, -2, pivot))
-    return top * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return _fix_signs(vectors[..., -rank:].flip(-1))
+
+
+def _fix_signs(columns: Tensor) -> Tensor:
+    """``columns`` (… × n × r), each multiplied by the sign of its largest-magnitude entry."""
+    pivot = columns.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(torch.gather(columns, -2, pivot))
+    return columns * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 #: the largest symmetric matrices that torch solves as one batch on CUDA

@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56 state.
+# stack stack56 state solvers.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -28,7 +28,9 @@
 # autotuning), mps again with autotuning; spread (pipeline_targets, cuDNN autotuning and
 # cohort_streams: results within seed noise? and a stacked cohort's KD student against its own
 # run); state (what saving the training state after each epoch costs a cohort's loop there:
-# `bench grid` leaves it out; under a minute).
+# `bench grid` leaves it out; under a minute); solvers (sample-wise Tucker, 2-3.6× featuremap:
+# does cuSOLVER's batched SVD decompose a batch in one call much faster than block Jacobi, as
+# accurately? Under a minute).
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -53,7 +55,8 @@ B="$PY -m kdbench.bench"
 GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-r32"
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
-    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state}; do
+    overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
+    solvers}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -84,6 +87,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # decomposition of a stage-3 batch alone (kdbench and tensorly): where a Tucker step's
     # extra time over featuremap goes
     methods) step methods 90 $B methods --steps 10 --json "$OUT/methods.json" ;;
+    # the sample-wise decomposition of a stage-3 batch (128 × 64 × 8 × 8, ranks (32, 8, 8)) by
+    # kdbench (block Jacobi) and by cuSOLVER's batched SVD (gesvda), each against LAPACK's in
+    # double precision: would one call make sample-wise Tucker cheap enough to hide?
+    solvers) step solvers 90 $B methods --decomposition-only --json "$OUT/solvers.json" ;;
     # run-to-run and seed spread (default with SET's switches, plain, deterministic), digits,
     # KD resnet20 → resnet8; and each seed's KD student in a stacked cohort (train.cohort_stack)
     # against its default run
