@@ -222,6 +222,48 @@ def test_one_epoch_of_training(tmp_path, teacher, name, params):
         assert epoch["method_stats"]["guard_fired"] == 0
 
 
+def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, monkeypatch):
+    """train.samplewise_solver: svd (one batched SVD of the unfoldings) trains sample-wise
+    Tucker as eigh does, up to rounding (16×16 digits: stage 3 is 64 channels of 4×4, so the
+    unfoldings have the 16 columns that rank 8 needs)."""
+    from kdbench import tucker
+
+    svd, calls = torch.linalg.svd, []
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: calls.append(a.shape) or svd(a, **kw))
+    docs = {}
+    try:
+        for solver in tucker.SAMPLEWISE_SOLVERS:
+            docs[solver] = train_digits(
+                tmp_path / solver,
+                method="tucker",
+                variant="v",
+                method_params={"rank": 8, "decomposition": "sample"},
+                data={"image_size": 16},
+                train={
+                    "epochs": 1,
+                    "batch_size": 200,
+                    "device": "cpu",
+                    "samplewise_solver": solver,
+                },
+                teacher="resnet8",
+                teacher_weights=teacher,
+            )
+            if solver == "eigh":
+                assert calls == []
+    finally:
+        tucker.set_samplewise_solver("eigh")
+    assert (200, 64, 16) in calls  # each batch's decomposition: one SVD
+    (a,), (b,) = docs["eigh"]["epochs"], docs["svd"]["epochs"]
+    # the epoch's mean loss to rounding; its last weights (6 steps of lr 0.05 from factors that
+    # differ by rounding, β = 125) a little further
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert a["train_loss_parts"]["feature"] == pytest.approx(
+        b["train_loss_parts"]["feature"], rel=1e-4
+    )
+    for key in ("val_loss", "test_loss"):
+        assert a[key] == pytest.approx(b[key], rel=5e-3)
+
+
 def test_bad_ranks_fail_at_validation():
     tucker = methods.get("tucker")
     shape = {3: (64, 4, 4)}

@@ -229,11 +229,15 @@ def test_prepare_sets_where_tucker_solves_its_eigendecompositions():
         models.build("resnet8", 10, 1), models.build("resnet8", 10, 1), {}
     )
     try:
-        prepare(method, TrainConfig(eigh_on_host=True), torch.device("cpu"))
-        assert tucker._EIGH_ON_HOST
+        prepare(
+            method, TrainConfig(eigh_on_host=True, samplewise_solver="svd"), torch.device("cpu")
+        )
+        assert tucker._EIGH_ON_HOST and tucker._SAMPLEWISE_SOLVER == "svd"
     finally:
         prepare(method, TrainConfig(), torch.device("cpu"))
-    assert not tucker._EIGH_ON_HOST
+    assert not tucker._EIGH_ON_HOST and tucker._SAMPLEWISE_SOLVER == "eigh"
+    with pytest.raises(KdbenchError, match="train.samplewise_solver must be one of eigh, svd"):
+        TrainConfig.from_config({"samplewise_solver": "qr"})
 
 
 def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():

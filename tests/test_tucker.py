@@ -252,3 +252,44 @@ def test_only_cuda_batches_of_large_matrices_take_block_jacobi():
     assert not tucker._uses_block_jacobi(Gram("cuda", (128, 32, 32)))  # torch batches these
     assert not tucker._uses_block_jacobi(Gram("cuda", (64, 64)))  # one matrix
     assert not tucker._uses_block_jacobi(Gram("cpu", (128, 64, 64)))  # LAPACK, threaded
+
+
+def test_the_svd_solver_gives_the_samplewise_factors_of_eigh(monkeypatch):
+    """train.samplewise_solver: svd takes each sample's factors from one batched SVD of the
+    unfoldings: the same factors, signs included, and cores as the Gram matrices' eigh; where
+    an unfolding has fewer columns than the rank, from eigh still."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(6, 16, 4, 5, generator=g))
+    x = x * torch.linspace(2, 0.5, 16)[:, None, None]  # distinct eigenvalues
+    svd, calls = torch.linalg.svd, []
+    monkeypatch.setattr(
+        torch.linalg, "svd", lambda a, **kw: calls.append((a.shape, kw)) or svd(a, **kw)
+    )
+    for ranks in [(6, 4, 5), (6, 2, 5), (16, 4, 5)]:
+        want_core, want_factors = tucker.decompose_samplewise(x, ranks)
+        tucker.set_samplewise_solver("svd")
+        try:
+            core, factors = tucker.decompose_samplewise(x, ranks)
+        finally:
+            tucker.set_samplewise_solver("eigh")
+        for got, want in zip(factors, want_factors, strict=True):
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
+        assert torch.allclose(core, want_core, atol=1e-4, rtol=1e-4)
+    # one SVD per truncated mode, of all the samples at once (the host's driver: torch's)
+    assert calls == [
+        ((6, 16, 20), {"full_matrices": False, "driver": None}),
+        ((6, 16, 20), {"full_matrices": False, "driver": None}),
+        ((6, 4, 80), {"full_matrices": False, "driver": None}),
+    ]
+    calls.clear()
+    tucker.set_samplewise_solver("svd")
+    try:  # 16 channels of 2×2: the unfoldings have 4 columns, rank 6 needs the Gram's eigh
+        core, factors = tucker.decompose_samplewise(x[:, :, :2, :2], (6, 2, 2))
+        assert tucker.decompose(x, (6, 6, 4, 5))[0].shape == (6, 6, 4, 5)  # whole tensor: eigh
+    finally:
+        tucker.set_samplewise_solver("eigh")
+    assert calls == [] and torch.allclose(
+        factors[0], tucker.decompose_samplewise(x[:, :, :2, :2], (6, 2, 2))[1][0]
+    )
+    with pytest.raises(KdbenchError, match="unknown sample-wise Tucker solver 'qr'"):
+        tucker.set_samplewise_solver("qr")

@@ -25,9 +25,10 @@ optimizer steps) of every method on the same student, teacher and batch, and pri
 ratio to ``featuremap``. It also times ``kdbench.tucker.decompose`` against tensorly's ``tucker``
 (pytorch backend, HOOI, SVD init, 100 iterations, tol 1e-4, as the original projects called it)
 on a 128×64×8×8 tensor with ranks (128, 32, 8, 8), and compares their reconstructions; and
-the sample-wise decomposition by kdbench and by one batched SVD of the unfoldings (cuSOLVER's
-``gesvda`` on CUDA), each against LAPACK's in double precision (``--decomposition-only``: these
-alone). Warm-up steps are excluded; CUDA timings are synchronised. ``--json`` saves every figure.
+the sample-wise decomposition by each ``train.samplewise_solver`` (``eigh``; ``svd``, one
+batched SVD of the unfoldings, cuSOLVER's ``gesvda`` on CUDA), each against LAPACK's in double
+precision (``--decomposition-only``: the decompositions alone). Warm-up steps are excluded;
+CUDA timings are synchronised. ``--json`` saves every figure.
 
 ``state`` times what saving the training state after every epoch costs the training loop: the
 snapshot it waits for (:class:`kdbench.io.StateWriter`), the write that then runs beside
@@ -168,35 +169,6 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": results, "decomposition": bench_decomposition(device, args)}
 
 
-#: ``methods``: the other solvers that the sample-wise decomposition is timed against, per
-#: device type: ``torch.linalg.svd`` of each sample's unfolding with these drivers (``gesvda``:
-#: cuSOLVER's batched approximate SVD, one call for the whole batch; None: LAPACK's on the host)
-SAMPLEWISE_SVD_DRIVERS: dict[str, tuple[str | None, ...]] = {"cuda": ("gesvda",), "cpu": (None,)}
-
-
-def samplewise_by_svd(
-    x: Tensor, ranks: Sequence[int], driver: str | None = None
-) -> tuple[Tensor, list[Tensor]]:
-    """:func:`kdbench.tucker.decompose_samplewise` of ``x`` (B × C × H × W) with ranks
-    (r, H, W), its channel factors taken from one ``torch.linalg.svd`` of the samples' C × HW
-    unfoldings with ``driver`` (the top ``r`` left singular vectors, which are the top
-    eigenvectors of the Gram matrices that kdbench decomposes; their signs fixed alike), not from
-    eigendecompositions: a candidate solver that ``methods`` times and checks against LAPACK."""
-    ranks = tucker.check_ranks(x.shape[1:], ranks)
-    if tucker.truncated_modes(x.shape[1:], ranks) != [0]:
-        raise KdbenchError(
-            f"samplewise_by_svd: ranks {list(ranks)} must truncate the channels only"
-        )
-    unfolded = x.detach().float().reshape(x.shape[0], x.shape[1], -1)
-    if ranks[0] > min(unfolded.shape[1:]):
-        raise KdbenchError(f"samplewise_by_svd: rank {ranks[0]} exceeds the unfoldings' rank")
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        left = torch.linalg.svd(unfolded, full_matrices=False, driver=driver)[0]
-    factors = [tucker._fix_signs(left[..., : ranks[0]])]
-    factors += [tucker._identity(n, x, x.shape[0]) for n in x.shape[2:]]
-    return tucker.project(x, factors, [0]), factors
-
-
 def _samplewise_agreement(
     got: tuple[Tensor, list[Tensor]], want: tuple[Tensor, list[Tensor]]
 ) -> dict[str, float]:
@@ -217,29 +189,29 @@ def _samplewise_agreement(
 
 def bench_samplewise_solvers(
     x: Tensor, ranks: Sequence[int], device: torch.device, repeats: int
-) -> dict[str, dict[str, float]]:
-    """Seconds (median of ``repeats``) of the sample-wise decomposition of ``x`` by kdbench
-    (block Jacobi on CUDA, LAPACK on the host) and by each :data:`SAMPLEWISE_SVD_DRIVERS`
-    candidate of ``device``, and how far each is from LAPACK's in double precision."""
+) -> dict[str, dict[str, Any]]:
+    """Seconds (median of ``repeats``) of the sample-wise decomposition of ``x`` by each of
+    :data:`kdbench.tucker.SAMPLEWISE_SOLVERS` (``eigh``: block Jacobi on CUDA, LAPACK on the
+    host; ``svd``: one batched SVD, cuSOLVER's ``gesvda`` on CUDA), and how far each is from
+    LAPACK's decomposition in double precision."""
     unfolded = x.detach().double().cpu().reshape(x.shape[0], x.shape[1], -1)
     ref_factor = tucker._top(torch.linalg.eigh(unfolded @ unfolded.mT)[1], ranks[0])
-    reference = (
-        (ref_factor.mT @ unfolded).reshape(x.shape[0], ranks[0], *x.shape[2:]),
-        [ref_factor],
-    )
-    solvers: dict[str, Callable[[], tuple[Tensor, list[Tensor]]]] = {
-        "kdbench": lambda: tucker.decompose_samplewise(x, ranks)
-    }
-    for driver in SAMPLEWISE_SVD_DRIVERS.get(device.type, ()):
-        name = f"svd_{driver}" if driver else "svd"
-        solvers[name] = lambda driver=driver: samplewise_by_svd(x, ranks, driver)
-    return {
-        name: {
-            "seconds": statistics.median(_time(solve, device, 1, repeats)),
-            **_samplewise_agreement(solve(), reference),
+    ref_core = (ref_factor.mT @ unfolded).reshape(x.shape[0], ranks[0], *x.shape[2:])
+    out: dict[str, dict[str, Any]] = {}
+    for solver in tucker.SAMPLEWISE_SOLVERS:
+        tucker.set_samplewise_solver(solver)
+        try:
+            times = _time(lambda: tucker.decompose_samplewise(x, ranks), device, 1, repeats)
+            got = tucker.decompose_samplewise(x, ranks)
+        finally:
+            tucker.set_samplewise_solver("eigh")
+        driver = tucker.SVD_DRIVERS.get(device.type) if solver == "svd" else None
+        out[solver] = {
+            "seconds": statistics.median(times),
+            **({"driver": driver} if driver else {}),
+            **_samplewise_agreement(got, (ref_core, [ref_factor])),
         }
-        for name, solve in solvers.items()
-    }
+    return out
 
 
 def bench_decomposition(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
@@ -1887,10 +1859,11 @@ def _run_methods(args: argparse.Namespace, device: torch.device, info: dict[str,
                 f"  {key}: whole tensor {d[key]['full_seconds'] * 1e3:.3f} ms, sample-wise "
                 f"(ranks {tuple(d['ranks'][1:])}) {d[key]['samplewise_seconds'] * 1e3:.3f} ms"
             )
-    print("  sample-wise solvers (differences from LAPACK in double precision):")
+    print("  sample-wise solvers (train.samplewise_solver; against LAPACK in double precision):")
     for name, r in d["samplewise_solvers"].items():
+        name += f" ({r['driver']})" if "driver" in r else ""
         print(
-            f"    {name:<12} {r['seconds'] * 1e3:9.3f} ms, subspace projections differ by "
+            f"    {name:<14} {r['seconds'] * 1e3:9.3f} ms, subspace projections differ by "
             f"{r['projector_max_difference']:.1e}, cores by {r['core_relative_difference']:.1e} "
             "(relative)"
         )

@@ -75,6 +75,7 @@ LATER_SETTINGS = (
     "cohort_streams",
     "priority_targets",
     "cohort_stack",
+    "samplewise_solver",
 )
 
 
@@ -170,6 +171,12 @@ class TrainConfig:
     #: students 1.42x, against the same cohort on streams; H200, README Performance), off on
     #: CPU (1.43x slower there: a convolution on a CPU is bound by arithmetic, not latency)
     cohort_stack: bool | str = "auto"
+    #: how sample-wise Tucker (``decomposition: sample``) finds each sample's factors
+    #: (:func:`kdbench.tucker.set_samplewise_solver`): ``eigh`` of the samples' Gram matrices
+    #: (block Jacobi on CUDA), or ``svd``, one batched SVD of their unfoldings (cuSOLVER's
+    #: ``gesvda`` on CUDA, one call per batch; LAPACK's on the host, slower there than eigh);
+    #: the same factors up to rounding. ``bench methods`` times both on a stage-3 batch
+    samplewise_solver: str = "eigh"
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -221,6 +228,11 @@ class TrainConfig:
             raise KdbenchError(
                 "train.cudnn_benchmark and train.deterministic cannot both be true "
                 "(autotuned cuDNN algorithms are not deterministic)"
+            )
+        if self.samplewise_solver not in tucker.SAMPLEWISE_SOLVERS:
+            raise KdbenchError(
+                "train.samplewise_solver must be one of "
+                f"{', '.join(tucker.SAMPLEWISE_SOLVERS)}, got {self.samplewise_solver!r}"
             )
         if self.compile not in COMPILE_MODES:
             raise KdbenchError(
@@ -366,14 +378,15 @@ def compile_models(method: Method, cfg: TrainConfig, device: torch.device | None
 def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     """Move ``method`` to ``device`` (channels_last on CUDA), fold its teacher's batch norms
     and compile it per ``cfg``; set the process's deterministic-algorithms, cuDNN autotuning
-    and host-eigh switches from ``cfg.deterministic``, ``cfg.cudnn_benchmark`` and
-    ``cfg.eigh_on_host``; a cohort's member streams and stacks from ``cfg.cohort_streams`` and
-    ``cfg.cohort_stack``."""
+    and Tucker solver switches from ``cfg.deterministic``, ``cfg.cudnn_benchmark``,
+    ``cfg.eigh_on_host`` and ``cfg.samplewise_solver``; a cohort's member streams and stacks
+    from ``cfg.cohort_streams`` and ``cfg.cohort_stack``."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.benchmark = cudnn_autotuning(cfg, device)
     tucker.set_eigh_on_host(cfg.eigh_on_host)
+    tucker.set_samplewise_solver(cfg.samplewise_solver)
     if isinstance(method, Cohort):
         method.set_stack(cohort_stacking(cfg, device))
         for stack in method.stacks:

@@ -34,6 +34,11 @@ a stage-3 batch (128 channel Gram matrices of 64×64) took 97 ms that way on an 
 Jacobi method whose every step is one batched eigendecomposition of 32×32 blocks, run until the
 off-diagonal part is at rounding level.
 
+``train.samplewise_solver: svd`` (:func:`set_samplewise_solver`) takes the sample-wise factors
+from one batched SVD of the samples' unfoldings instead, their top left singular vectors: on
+CUDA cuSOLVER's batched ``gesvda``, one call whatever the size (``bench methods`` times it
+against block Jacobi and LAPACK), on the host LAPACK's SVD (slower there than ``eigh``).
+
 On the host a batch of eigendecompositions (sample-wise) is split over torch's intra-op
 threads: LAPACK solves each matrix on its own either way, so the result is the same, bit for
 bit, and torch's own batched CPU ``eigh`` runs them one after the other.
@@ -134,6 +139,28 @@ def set_eigh_on_host(enabled: bool) -> None:
     CPU tensors are not affected. Set by ``kdbench.train.prepare`` from ``train.eigh_on_host``."""
     global _EIGH_ON_HOST
     _EIGH_ON_HOST = bool(enabled)
+
+
+#: how :func:`decompose_samplewise` finds each sample's factors (``train.samplewise_solver``):
+#: ``eigh`` of each sample's Gram matrices, or ``svd``: one batched SVD of the samples'
+#: unfoldings, their top left singular vectors (the same vectors; :data:`SVD_DRIVERS`)
+SAMPLEWISE_SOLVERS = ("eigh", "svd")
+#: ``torch.linalg.svd``'s driver for the ``svd`` solver per device type: on CUDA cuSOLVER's
+#: ``gesvdaStridedBatched``, one call for a batch of any size (approximate: it works from the
+#: Gram matrices, in the input's precision, as ``eigh`` does); elsewhere torch's (LAPACK)
+SVD_DRIVERS: dict[str, str] = {"cuda": "gesvda"}
+_SAMPLEWISE_SOLVER = "eigh"
+
+
+def set_samplewise_solver(name: str) -> None:
+    """The solver of :func:`decompose_samplewise` (:data:`SAMPLEWISE_SOLVERS`). Set by
+    ``kdbench.train.prepare`` from ``train.samplewise_solver``."""
+    if name not in SAMPLEWISE_SOLVERS:
+        raise KdbenchError(
+            f"unknown sample-wise Tucker solver {name!r}; one of {', '.join(SAMPLEWISE_SOLVERS)}"
+        )
+    global _SAMPLEWISE_SOLVER
+    _SAMPLEWISE_SOLVER = name
 
 
 #: matrices per thread below which a batch of host eigendecompositions is not split
@@ -290,6 +317,19 @@ def _top_eigenvectors(gram: Tensor, rank: int) -> Tensor:
     return _solve(gram, rank)
 
 
+def _top_left_singular_vectors(x: Tensor, mode: int, rank: int) -> Tensor | None:
+    """The top ``rank`` left singular vectors (B × n × rank, signs as :func:`_top`'s) of each
+    sample's mode-``mode`` unfolding (n × the rest), from one batched ``torch.linalg.svd``;
+    None where the rest is smaller than ``rank`` (the Gram matrices' null space then supplies
+    vectors that an SVD of the unfoldings does not give)."""
+    unfolded = x.movedim(mode, 1).reshape(x.shape[0], x.shape[mode], -1)
+    if rank > unfolded.shape[-1]:
+        return None
+    driver = SVD_DRIVERS.get(x.device.type)
+    left = torch.linalg.svd(unfolded, full_matrices=False, driver=driver)[0]
+    return _fix_signs(left[..., :rank])
+
+
 def _gram(x: Tensor, mode: int, batched: bool) -> Tensor:
     if batched:
         unfolded = x.movedim(mode, 1).reshape(x.shape[0], x.shape[mode], -1)
@@ -321,7 +361,12 @@ def _factors(x: Tensor, ranks: tuple[int, ...], n_iter: int, batched: bool) -> l
     factors = [_identity(n, x, batch) for n in sizes]
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i in truncated:
-            factors[i] = _top_eigenvectors(_gram(x, first + i, batched), ranks[i])
+            top = None
+            if batched and _SAMPLEWISE_SOLVER == "svd":
+                top = _top_left_singular_vectors(x, first + i, ranks[i])
+            if top is None:
+                top = _top_eigenvectors(_gram(x, first + i, batched), ranks[i])
+            factors[i] = top
         if len(truncated) > 1:  # HOOI sweeps only change anything when several modes truncate
             for _ in range(n_iter):
                 for i in truncated:
@@ -346,7 +391,9 @@ def decompose(x: Tensor, ranks: Sequence[int], n_iter: int = 0) -> tuple[Tensor,
 def decompose_samplewise(x: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
     """Each sample ``x[b]`` decomposed on its own with ``ranks`` (one per non-batch mode).
 
-    Returns the stacked cores ``(B, *ranks)`` and factors of shape ``(B, n_i, r_i)``.
+    Returns the stacked cores ``(B, *ranks)`` and factors of shape ``(B, n_i, r_i)``. The
+    factors come from the samples' Gram matrices' eigenvectors, or, with
+    :func:`set_samplewise_solver` ``("svd")``, from one batched SVD of their unfoldings.
     """
     ranks = check_ranks(x.shape[1:], ranks)
     factors = _factors(x.detach().float(), ranks, 0, batched=True)

@@ -87,9 +87,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # decomposition of a stage-3 batch alone (kdbench and tensorly): where a Tucker step's
     # extra time over featuremap goes
     methods) step methods 90 $B methods --steps 10 --json "$OUT/methods.json" ;;
-    # the sample-wise decomposition of a stage-3 batch (128 × 64 × 8 × 8, ranks (32, 8, 8)) by
-    # kdbench (block Jacobi) and by cuSOLVER's batched SVD (gesvda), each against LAPACK's in
-    # double precision: would one call make sample-wise Tucker cheap enough to hide?
+    # the sample-wise decomposition of a stage-3 batch (128 × 64 × 8 × 8, ranks (32, 8, 8)) with
+    # each train.samplewise_solver: eigh (block Jacobi) and svd (cuSOLVER's batched gesvda, one
+    # call), each against LAPACK's in double precision. If svd is much faster and as accurate:
+    # TUCKER_SETTINGS="samplewise_solver=eigh samplewise_solver=svd" measure.sh tucker
     solvers) step solvers 90 $B methods --decomposition-only --json "$OUT/solvers.json" ;;
     # run-to-run and seed spread (default with SET's switches, plain, deterministic), digits,
     # KD resnet20 → resnet8; and each seed's KD student in a stacked cohort (train.cohort_stack)
