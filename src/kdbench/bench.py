@@ -194,7 +194,7 @@ def bench_samplewise_solvers(
     :data:`kdbench.tucker.SAMPLEWISE_SOLVERS` (``eigh``: block Jacobi on CUDA, LAPACK on the
     host; ``svd``: one batched SVD, cuSOLVER's ``gesvda`` on CUDA), and how far each is from
     LAPACK's decomposition in double precision."""
-    unfolded = x.detach().double().cpu().reshape(x.shape[0], x.shape[1], -1)
+    unfolded = tucker._unfold(x.detach().double().cpu(), 1, batched=True)
     ref_factor = tucker._top(torch.linalg.eigh(unfolded @ unfolded.mT)[1], ranks[0])
     ref_core = (ref_factor.mT @ unfolded).reshape(x.shape[0], ranks[0], *x.shape[2:])
     out: dict[str, dict[str, Any]] = {}

@@ -322,7 +322,7 @@ def _top_left_singular_vectors(x: Tensor, mode: int, rank: int) -> Tensor | None
     sample's mode-``mode`` unfolding (n × the rest), from one batched ``torch.linalg.svd``;
     None where the rest is smaller than ``rank`` (the Gram matrices' null space then supplies
     vectors that an SVD of the unfoldings does not give)."""
-    unfolded = x.movedim(mode, 1).reshape(x.shape[0], x.shape[mode], -1)
+    unfolded = _unfold(x, mode, batched=True)
     if rank > unfolded.shape[-1]:
         return None
     driver = SVD_DRIVERS.get(x.device.type)
@@ -330,12 +330,17 @@ def _top_left_singular_vectors(x: Tensor, mode: int, rank: int) -> Tensor | None
     return _fix_signs(left[..., :rank])
 
 
-def _gram(x: Tensor, mode: int, batched: bool) -> Tensor:
+def _unfold(x: Tensor, mode: int, batched: bool) -> Tensor:
+    """The mode-``mode`` unfolding of ``x`` (n × the rest), or of each sample (B × n × the
+    rest) when ``batched``."""
     if batched:
-        unfolded = x.movedim(mode, 1).reshape(x.shape[0], x.shape[mode], -1)
-        return unfolded @ unfolded.transpose(1, 2)
-    unfolded = x.movedim(mode, 0).reshape(x.shape[mode], -1)
-    return unfolded @ unfolded.T
+        return x.movedim(mode, 1).reshape(x.shape[0], x.shape[mode], -1)
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+
+
+def _gram(x: Tensor, mode: int, batched: bool) -> Tensor:
+    unfolded = _unfold(x, mode, batched)
+    return unfolded @ unfolded.mT
 
 
 @functools.cache
