@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56 state solvers.
+# stack stack56 state solvers samplewise.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -56,7 +56,7 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
-    solvers}; do
+    solvers samplewise}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -92,6 +92,14 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # call), each against LAPACK's in double precision. If svd is much faster and as accurate:
     # TUCKER_SETTINGS="samplewise_solver=eigh samplewise_solver=svd" measure.sh tucker
     solvers) step solvers 90 $B methods --decomposition-only --json "$OUT/solvers.json" ;;
+    # sample-wise Tucker's epochs against featuremap's on resnet110 -> resnet20 with each
+    # train.samplewise_solver (SOLVERS, default "svd eigh"), each run with its own featuremap row
+    samplewise) for solver in ${SOLVERS:-svd eigh}; do
+            step "samplewise-$solver" 150 $B epochs --no-reference --epochs 2 \
+                --pair resnet110:resnet20 --methods featuremap "tucker sample-teacher-r32" \
+                "${sets[@]}" --set samplewise_solver="$solver" \
+                --json "$OUT/samplewise-$solver.json"
+        done ;;
     # run-to-run and seed spread (default with SET's switches, plain, deterministic), digits,
     # KD resnet20 → resnet8; and each seed's KD student in a stacked cohort (train.cohort_stack)
     # against its default run
