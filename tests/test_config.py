@@ -55,7 +55,11 @@ BAD = [
     (("train", "deterministic"), 1, "train.deterministic: 1 is not of type 'boolean'"),
     (("train", "fold_teacher"), "yes", "train.fold_teacher: 'yes' is not of type 'boolean'"),
     (("train", "eigh_on_host"), 0, "train.eigh_on_host: 0 is not of type 'boolean'"),
-    (("train", "samplewise_solver"), "qr", "train.samplewise_solver: 'qr' is not one of eigh"),
+    (
+        ("train", "samplewise_solver"),
+        "qr",
+        "train.samplewise_solver: 'qr' is not one of auto, eigh, svd",
+    ),
     (
         ("train",),
         {"device": "cpu", "cudnn_benchmark": True, "deterministic": True},

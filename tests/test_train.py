@@ -232,11 +232,13 @@ def test_prepare_sets_where_tucker_solves_its_eigendecompositions():
         prepare(
             method, TrainConfig(eigh_on_host=True, samplewise_solver="svd"), torch.device("cpu")
         )
-        assert tucker._EIGH_ON_HOST and tucker._SAMPLEWISE_SOLVER == "svd"
+        assert tucker.eigh_on_host() and tucker.samplewise_solver() == "svd"
     finally:
         prepare(method, TrainConfig(), torch.device("cpu"))
-    assert not tucker._EIGH_ON_HOST and tucker._SAMPLEWISE_SOLVER == "eigh"
-    with pytest.raises(KdbenchError, match="train.samplewise_solver must be one of eigh, svd"):
+    assert not tucker.eigh_on_host() and tucker.samplewise_solver() == "auto"
+    with pytest.raises(
+        KdbenchError, match="train.samplewise_solver must be one of auto, eigh, svd"
+    ):
         TrainConfig.from_config({"samplewise_solver": "qr"})
 
 

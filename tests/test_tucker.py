@@ -271,7 +271,7 @@ def test_the_svd_solver_gives_the_samplewise_factors_of_eigh(monkeypatch):
         try:
             core, factors = tucker.decompose_samplewise(x, ranks)
         finally:
-            tucker.set_samplewise_solver("eigh")
+            tucker.set_samplewise_solver("auto")
         for got, want in zip(factors, want_factors, strict=True):
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
         assert torch.allclose(core, want_core, atol=1e-4, rtol=1e-4)
@@ -287,9 +287,45 @@ def test_the_svd_solver_gives_the_samplewise_factors_of_eigh(monkeypatch):
         core, factors = tucker.decompose_samplewise(x[:, :, :2, :2], (6, 2, 2))
         assert tucker.decompose(x, (6, 6, 4, 5))[0].shape == (6, 6, 4, 5)  # whole tensor: eigh
     finally:
-        tucker.set_samplewise_solver("eigh")
+        tucker.set_samplewise_solver("auto")
     assert calls == [] and torch.allclose(
         factors[0], tucker.decompose_samplewise(x[:, :, :2, :2], (6, 2, 2))[1][0]
     )
     with pytest.raises(KdbenchError, match="unknown sample-wise Tucker solver 'qr'"):
         tucker.set_samplewise_solver("qr")
+
+
+def test_auto_takes_the_svd_on_cuda_and_eigh_where_the_svd_fails(monkeypatch):
+    """train.samplewise_solver: auto (the default) takes the sample-wise factors from the SVD on
+    the devices that SVD_DRIVERS names (CUDA: cuSOLVER's batched gesvda), from eigh elsewhere;
+    where the SVD fails to converge (gesvda gives up on many repeated singular values, such as
+    a sample's channels that ReLU silenced), that mode's factors come from eigh."""
+    assert tucker.samplewise_solver() == "auto"
+    assert tucker.uses_svd(torch.device("cuda")) and not tucker.uses_svd(torch.device("cpu"))
+    x = torch.relu(torch.randn(5, 12, 4, 6, generator=torch.Generator().manual_seed(8)))
+    x[1, :7] = 0  # sample 1: 7 of its 12 channels silent
+    ranks = (6, 3, 6)
+    want_core, want_factors = tucker.decompose_samplewise(x, ranks)  # auto on CPU: eigh
+    svd, calls = torch.linalg.svd, []
+
+    def gesvda(a: torch.Tensor, full_matrices: bool, driver: str | None) -> tuple:
+        calls.append((a.shape, driver))
+        if a.shape[1] == 12:  # the channel unfoldings: gives up, as gesvda may
+            raise torch.linalg.LinAlgError("linalg.svd: (Batch element 1): failed to converge")
+        return svd(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", gesvda)
+    monkeypatch.setitem(tucker.SVD_DRIVERS, "cpu", "gesvda")
+    assert tucker.uses_svd(torch.device("cpu"))
+    core, factors = tucker.decompose_samplewise(x, ranks)
+    assert calls == [((5, 12, 24), "gesvda"), ((5, 4, 72), "gesvda")]
+    assert torch.equal(factors[0], want_factors[0])  # eigh's, after the SVD failed
+    assert torch.allclose(factors[1], want_factors[1], atol=1e-4)  # the SVD's
+    assert torch.allclose(core, want_core, atol=1e-4, rtol=1e-4)
+    for solver, svd_on_cpu in [("eigh", False), ("svd", True)]:
+        tucker.set_samplewise_solver(solver)
+        try:
+            assert tucker.uses_svd(torch.device("cpu")) == svd_on_cpu
+            assert tucker.uses_svd(torch.device("cuda")) == svd_on_cpu
+        finally:
+            tucker.set_samplewise_solver("auto")

@@ -191,20 +191,21 @@ def bench_samplewise_solvers(
     x: Tensor, ranks: Sequence[int], device: torch.device, repeats: int
 ) -> dict[str, dict[str, Any]]:
     """Seconds (median of ``repeats``) of the sample-wise decomposition of ``x`` by each of
-    :data:`kdbench.tucker.SAMPLEWISE_SOLVERS` (``eigh``: block Jacobi on CUDA, LAPACK on the
-    host; ``svd``: one batched SVD, cuSOLVER's ``gesvda`` on CUDA), and how far each is from
-    LAPACK's decomposition in double precision."""
+    the solvers of :data:`kdbench.tucker.SAMPLEWISE_SOLVERS` (``eigh``: block Jacobi on CUDA,
+    LAPACK on the host; ``svd``: one batched SVD, cuSOLVER's ``gesvda`` on CUDA), and how far
+    each is from LAPACK's decomposition in double precision."""
     unfolded = tucker._unfold(x.detach().double().cpu(), 1, batched=True)
     ref_factor = tucker._top(torch.linalg.eigh(unfolded @ unfolded.mT)[1], ranks[0])
     ref_core = (ref_factor.mT @ unfolded).reshape(x.shape[0], ranks[0], *x.shape[2:])
     out: dict[str, dict[str, Any]] = {}
-    for solver in tucker.SAMPLEWISE_SOLVERS:
+    before = tucker.samplewise_solver()
+    for solver in ("eigh", "svd"):
         tucker.set_samplewise_solver(solver)
         try:
             times = _time(lambda: tucker.decompose_samplewise(x, ranks), device, 1, repeats)
             got = tucker.decompose_samplewise(x, ranks)
         finally:
-            tucker.set_samplewise_solver("eigh")
+            tucker.set_samplewise_solver(before)
         driver = tucker.SVD_DRIVERS.get(device.type) if solver == "svd" else None
         out[solver] = {
             "seconds": statistics.median(times),
@@ -249,8 +250,10 @@ def bench_decomposition(device: torch.device, args: argparse.Namespace) -> dict[
     # where the eigendecompositions run (train.eigh_on_host), whole-tensor and sample-wise
     placements = [False, True] if device.type == "cuda" else [False]
     sample_ranks = ranks[1:]
+    before = tucker.eigh_on_host(), tucker.samplewise_solver()
     for on_host in placements:
         tucker.set_eigh_on_host(on_host)
+        tucker.set_samplewise_solver("eigh")
         try:
             where = "host" if on_host else "device"
             full = _time(lambda: tucker.decompose(x, ranks), device, 3, args.decomp_repeats)
@@ -258,7 +261,8 @@ def bench_decomposition(device: torch.device, args: argparse.Namespace) -> dict[
                 lambda: tucker.decompose_samplewise(x, sample_ranks), device, 1, args.decomp_repeats
             )
         finally:
-            tucker.set_eigh_on_host(False)
+            tucker.set_eigh_on_host(before[0])
+            tucker.set_samplewise_solver(before[1])
         out[f"eigh_on_{where}"] = {
             "full_seconds": statistics.median(full),
             "samplewise_seconds": statistics.median(sample),

@@ -34,10 +34,14 @@ a stage-3 batch (128 channel Gram matrices of 64×64) took 97 ms that way on an 
 Jacobi method whose every step is one batched eigendecomposition of 32×32 blocks, run until the
 off-diagonal part is at rounding level.
 
-``train.samplewise_solver: svd`` (:func:`set_samplewise_solver`) takes the sample-wise factors
-from one batched SVD of the samples' unfoldings instead, their top left singular vectors: on
-CUDA cuSOLVER's batched ``gesvda``, one call whatever the size (``bench methods`` times it
-against block Jacobi and LAPACK), on the host LAPACK's SVD (slower there than ``eigh``).
+``train.samplewise_solver`` (:func:`set_samplewise_solver`) ``svd`` takes the sample-wise
+factors from one batched SVD of the samples' unfoldings instead, their top left singular
+vectors: on CUDA cuSOLVER's batched ``gesvda``, one call whatever the size (on an H200 1.1 ms
+for a stage-3 batch against 9.7 ms by block Jacobi, and closer to LAPACK's in double precision:
+``bench methods``), on the host LAPACK's SVD (11x slower there than ``eigh``). ``auto``, the
+default, is ``svd`` on CUDA and ``eigh`` elsewhere. Where ``gesvda`` gives up (an unfolding with
+many repeated singular values, such as the zero rows of channels that ReLU silenced in a
+sample), that mode's factors of that batch come from ``eigh``.
 
 On the host a batch of eigendecompositions (sample-wise) is split over torch's intra-op
 threads: LAPACK solves each matrix on its own either way, so the result is the same, bit for
@@ -141,15 +145,21 @@ def set_eigh_on_host(enabled: bool) -> None:
     _EIGH_ON_HOST = bool(enabled)
 
 
+def eigh_on_host() -> bool:
+    """The switch that :func:`set_eigh_on_host` set (False unless set)."""
+    return _EIGH_ON_HOST
+
+
 #: how :func:`decompose_samplewise` finds each sample's factors (``train.samplewise_solver``):
 #: ``eigh`` of each sample's Gram matrices, or ``svd``: one batched SVD of the samples'
-#: unfoldings, their top left singular vectors (the same vectors; :data:`SVD_DRIVERS`)
-SAMPLEWISE_SOLVERS = ("eigh", "svd")
+#: unfoldings, their top left singular vectors (the same vectors; :data:`SVD_DRIVERS`);
+#: ``auto``: ``svd`` on the devices that :data:`SVD_DRIVERS` names (CUDA), else ``eigh``
+SAMPLEWISE_SOLVERS = ("auto", "eigh", "svd")
 #: ``torch.linalg.svd``'s driver for the ``svd`` solver per device type: on CUDA cuSOLVER's
 #: ``gesvdaStridedBatched``, one call for a batch of any size (approximate: it works from the
 #: Gram matrices, in the input's precision, as ``eigh`` does); elsewhere torch's (LAPACK)
 SVD_DRIVERS: dict[str, str] = {"cuda": "gesvda"}
-_SAMPLEWISE_SOLVER = "eigh"
+_SAMPLEWISE_SOLVER = "auto"
 
 
 def set_samplewise_solver(name: str) -> None:
@@ -161,6 +171,19 @@ def set_samplewise_solver(name: str) -> None:
         )
     global _SAMPLEWISE_SOLVER
     _SAMPLEWISE_SOLVER = name
+
+
+def samplewise_solver() -> str:
+    """The solver set by :func:`set_samplewise_solver` (``auto`` unless set)."""
+    return _SAMPLEWISE_SOLVER
+
+
+def uses_svd(device: torch.device) -> bool:
+    """Whether :func:`decompose_samplewise` takes the factors of a batch on ``device`` from
+    one batched SVD (``svd``, or ``auto`` where :data:`SVD_DRIVERS` names the device type)."""
+    if _SAMPLEWISE_SOLVER == "auto":
+        return device.type in SVD_DRIVERS
+    return _SAMPLEWISE_SOLVER == "svd"
 
 
 #: matrices per thread below which a batch of host eigendecompositions is not split
@@ -321,12 +344,16 @@ def _top_left_singular_vectors(x: Tensor, mode: int, rank: int) -> Tensor | None
     """The top ``rank`` left singular vectors (B × n × rank, signs as :func:`_top`'s) of each
     sample's mode-``mode`` unfolding (n × the rest), from one batched ``torch.linalg.svd``;
     None where the rest is smaller than ``rank`` (the Gram matrices' null space then supplies
-    vectors that an SVD of the unfoldings does not give)."""
+    vectors that an SVD of the unfoldings does not give) and where the SVD fails to converge
+    (cuSOLVER's ``gesvda`` gives up on many repeated singular values): ``eigh`` then."""
     unfolded = _unfold(x, mode, batched=True)
     if rank > unfolded.shape[-1]:
         return None
     driver = SVD_DRIVERS.get(x.device.type)
-    left = torch.linalg.svd(unfolded, full_matrices=False, driver=driver)[0]
+    try:
+        left = torch.linalg.svd(unfolded, full_matrices=False, driver=driver)[0]
+    except torch.linalg.LinAlgError:
+        return None
     return _fix_signs(left[..., :rank])
 
 
@@ -367,7 +394,7 @@ def _factors(x: Tensor, ranks: tuple[int, ...], n_iter: int, batched: bool) -> l
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i in truncated:
             top = None
-            if batched and _SAMPLEWISE_SOLVER == "svd":
+            if batched and uses_svd(x.device):
                 top = _top_left_singular_vectors(x, first + i, ranks[i])
             if top is None:
                 top = _top_eigenvectors(_gram(x, first + i, batched), ranks[i])
@@ -397,8 +424,8 @@ def decompose_samplewise(x: Tensor, ranks: Sequence[int]) -> tuple[Tensor, list[
     """Each sample ``x[b]`` decomposed on its own with ``ranks`` (one per non-batch mode).
 
     Returns the stacked cores ``(B, *ranks)`` and factors of shape ``(B, n_i, r_i)``. The
-    factors come from the samples' Gram matrices' eigenvectors, or, with
-    :func:`set_samplewise_solver` ``("svd")``, from one batched SVD of their unfoldings.
+    factors come from the samples' Gram matrices' eigenvectors, or, where :func:`uses_svd`
+    (:func:`set_samplewise_solver`), from one batched SVD of their unfoldings.
     """
     ranks = check_ranks(x.shape[1:], ranks)
     factors = _factors(x.detach().float(), ranks, 0, batched=True)
