@@ -18,19 +18,16 @@
 # and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
 # choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
-# took about 55 s cold, its warm-up included). After the six H200 sessions of 2026-11-26 and 27
+# took about 55 s cold, its warm-up included). After the seven H200 sessions of 2026-11-26 and 27
 # (their JSON: docs/perf; the sixth timed stack, stack56 and priority: stacked cohorts are the
-# default on CUDA since, and priority_targets gave no gain) the open questions are, most telling
-# first: mps-cohort (do several cohorts to a GPU under MPS, stacked now by default, save more
-# than one?), cohort56 (the two recompositions' resnet56 rows that still predate cuDNN
-# autotuning; `bench grid` then takes cohort56.json beside docs/perf's files, on any machine),
-# epochs56 with --methods vanilla (the teacher and vanilla, the grid's other rows from before
-# autotuning), mps again with autotuning; spread (pipeline_targets, cuDNN autotuning and
-# cohort_streams: results within seed noise? and a stacked cohort's KD student against its own
-# run); state (what saving the training state after each epoch costs a cohort's loop there:
-# `bench grid` leaves it out; under a minute); solvers (sample-wise Tucker, 2-3.6× featuremap:
-# does cuSOLVER's batched SVD decompose a batch in one call much faster than block Jacobi, as
-# accurately? Under a minute).
+# default on CUDA since, and priority_targets gave no gain; the seventh solvers, samplewise,
+# spread, state and mps-cohort: the SVD is the sample-wise default on CUDA since, 1.14x
+# featuremap on resnet20) the open questions are, most telling first: cohort56 (the two
+# recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes
+# cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods vanilla (the
+# teacher and vanilla, the grid's other rows from before autotuning), sample-wise Tucker on
+# resnet56 with the SVD (`bench epochs --methods featuremap "tucker sample-teacher-r32"`), mps
+# again with autotuning.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -89,8 +86,8 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     methods) step methods 90 $B methods --steps 10 --json "$OUT/methods.json" ;;
     # the sample-wise decomposition of a stage-3 batch (128 × 64 × 8 × 8, ranks (32, 8, 8)) with
     # each train.samplewise_solver: eigh (block Jacobi) and svd (cuSOLVER's batched gesvda, one
-    # call), each against LAPACK's in double precision. If svd is much faster and as accurate:
-    # TUCKER_SETTINGS="samplewise_solver=eigh samplewise_solver=svd" measure.sh tucker
+    # call; the default on CUDA, train.samplewise_solver: auto), each against LAPACK's in double
+    # precision
     solvers) step solvers 90 $B methods --decomposition-only --json "$OUT/solvers.json" ;;
     # sample-wise Tucker's epochs against featuremap's on resnet110 -> resnet20 with each
     # train.samplewise_solver (SOLVERS, default "svd eigh"), each run with its own featuremap row
