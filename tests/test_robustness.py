@@ -173,7 +173,10 @@ def test_a_signal_stops_a_job_in_one_line_once_its_state_in_flight_is_on_disk(
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == status, proc.stderr
-    assert lines[-1] == f"kdbench: {why}; running the job again resumes it"
+    assert lines[-1] == (
+        f"kdbench: {why}; run the job again to finish it (a training run resumes after its "
+        "last saved epoch)"
+    )
     assert "Traceback" not in proc.stderr
     state = io.load_state_file(tmp_path / "run.state")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -86,8 +86,13 @@ def run_job(
             return func(**kwargs)
     except (Terminated, KeyboardInterrupt) as exc:
         why = str(exc) if isinstance(exc, Terminated) else "interrupted (SIGINT)"
-        log.error("%s; the training state saved last is kept: running the job again resumes", why)
-        print(f"kdbench: {why}; running the job again resumes it", file=sys.stderr, flush=True)
+        log.error("%s; a training run's state saved last is kept: running it again resumes", why)
+        print(
+            f"kdbench: {why}; run the job again to finish it (a training run resumes after its "
+            "last saved epoch)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
     except KdbenchError as exc:
         log.error("%s", one_line(exc))
