@@ -231,7 +231,7 @@ def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, mo
     svd, calls = torch.linalg.svd, []
     monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: calls.append(a.shape) or svd(a, **kw))
     docs = {}
-    try:
+    with tucker.solving():  # each run's prepare sets the solver: the default afterwards
         for solver in ("eigh", "svd"):
             docs[solver] = train_digits(
                 tmp_path / solver,
@@ -250,8 +250,6 @@ def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, mo
             )
             if solver == "eigh":
                 assert calls == []
-    finally:
-        tucker.set_samplewise_solver("auto")
     assert (200, 64, 16) in calls  # each batch's decomposition: one SVD
     (a,), (b,) = docs["eigh"]["epochs"], docs["svd"]["epochs"]
     # the epoch's mean loss to rounding; its last weights (6 steps of lr 0.05 from factors that

@@ -114,8 +114,7 @@ def test_zero_input_gives_finite_results():
 def test_eigh_on_host_moves_only_device_tensors_and_changes_no_cpu_result(monkeypatch):
     x = torch.relu(torch.randn(16, 8, 4, 4, generator=torch.Generator().manual_seed(3)))
     want = tucker.decompose_samplewise(x, (3, 4, 4))
-    try:
-        tucker.set_eigh_on_host(True)
+    with tucker.solving(eigh_on_host=True):
         got = tucker.decompose_samplewise(x, (3, 4, 4))  # a CPU tensor: nothing moves
         assert torch.equal(got[0], want[0])
 
@@ -130,8 +129,7 @@ def test_eigh_on_host_moves_only_device_tensors_and_changes_no_cpu_result(monkey
         vectors = tucker._top_eigenvectors(OnDevice(), 3)
         assert OnDevice.copies == 1 and vectors.device.type == "meta"
         assert vectors.shape == (5, 3)
-    finally:
-        tucker.set_eigh_on_host(False)
+    assert not tucker.eigh_on_host()
     seen = []
     monkeypatch.setattr(torch.linalg, "eigh", lambda g: seen.append(g) or (None, g))
     tucker._top_eigenvectors(torch.eye(2), 1)  # switched off: on the tensor's own device
@@ -267,11 +265,8 @@ def test_the_svd_solver_gives_the_samplewise_factors_of_eigh(monkeypatch):
     )
     for ranks in [(6, 4, 5), (6, 2, 5), (16, 4, 5)]:
         want_core, want_factors = tucker.decompose_samplewise(x, ranks)
-        tucker.set_samplewise_solver("svd")
-        try:
+        with tucker.solving(samplewise_solver="svd"):
             core, factors = tucker.decompose_samplewise(x, ranks)
-        finally:
-            tucker.set_samplewise_solver("auto")
         for got, want in zip(factors, want_factors, strict=True):
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
         assert torch.allclose(core, want_core, atol=1e-4, rtol=1e-4)
@@ -282,12 +277,10 @@ def test_the_svd_solver_gives_the_samplewise_factors_of_eigh(monkeypatch):
         ((6, 4, 80), {"full_matrices": False, "driver": None}),
     ]
     calls.clear()
-    tucker.set_samplewise_solver("svd")
-    try:  # 16 channels of 2×2: the unfoldings have 4 columns, rank 6 needs the Gram's eigh
+    # 16 channels of 2×2: the unfoldings have 4 columns, rank 6 needs the Gram's eigh
+    with tucker.solving(samplewise_solver="svd"):
         core, factors = tucker.decompose_samplewise(x[:, :, :2, :2], (6, 2, 2))
         assert tucker.decompose(x, (6, 6, 4, 5))[0].shape == (6, 6, 4, 5)  # whole tensor: eigh
-    finally:
-        tucker.set_samplewise_solver("auto")
     assert calls == [] and torch.allclose(
         factors[0], tucker.decompose_samplewise(x[:, :, :2, :2], (6, 2, 2))[1][0]
     )
@@ -323,9 +316,7 @@ def test_auto_takes_the_svd_on_cuda_and_eigh_where_the_svd_fails(monkeypatch):
     assert torch.allclose(factors[1], want_factors[1], atol=1e-4)  # the SVD's
     assert torch.allclose(core, want_core, atol=1e-4, rtol=1e-4)
     for solver, svd_on_cpu in [("eigh", False), ("svd", True)]:
-        tucker.set_samplewise_solver(solver)
-        try:
+        with tucker.solving(samplewise_solver=solver):
             assert tucker.uses_svd(torch.device("cpu")) == svd_on_cpu
             assert tucker.uses_svd(torch.device("cuda")) == svd_on_cpu
-        finally:
-            tucker.set_samplewise_solver("auto")
+    assert tucker.samplewise_solver() == "auto"

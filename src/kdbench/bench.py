@@ -198,14 +198,10 @@ def bench_samplewise_solvers(
     ref_factor = tucker._top(torch.linalg.eigh(unfolded @ unfolded.mT)[1], ranks[0])
     ref_core = (ref_factor.mT @ unfolded).reshape(x.shape[0], ranks[0], *x.shape[2:])
     out: dict[str, dict[str, Any]] = {}
-    before = tucker.samplewise_solver()
     for solver in ("eigh", "svd"):
-        tucker.set_samplewise_solver(solver)
-        try:
+        with tucker.solving(samplewise_solver=solver):
             times = _time(lambda: tucker.decompose_samplewise(x, ranks), device, 1, repeats)
             got = tucker.decompose_samplewise(x, ranks)
-        finally:
-            tucker.set_samplewise_solver(before)
         driver = tucker.SVD_DRIVERS.get(device.type) if solver == "svd" else None
         out[solver] = {
             "seconds": statistics.median(times),
@@ -250,19 +246,13 @@ def bench_decomposition(device: torch.device, args: argparse.Namespace) -> dict[
     # where the eigendecompositions run (train.eigh_on_host), whole-tensor and sample-wise
     placements = [False, True] if device.type == "cuda" else [False]
     sample_ranks = ranks[1:]
-    before = tucker.eigh_on_host(), tucker.samplewise_solver()
     for on_host in placements:
-        tucker.set_eigh_on_host(on_host)
-        tucker.set_samplewise_solver("eigh")
-        try:
+        with tucker.solving(eigh_on_host=on_host, samplewise_solver="eigh"):
             where = "host" if on_host else "device"
             full = _time(lambda: tucker.decompose(x, ranks), device, 3, args.decomp_repeats)
             sample = _time(
                 lambda: tucker.decompose_samplewise(x, sample_ranks), device, 1, args.decomp_repeats
             )
-        finally:
-            tucker.set_eigh_on_host(before[0])
-            tucker.set_samplewise_solver(before[1])
         out[f"eigh_on_{where}"] = {
             "full_seconds": statistics.median(full),
             "samplewise_seconds": statistics.median(sample),

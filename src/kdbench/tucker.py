@@ -50,9 +50,10 @@ bit, and torch's own batched CPU ``eigh`` runs them one after the other.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -176,6 +177,25 @@ def set_samplewise_solver(name: str) -> None:
 def samplewise_solver() -> str:
     """The solver set by :func:`set_samplewise_solver` (``auto`` unless set)."""
     return _SAMPLEWISE_SOLVER
+
+
+@contextlib.contextmanager
+def solving(
+    *, eigh_on_host: bool | None = None, samplewise_solver: str | None = None
+) -> Iterator[None]:
+    """Meanwhile the switches given (:func:`set_eigh_on_host`, :func:`set_samplewise_solver`);
+    afterwards both as they were, whatever was set inside (``kdbench.train.prepare`` sets
+    them)."""
+    before = _EIGH_ON_HOST, _SAMPLEWISE_SOLVER
+    try:
+        if eigh_on_host is not None:
+            set_eigh_on_host(eigh_on_host)
+        if samplewise_solver is not None:
+            set_samplewise_solver(samplewise_solver)
+        yield
+    finally:
+        set_eigh_on_host(before[0])
+        set_samplewise_solver(before[1])
 
 
 def uses_svd(device: torch.device) -> bool:
