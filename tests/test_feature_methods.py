@@ -225,11 +225,20 @@ def test_one_epoch_of_training(tmp_path, teacher, name, params):
 def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, monkeypatch):
     """train.samplewise_solver: svd (one batched SVD of the unfoldings) trains sample-wise
     Tucker as eigh does, up to rounding (16×16 digits: stage 3 is 64 channels of 4×4, so the
-    unfoldings have the 16 columns that rank 8 needs)."""
+    unfoldings have the 16 columns that rank 8 needs), also where the SVD fails on a batch
+    (eigh's factors then, counted in method_stats.svd_fallbacks); metrics.json names the
+    solver that ran."""
     from kdbench import tucker
 
     svd, calls = torch.linalg.svd, []
-    monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: calls.append(a.shape) or svd(a, **kw))
+
+    def failing_twice(a: torch.Tensor, **kw: object) -> tuple:
+        calls.append(a.shape)
+        if len(calls) in (2, 5):  # the second and fifth batches' SVDs give up
+            raise torch.linalg.LinAlgError("linalg.svd: failed to converge")
+        return svd(a, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_twice)
     docs = {}
     with tucker.solving():  # each run's prepare sets the solver: the default afterwards
         for solver in ("eigh", "svd"):
@@ -251,6 +260,11 @@ def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, mo
             if solver == "eigh":
                 assert calls == []
     assert (200, 64, 16) in calls  # each batch's decomposition: one SVD
+    for solver, doc in docs.items():
+        assert doc["provenance"]["samplewise_solver"] == solver
+        fallbacks = 2 if solver == "svd" else 0
+        assert doc["epochs"][0]["method_stats"]["svd_fallbacks"] == fallbacks
+        assert doc["final"]["method_stats"]["svd_fallbacks"] == fallbacks
     (a,), (b,) = docs["eigh"]["epochs"], docs["svd"]["epochs"]
     # the epoch's mean loss to rounding; its last weights (6 steps of lr 0.05 from factors that
     # differ by rounding, β = 125) a little further

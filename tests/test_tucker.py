@@ -295,6 +295,8 @@ def test_auto_takes_the_svd_on_cuda_and_eigh_where_the_svd_fails(monkeypatch):
     a sample's channels that ReLU silenced), that mode's factors come from eigh."""
     assert tucker.samplewise_solver() == "auto"
     assert tucker.uses_svd(torch.device("cuda")) and not tucker.uses_svd(torch.device("cpu"))
+    assert tucker.samplewise_solver_on(torch.device("cpu")) == "eigh"
+    assert tucker.samplewise_solver_on(torch.device("cuda")) == "svd"
     x = torch.relu(torch.randn(5, 12, 4, 6, generator=torch.Generator().manual_seed(8)))
     x[1, :7] = 0  # sample 1: 7 of its 12 channels silent
     ranks = (6, 3, 6)
@@ -310,8 +312,10 @@ def test_auto_takes_the_svd_on_cuda_and_eigh_where_the_svd_fails(monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", gesvda)
     monkeypatch.setitem(tucker.SVD_DRIVERS, "cpu", "gesvda")
     assert tucker.uses_svd(torch.device("cpu"))
+    before = tucker.svd_fallbacks()
     core, factors = tucker.decompose_samplewise(x, ranks)
     assert calls == [((5, 12, 24), "gesvda"), ((5, 4, 72), "gesvda")]
+    assert tucker.svd_fallbacks() - before == 1  # the channel mode, counted
     assert torch.equal(factors[0], want_factors[0])  # eigh's, after the SVD failed
     assert torch.allclose(factors[1], want_factors[1], atol=1e-4)  # the SVD's
     assert torch.allclose(core, want_core, atol=1e-4, rtol=1e-4)
@@ -319,4 +323,5 @@ def test_auto_takes_the_svd_on_cuda_and_eigh_where_the_svd_fails(monkeypatch):
         with tucker.solving(samplewise_solver=solver):
             assert tucker.uses_svd(torch.device("cpu")) == svd_on_cpu
             assert tucker.uses_svd(torch.device("cuda")) == svd_on_cpu
+            assert tucker.samplewise_solver_on(torch.device("cpu")) == solver
     assert tucker.samplewise_solver() == "auto"

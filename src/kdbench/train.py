@@ -941,6 +941,7 @@ def fit_runs(
     shared = {
         **provenance.collect(device),
         "cudnn_benchmark": cudnn_autotuning(cfg, device),
+        "samplewise_solver": tucker.samplewise_solver_on(device),
         "previous_sessions": sessions,
     }
     if isinstance(method, Cohort):  # whether its students trained as stacks on this device

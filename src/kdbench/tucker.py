@@ -41,7 +41,8 @@ for a stage-3 batch against 9.7 ms by block Jacobi, and closer to LAPACK's in do
 ``bench methods``), on the host LAPACK's SVD (11x slower there than ``eigh``). ``auto``, the
 default, is ``svd`` on CUDA and ``eigh`` elsewhere. Where ``gesvda`` gives up (an unfolding with
 many repeated singular values, such as the zero rows of channels that ReLU silenced in a
-sample), that mode's factors of that batch come from ``eigh``.
+sample), that mode's factors of that batch come from ``eigh``; :func:`svd_fallbacks` counts
+those (``method_stats.svd_fallbacks`` in metrics.json).
 
 On the host a batch of eigendecompositions (sample-wise) is split over torch's intra-op
 threads: LAPACK solves each matrix on its own either way, so the result is the same, bit for
@@ -204,6 +205,21 @@ def uses_svd(device: torch.device) -> bool:
     if _SAMPLEWISE_SOLVER == "auto":
         return device.type in SVD_DRIVERS
     return _SAMPLEWISE_SOLVER == "svd"
+
+
+def samplewise_solver_on(device: torch.device) -> str:
+    """The solver that :func:`decompose_samplewise` runs on ``device``: ``svd`` or ``eigh``
+    (what ``auto`` comes to there; metrics.json records it)."""
+    return "svd" if uses_svd(device) else "eigh"
+
+
+_SVD_FALLBACKS = 0
+
+
+def svd_fallbacks() -> int:
+    """How many times so far in this process the ``svd`` solver failed on a mode of a batch,
+    whose factors ``eigh`` then gave (a count that only grows: callers take differences)."""
+    return _SVD_FALLBACKS
 
 
 #: matrices per thread below which a batch of host eigendecompositions is not split
@@ -373,6 +389,8 @@ def _top_left_singular_vectors(x: Tensor, mode: int, rank: int) -> Tensor | None
     try:
         left = torch.linalg.svd(unfolded, full_matrices=False, driver=driver)[0]
     except torch.linalg.LinAlgError:
+        global _SVD_FALLBACKS
+        _SVD_FALLBACKS += 1
         return None
     return _fix_signs(left[..., :rank])
 

@@ -16,6 +16,9 @@ Variants (the product of the config lists ``ranks``, ``decomposition``, ``basis`
   basis (sign and rotation ambiguity), so the comparison is ill-posed. A guard replaces a
   non-finite feature loss with zero for that batch, and ``method_stats.guard_fired`` in
   metrics.json counts how often it did.
+
+With ``decomposition: sample``, ``method_stats.svd_fallbacks`` counts the modes of batches whose
+batched SVD failed and whose factors ``eigh`` gave instead (``train.samplewise_solver``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class TuckerBase(FeatureMethod):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._guard = torch.zeros((), dtype=torch.int64)
+        #: modes of batches whose sample-wise SVD failed, solved by eigh instead (this epoch)
+        self._fallbacks = 0
 
     def graph_mode(self) -> str:
         # torch.linalg.eigh checks its result on the host (a synchronisation): the teacher's
@@ -82,19 +87,25 @@ class TuckerBase(FeatureMethod):
 
     def decompose_teacher(self, t: Tensor, sample: bool) -> tuple[Tensor, list[Tensor], list[int]]:
         """The decomposition of the teacher's stage ``t``, done once for all the members of a
-        cohort that ask for the same one (:func:`kdbench.methods.base.shared`)."""
+        cohort that ask for the same one (:func:`kdbench.methods.base.shared`); each of them
+        counts its SVD fallbacks."""
         ranks = sample_ranks(self.params["rank"], tuple(t.shape[1:]))
         n_iter = int(self.params["n_iter"])
 
-        def compute() -> tuple[Tensor, list[Tensor], list[int]]:
+        def compute() -> tuple[Tensor, list[Tensor], list[int], int]:
+            before = tucker.svd_fallbacks()
             if sample:
                 core, factors = tucker.decompose_samplewise(t, ranks)
-                return core, factors, tucker.truncated_modes(t.shape[1:], ranks)
-            full = (t.shape[0], *ranks)
-            core, factors = tucker.decompose(t, full, n_iter)
-            return core, factors, tucker.truncated_modes(t.shape, full)
+                modes = tucker.truncated_modes(t.shape[1:], ranks)
+            else:
+                full = (t.shape[0], *ranks)
+                core, factors = tucker.decompose(t, full, n_iter)
+                modes = tucker.truncated_modes(t.shape, full)
+            return core, factors, modes, tucker.svd_fallbacks() - before
 
-        return shared(("tucker", id(t), sample, ranks, n_iter), compute)
+        core, factors, modes, fallbacks = shared(("tucker", id(t), sample, ranks, n_iter), compute)
+        self._fallbacks += fallbacks
+        return core, factors, modes
 
     @classmethod
     def check(cls, params: dict[str, Any], stage_shape: Any) -> None:
@@ -104,6 +115,9 @@ class TuckerBase(FeatureMethod):
     def pop_stats(self) -> dict[str, Tensor]:
         stats = {"guard_fired": self._guard}
         self._guard = torch.zeros((), dtype=torch.int64, device=self._guard.device)
+        if self.params.get("decomposition", "full") == "sample":
+            stats["svd_fallbacks"] = torch.tensor(self._fallbacks, dtype=torch.int64)
+        self._fallbacks = 0
         return stats
 
     def guarded_own_loss(self, core_t: Tensor, s: Tensor, sample: bool) -> Tensor:
@@ -117,7 +131,9 @@ class TuckerBase(FeatureMethod):
         """
         ranks = sample_ranks(self.params["rank"], tuple(s.shape[1:]))
         if sample:
+            before = tucker.svd_fallbacks()
             _, factors = tucker.decompose_samplewise(s, ranks)
+            self._fallbacks += tucker.svd_fallbacks() - before
             modes = tucker.truncated_modes(s.shape[1:], ranks)
         else:
             full = (s.shape[0], *ranks)
