@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def _graphed(
     autocast=None,
     overlap=False,
     pipeline=False,
+    thread=False,
     **params,
 ):
     student = models.build("resnet8", 10, 1)
@@ -109,7 +111,9 @@ def _graphed(
         return torch.zeros(()), {"ce": torch.zeros(())}, torch.tensor(True)
 
     autocast = autocast or contextlib.nullcontext
-    step = graphs.GraphedStep(method, opt, optimise, autocast, overlap=overlap, pipeline=pipeline)
+    step = graphs.GraphedStep(
+        method, opt, optimise, autocast, overlap=overlap, pipeline=pipeline, thread=thread
+    )
     return step, opt["student"]
 
 
@@ -220,6 +224,31 @@ def test_a_pipelined_step_runs_the_teacher_two_batches_ahead_and_the_targets_one
     assert g.targets_for is xs[6] and not g.pending
     # only with the teacher overlapped
     assert not _graphed(events, "tucker", pipeline=True)[0].pipeline
+
+
+def test_a_threaded_pipeline_hands_each_batch_s_targets_to_the_worker_with_its_teacher_pass(
+    events,
+):
+    """train.targets_thread: the targets of the batch after next go to the worker as soon as
+    its teacher pass is queued; the step takes the next batch's, handed over a step earlier."""
+    g, _ = _graphed(events, "tucker", overlap=True, pipeline=True, thread=True)
+    xs = [torch.rand(8, 1, 8, 8) for _ in range(7)]
+    for i in range(3):  # the warm-up
+        g(xs[i], Y8, xs[i + 1], xs[i + 2])
+    g(xs[3], Y8, xs[4], xs[5])  # the capture; both teacher passes ahead, both to the worker
+    assert g.status == "split, prefetch, overlap, pipeline, thread"
+    assert g.targets_for is xs[4] and [p[0] for p in g.pending] == [xs[5]]
+    ((_, slot, _, future),) = g.pending
+    targets, _ = future.result()
+    want = g.method.teacher_targets(graphs.tree_unflatten(g.slots[slot], g.slot_spec))
+    assert torch.equal(targets[1], want[1])  # the core of that batch's teacher stage
+    g(xs[4], Y8, xs[5], xs[6])
+    assert g.targets_for is xs[5] and [p[0] for p in g.pending] == [xs[6]]
+    assert g.pending[0][3] is not None and g.pending[0][3] is not future
+    g(xs[5], Y8, xs[6])  # nothing after the next batch (an epoch's end): the worker is idle
+    assert g.targets_for is xs[6] and not g.pending
+    # without the pipeline, no thread
+    assert not _graphed(events, "tucker", overlap=True, thread=True)[0].thread
 
 
 def test_a_failed_capture_trains_eagerly_from_then_on(events, caplog):
@@ -457,6 +486,10 @@ def _run(method, cfg, epochs, step_fn=None):
         ("tucker_recomp", {"rank": 4, "target": "both"}, "pipeline"),
         # and its decomposition on a stream of high priority (train.priority_targets)
         ("tucker_recomp", {"rank": 4, "target": "both"}, "priority"),
+        # or on a host thread of its own, two batches ahead (train.targets_thread)
+        ("kd", {}, "thread"),
+        ("tucker", {"rank": 4, "decomposition": "sample"}, "thread"),
+        ("tucker_recomp", {"rank": 4, "target": "both"}, "thread"),
         # several students on one teacher pass per batch (kdbench.cohort)
         ("cohort", {}, "prefetch"),
         ("cohort", {}, "pipeline"),
@@ -464,6 +497,7 @@ def _run(method, cfg, epochs, step_fn=None):
         ("cohort", {"streams": True}, "pipeline"),
         # its students as one stack (train.cohort_stack)
         ("cohort", {"streams": True, "stack": True}, "pipeline"),
+        ("cohort", {"streams": True, "stack": True}, "thread"),
     ],
 )
 def test_replayed_graphs_train_exactly_as_eager_steps(
@@ -472,8 +506,8 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
     """Whole and split graphs, with and without prefetched targets or the teacher's pass
     overlapped, replayed on the CPU by stand-ins that compute: the same weights, bit for bit,
     and the same epoch totals."""
-    prefetch, priority = ahead == "prefetch", ahead == "priority"
-    pipeline = ahead == "pipeline" or priority
+    prefetch, priority, thread = ahead == "prefetch", ahead == "priority", ahead == "thread"
+    pipeline = ahead == "pipeline" or priority or thread
     overlap = ahead == "overlap" or pipeline
     assets = {}
     if name == "ft":
@@ -509,11 +543,13 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: ReplayingGraph(events, state, groups))
     monkeypatch.setattr(graphs, "_record", lambda g, fn, stream=None: g.record(fn))
-    targets = []
+    targets, threads = [], set()
     teacher_targets = method.teacher_targets if prefetch or overlap else None
-    if prefetch or overlap:  # which batches the targets are computed for, in order
+    if prefetch or overlap:  # which batches the targets are computed for, in order, where
         method.teacher_targets = lambda outs: (
-            targets.append(outs[-1].sum().item()) or (teacher_targets(outs))
+            threads.add(threading.current_thread().name)
+            or targets.append(outs[-1].sum().item())
+            or (teacher_targets(outs))
         )
 
     def graphed(m, o):
@@ -521,7 +557,7 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         opts = o
         run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
         return graphs.GraphedStep(
-            m, o, run, contextlib.nullcontext, prefetch, overlap, pipeline, priority
+            m, o, run, contextlib.nullcontext, prefetch, overlap, pipeline, priority, thread
         )
 
     opts = {}
@@ -531,6 +567,7 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
     want_status = split if decomposes else "whole"
     overlapped = "split, prefetch, overlap" + (", pipeline" if pipeline else "")
     overlapped += ", priority" if priority else ""
+    overlapped += ", thread" if thread else ""
     assert step.status == (overlapped if overlap else want_status)
     if pipeline:  # a lower number is a higher priority
         assert step.targets_stream.priority == (-1 if priority else 0)
@@ -545,8 +582,14 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         # prefetch, then one per step) also waits for the loader's batches, and for its
         # slot's last targets once both slots have been used: 2p - 2 more in epoch 0, 2p in
         # epoch 1 (the same capture, whose slots were used in epoch 0)
-        waits = 5 + 8 + ((2 * 5 - 2) + 2 * 8 if pipeline else 0)
+        # made on the worker, the step then waits for each on the device (not for its stream)
+        waits = 5 + 8 + ((2 * 5 - 2) + 2 * 8 if pipeline else 0) + (5 + 8 if thread else 0)
         assert events.count("wait-event") == waits
+        main = threading.current_thread().name
+        # with the thread, the targets ahead on the worker, the others (the first step's, the
+        # eager last batch's) on the main thread; never both on one step
+        assert threads == ({main, "kdbench-targets_0"} if thread else {main})
+        assert not step.pending
         # epoch 1 (no new capture: the rate is read from a tensor), the targets computed, in
         # order: in the first step (batch 0, no prefetch), ahead for batches 1–8, and in the
         # eager step of the last batch (where only the Tucker methods compute targets: the
@@ -558,7 +601,7 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
             assert targets[-9:] == ids[:-1]
 
 
-@pytest.mark.parametrize("ahead", ["prefetch", "pipeline"])
+@pytest.mark.parametrize("ahead", ["prefetch", "pipeline", "thread"])
 def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypatch, caplog, ahead):
     cfg = TrainConfig(fused=True, epochs=1)
     torch.manual_seed(0)
@@ -577,16 +620,23 @@ def test_a_failed_prefetch_turns_prefetching_off_and_trains_on(events, monkeypat
 
     def graphed(m, o):
         run = functools.partial(optimise, optimizers=o, device=torch.device("cpu"), cfg=cfg)
-        pipeline = ahead == "pipeline"
+        pipeline = ahead in ("pipeline", "thread")
         return graphs.GraphedStep(
-            m, o, run, contextlib.nullcontext, True, overlap=pipeline, pipeline=pipeline
+            m,
+            o,
+            run,
+            contextlib.nullcontext,
+            True,
+            overlap=pipeline,
+            pipeline=pipeline,
+            thread=ahead == "thread",
         )
 
     monkeypatch.setattr(torch.cuda.Stream, "wait_event", wait_event)
     monkeypatch.setattr(torch.cuda.Stream, "wait_stream", lambda s, other: waited.append(other))
     totals, step = _run(method, cfg, 1, graphed)
     # nothing after the failure may overtake what the side streams (two, pipelined) still run
-    side = [step.side, step.targets_stream] if ahead == "pipeline" else [step.side]
+    side = [step.side, step.targets_stream] if ahead != "prefetch" else [step.side]
     assert all(any(w is s for w in waited) for s in side)
     assert step.status == "split" and step.targets_for is None and not step.pending
     assert "prefetching targets off: CUDA error: an illegal stream wait" in caplog.text
@@ -649,8 +699,8 @@ def test_graphed_evaluation_gives_the_eager_results_as_the_weights_change(
 
 
 def test_the_run_s_step_takes_its_pipeline_settings_from_the_config(monkeypatch):
-    """kdbench.train.make_step hands GraphedStep the config's switches, priority_targets too
-    (which needs the pipeline, and is off by default)."""
+    """kdbench.train.make_step hands GraphedStep the config's switches, priority_targets and
+    targets_thread too (which need the pipeline, and are off by default)."""
     from kdbench import train
 
     monkeypatch.setattr(train, "graphed", lambda device, cfg: True)
@@ -658,10 +708,14 @@ def test_the_run_s_step_takes_its_pipeline_settings_from_the_config(monkeypatch)
     method = methods.get("tucker")(student, teacher, {"rank": 4})
     opt = {"student": make_sgd(method.student, TrainConfig(fused=True))}
     cpu = torch.device("cpu")
-    for settings, pipeline, priority in (
-        ({}, True, False),
-        ({"priority_targets": True}, True, True),
-        ({"priority_targets": True, "pipeline_targets": False}, False, False),
+    for settings, pipeline, priority, thread in (
+        ({}, True, False, False),
+        ({"priority_targets": True}, True, True, False),
+        ({"targets_thread": True}, True, False, True),
+        (
+            {"priority_targets": True, "targets_thread": True, "pipeline_targets": False},
+            *[False] * 3,
+        ),
     ):
         step = train.make_step(method, opt, cpu, TrainConfig(fused=True, **settings))
-        assert (step.pipeline, step.priority) == (pipeline, priority)
+        assert (step.pipeline, step.priority, step.thread) == (pipeline, priority, thread)

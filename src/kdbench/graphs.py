@@ -51,6 +51,17 @@ and then replays it for every batch of the same shape: one launch instead of a t
   CUDA priority than the other two, so that the GPU schedules the decomposition's kernels,
   which the host waits for (``eigh``), before the waiting ones of the student's and the
   teacher's graphs. The same kernels in the same order on each stream: the same targets.
+* ``thread`` (``train.targets_thread``; with ``pipeline``): the targets on a host thread of their
+  own (:func:`targets_worker`), two batches ahead. The decomposition checks its result on the
+  host (a synchronisation: ``linalg.svd``'s and ``linalg.eigh``'s convergence checks), and on
+  the main thread that wait stood in every step between the launches of the student's graph and
+  the next batch's, so that a short student step (resnet20's) waited for the host. A step
+  replays its student graph, replays the teacher's graph on ``after`` and hands that batch's
+  targets to the worker, which queues them on the third stream behind that teacher pass and
+  waits there; then the step takes ``upcoming``'s targets, handed over a step earlier (waiting
+  only if the worker has not finished them), and copies them into the student graph's inputs
+  behind this step. The same targets for every batch, in the same order, made by the same
+  kernels on the same stream.
 
 :class:`GraphedEval` does the same for the evaluation of a batch (see its docstring).
 """
@@ -60,7 +71,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -84,6 +97,18 @@ def _record(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], stream: Any = No
         return fn()
 
 
+@functools.cache
+def _worker(pid: int) -> ThreadPoolExecutor:
+    """The targets thread of process ``pid`` (a forked child does not inherit its parent's)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="kdbench-targets")
+
+
+def targets_worker() -> ThreadPoolExecutor:
+    """The one host thread that computes the methods' targets ahead (``thread``): one for the
+    process, whose runs train one after the other."""
+    return _worker(os.getpid())
+
+
 def _on_side_stream(fn: Callable[[], Any]) -> Any:
     """``fn()`` eagerly on a side stream, ordered after and before the current stream's work:
     the warm-up before a capture."""
@@ -100,7 +125,7 @@ class GraphedStep:
     graphs; see the module docstring. ``optimise(forward)`` is the eager step around a forward
     pass, ``autocast()`` the step's autocast context, ``prefetch`` ``train.prefetch_targets``,
     ``overlap`` ``train.overlap_teacher``, ``pipeline`` ``train.pipeline_targets``,
-    ``priority`` ``train.priority_targets``."""
+    ``priority`` ``train.priority_targets``, ``thread`` ``train.targets_thread``."""
 
     def __init__(
         self,
@@ -112,6 +137,7 @@ class GraphedStep:
         overlap: bool = False,
         pipeline: bool = False,
         priority: bool = False,
+        thread: bool = False,
     ) -> None:
         self.method = method
         self.optimizers = optimizers
@@ -127,8 +153,11 @@ class GraphedStep:
         self.pipeline = pipeline and self.overlap
         #: the targets' stream at a high priority
         self.priority = priority and self.pipeline
-        #: teacher passes run ahead and not yet turned into targets: (batch, slot, done event)
-        self.pending: list[tuple[Tensor, int, Any]] = []
+        #: the targets made on a host thread of their own, two batches ahead
+        self.thread = thread and self.pipeline
+        #: teacher passes run ahead and not yet turned into targets: (batch, slot, done event,
+        #: the worker's future of (targets, their event) with ``thread``, else None)
+        self.pending: list[tuple[Tensor, int, Any, Future[Any] | None]] = []
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.key: tuple[Any, ...] | None = None
         #: every parameter group with the device tensor its captured update reads the rate
@@ -144,14 +173,15 @@ class GraphedStep:
     @property
     def status(self) -> str:
         """``whole``, ``split``, ``split, prefetch``, ``split, prefetch, overlap``, ``split,
-        prefetch, overlap, pipeline`` or ``split, prefetch, overlap, pipeline, priority`` (how
-        steps are captured), or ``eager: <why>``."""
+        prefetch, overlap, pipeline``, followed by ``, priority`` and ``, thread`` where those
+        are on (how steps are captured), or ``eager: <why>``."""
         if self.disabled:
             return f"eager: {self.disabled}"
         status = f"{self.mode}, prefetch" if self.prefetch else self.mode
         status = f"{status}, overlap" if self.overlap else status
         status = f"{status}, pipeline" if self.pipeline else status
-        return f"{status}, priority" if self.priority else status
+        status = f"{status}, priority" if self.priority else status
+        return f"{status}, thread" if self.thread else status
 
     def _why_not(self) -> str | None:
         unfused = [name for name, opt in self.optimizers.items() if not _fused({name: opt})]
@@ -164,6 +194,7 @@ class GraphedStep:
         return None
 
     def eager(self, xb: Tensor, yb: Tensor) -> StepResult:
+        _wait_for(self.pending)  # the method's targets are not made on two threads at once
         return self.optimise(functools.partial(self.method.forward_train, xb, yb))
 
     def _groups(self) -> list[dict[str, Any]]:
@@ -272,41 +303,57 @@ class GraphedStep:
         self.graphs[-1].replay()
         try:
             # a pass run ahead for a batch that did not come next (none in an epoch's order)
+            _wait_for([p for p in self.pending if p[0] is not upcoming and p[0] is not after])
             self.pending = [p for p in self.pending if p[0] is upcoming or p[0] is after]
             pending = next((p for p in self.pending if p[0] is upcoming), None)
             if pending is None:
-                pending = self._teacher_ahead(upcoming, batches_ready)
+                pending = self._teacher_ahead(upcoming, batches_ready, thread=self.thread)
             if after is not None:
-                self._teacher_ahead(after, batches_ready)
-            _, slot, done = pending
+                self._teacher_ahead(after, batches_ready, thread=self.thread)
+            _, slot, done, future = pending
             self.pending.remove(pending)
-            self.targets_stream.wait_event(done)
-            with torch.cuda.stream(self.targets_stream):
-                targets = self._targets(tree_unflatten(self.slots[slot], self.slot_spec))
-                read = torch.cuda.Event()  # the slot may be filled again after this
-                read.record()
-            self.slot_read[slot] = read
+            if future is None:
+                targets, read = self._targets_from(slot, done)
+            else:  # handed to the worker a step ago (or just now: the epoch's first)
+                targets, read = future.result()
+            self.slot_read[slot] = read  # the slot may be filled again after this
             for t in tree_flatten(targets)[0]:
                 if isinstance(t, Tensor) and t.is_cuda:  # made on the third stream, read here
                     t.record_stream(main)
-            main.wait_stream(self.targets_stream)
+            if future is None:
+                main.wait_stream(self.targets_stream)
+            else:  # not after what the worker queued since
+                main.wait_event(read)
             self._set_targets(targets)
         except Exception as exc:
             self._stop_prefetching(exc)
             return
         self.targets_for = upcoming
 
+    def _targets_from(self, slot: int, done: Any) -> tuple[Any, Any]:
+        """The targets of the teacher outputs in ``slot`` (filled by the pass that ``done``
+        follows) on the third stream, and the event that follows them."""
+        self.targets_stream.wait_event(done)
+        with torch.cuda.stream(self.targets_stream):
+            targets = self._targets(tree_unflatten(self.slots[slot], self.slot_spec))
+            made = torch.cuda.Event()
+            made.record()
+        return targets, made
+
     def _stop_prefetching(self, exc: Exception) -> None:
         """After a failure computing targets ahead: order the current stream after the side
         streams' work and compute each step's targets in it from now on, with one warning."""
         with contextlib.suppress(Exception):  # nothing later may overtake the side streams
             self._drain()
-        self.prefetch = self.overlap = self.pipeline = self.priority = False
+        self.prefetch = self.overlap = self.pipeline = self.priority = self.thread = False
         log.warning("CUDA graphs: prefetching targets off: %s", one_line(exc))
 
-    def _teacher_ahead(self, x: Tensor, batches_ready: Any) -> tuple[Tensor, int, Any]:
+    def _teacher_ahead(
+        self, x: Tensor, batches_ready: Any, thread: bool
+    ) -> tuple[Tensor, int, Any, Future[Any] | None]:
         """Replay the teacher's graph on ``x`` on the side stream, after the loader made it,
-        into a free slot; the pending entry."""
+        into a free slot, and with ``thread`` hand its targets to the worker; the pending
+        entry."""
         used = {p[1] for p in self.pending}
         slot = next(i for i in range(len(self.slots)) if i not in used)
         self.side.wait_event(batches_ready)
@@ -322,13 +369,15 @@ class GraphedStep:
                 dst.copy_(src)
             done = torch.cuda.Event()
             done.record()
-        entry = (x, slot, done)
+        future = targets_worker().submit(self._targets_from, slot, done) if thread else None
+        entry = (x, slot, done, future)
         self.pending.append(entry)
         return entry
 
     def _drain(self) -> None:
-        """Order the current stream after all work of the side streams; forget what ran
-        ahead."""
+        """Order the current stream after all work of the side streams (and of the worker,
+        which it waits for); forget what ran ahead."""
+        _wait_for(self.pending)
         self.pending = []
         if self.mode == "split" and self.graphs:
             main = torch.cuda.current_stream()
@@ -408,6 +457,12 @@ class GraphedStep:
                 opt.zero_grad(set_to_none=True)
             return
         self.graphs, self.key = graphs, key
+
+
+def _wait_for(pending: list[tuple[Tensor, int, Any, Future[Any] | None]]) -> None:
+    """Wait until the worker has queued all the targets of ``pending`` (whatever it raised:
+    the caller gives them up), so that nothing more comes onto the third stream."""
+    wait([p[3] for p in pending if p[3] is not None])
 
 
 class GraphedEval:

@@ -76,6 +76,7 @@ LATER_SETTINGS = (
     "priority_targets",
     "cohort_stack",
     "samplewise_solver",
+    "targets_thread",
 )
 
 
@@ -178,6 +179,13 @@ class TrainConfig:
     #: LAPACK's on the host, 11x slower there than eigh); the same factors up to rounding.
     #: ``auto``: svd on CUDA, eigh elsewhere. ``bench methods`` times both on a stage-3 batch
     samplewise_solver: str = "auto"
+    #: with ``pipeline_targets``, the methods' targets (Tucker's decomposition) made two batches
+    #: ahead on a host thread of their own (:mod:`kdbench.graphs`, ``thread``), so that the
+    #: decomposition's host synchronisation (its convergence check) no longer holds up the
+    #: launches of the student's and teacher's graphs; the same targets, made by the same
+    #: kernels on the same stream, in the same order (on CPU stand-ins the weights of eager
+    #: steps, bit for bit, tested). Off until it is measured on a GPU (README Performance)
+    targets_thread: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any] | None) -> TrainConfig:
@@ -574,6 +582,7 @@ def make_step(
             cfg.overlap_teacher,
             cfg.pipeline_targets,
             cfg.priority_targets,
+            cfg.targets_thread,
         )
 
     def step(

@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56 state solvers samplewise.
+# stack stack56 state solvers samplewise thread.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -22,7 +22,8 @@
 # (their JSON: docs/perf; the sixth timed stack, stack56 and priority: stacked cohorts are the
 # default on CUDA since, and priority_targets gave no gain; the seventh solvers, samplewise,
 # spread, state and mps-cohort: the SVD is the sample-wise default on CUDA since, 1.14x
-# featuremap on resnet20) the open questions are, most telling first: cohort56 (the two
+# featuremap on resnet20) the open questions are, most telling first: thread (the targets on a
+# host thread of their own, train.targets_thread: off until this measures it), cohort56 (the two
 # recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes
 # cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods vanilla (the
 # teacher and vanilla, the grid's other rows from before autotuning), sample-wise Tucker on
@@ -53,7 +54,7 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
-    solvers samplewise}; do
+    solvers samplewise thread}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -177,6 +178,18 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
                 --pair resnet110:resnet20 --methods featuremap "tucker full-teacher-r32" \
                 "tucker_recomp teacher-r32" "tucker_recomp both-r32" "${sets[@]}" \
                 --set priority_targets=$on --json "$OUT/priority3-$on.json"
+        done ;;
+    # the methods' targets made on a host thread of their own (train.targets_thread), so that
+    # the decomposition's host synchronisation stops holding up the graphs' launches: the
+    # graphs check with it (a cohort too), then the Tucker methods against featuremap on
+    # resnet110 -> resnet20 over 3 epochs, with it and without
+    thread) step graphs-thread 100 $B graphs --cohort --set cohort_streams=true \
+            --set targets_thread=true --json "$OUT/graphs-thread.json"
+        for on in true false; do
+            step "thread-$on" 200 $B epochs --no-reference --epochs 3 \
+                --pair resnet110:resnet20 --methods featuremap "tucker sample-teacher-r32" \
+                "tucker full-teacher-r32" "tucker_recomp teacher-r32" "${sets[@]}" \
+                --set targets_thread=$on --json "$OUT/thread3-$on.json"
         done ;;
     # 1, 2 and 4 cohorts of the grid's 7 taught resnet20 methods at once under an MPS daemon
     # (each on member streams and stacked, the defaults): does MPS add to what the cohorts save?

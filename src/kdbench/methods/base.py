@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+import threading
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -23,26 +24,35 @@ from kdbench.errors import KdbenchError
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*$")
 T = TypeVar("T")
-_SHARED: list[dict[Hashable, Any]] = []  # the open scopes of sharing(), innermost last
+_LOCAL = threading.local()  # .scopes: this thread's open scopes of sharing(), innermost last
+
+
+def _scopes() -> list[dict[Hashable, Any]]:
+    if not hasattr(_LOCAL, "scopes"):
+        _LOCAL.scopes = []
+    return _LOCAL.scopes
 
 
 @contextlib.contextmanager
 def sharing() -> Iterator[None]:
     """A scope in which methods that work on one teacher pass (a :class:`kdbench.cohort.Cohort`'s
-    members) do identical work on it once: :func:`shared` computes each key once inside it."""
-    _SHARED.append({})
+    members) do identical work on it once: :func:`shared` computes each key once inside it. A
+    scope is its thread's (``train.targets_thread`` makes targets on another)."""
+    scopes = _scopes()
+    scopes.append({})
     try:
         yield
     finally:
-        _SHARED.pop()
+        scopes.pop()
 
 
 def shared(key: Hashable, compute: Callable[[], T]) -> T:
     """``compute()``; inside :func:`sharing`, the result of the scope's first call with ``key``
     (which must identify the work: the tensors it reads by ``id``, its parameters)."""
-    if not _SHARED:
+    scopes = _scopes()
+    if not scopes:
         return compute()
-    scope = _SHARED[-1]
+    scope = scopes[-1]
     if key not in scope:
         scope[key] = compute()
     return scope[key]
