@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -216,6 +217,29 @@ def test_shared_work_is_computed_once_per_sharing_scope_and_never_outside_one():
         raise RuntimeError("a failed step")
     assert shared("k", work(9)) == 9  # the failed scope was closed
     assert calls == [1, 2, 3, 5, 6, 8, 9]
+    # a scope is its thread's (train.targets_thread makes targets on another)
+    with sharing(), ThreadPoolExecutor(1) as other:
+        assert shared("k", work(10)) == 10
+        assert other.submit(shared, "k", work(11)).result() == 11
+        assert shared("k", work(12)) == 10
+
+
+def test_a_cohort_s_provenance_is_its_members_under_their_labels():
+    """Method.provenance: what a member records of how it ran (sample-wise Tucker's solver),
+    which fit_runs gives that member's metrics.json alone."""
+    teacher = models.build("resnet8", 10, 3)
+    members = [
+        methods.get("kd")(models.build("resnet8", 10, 3), teacher, {}),
+        methods.get("tucker")(
+            models.build("resnet8", 10, 3), teacher, {"rank": 4, "decomposition": "sample"}
+        ),
+        methods.get("tucker")(models.build("resnet8", 10, 3), teacher, {"rank": 4}),
+    ]
+    cohort = Cohort(members, ["kd", "sample", "full"])
+    with tucker.solving(samplewise_solver="svd"):
+        assert cohort.provenance(torch.device("cpu")) == {"sample/samplewise_solver": "svd"}
+    assert cohort.provenance(torch.device("cuda")) == {"sample/samplewise_solver": "svd"}
+    assert cohort.provenance(torch.device("cpu")) == {"sample/samplewise_solver": "eigh"}
 
 
 def test_train_cohort_streams_gives_each_member_a_stream_of_its_own():

@@ -220,6 +220,9 @@ def test_one_epoch_of_training(tmp_path, teacher, name, params):
     )
     if params.get("basis") == "own":
         assert epoch["method_stats"]["guard_fired"] == 0
+    # the solver that ran, where a sample-wise decomposition did (the method's provenance)
+    sample = params.get("decomposition") == "sample"
+    assert doc["provenance"].get("samplewise_solver") == ("eigh" if sample else None)
 
 
 def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, monkeypatch):

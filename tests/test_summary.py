@@ -281,12 +281,15 @@ def test_provenance_table(tmp_path):
             "device": {"name": "AMD EPYC"},
             "host": "vm",
         }
+        if dirty:  # a sample-wise Tucker run records the solver that ran
+            prov["samplewise_solver"] = "svd"
         p.write_text(json.dumps({"provenance": prov, "config": {"train": {"epochs": 3}}}))
         paths.append(p)
     table = summary.provenance_table(paths)
     values = dict(zip(table["item"] + "=" + table["value"], table["runs"], strict=True))
     assert values["version: torch=2.14.1"] == 2 and values["device=AMD EPYC"] == 2
     assert values["git commit=abc"] == 1 and values["git commit=abc (uncommitted changes)"] == 1
+    assert values["sample-wise Tucker solver=svd"] == 1
     digest = table[table["item"].str.startswith("config hash")]
     assert digest.runs.item() == 2 and len(digest.value.item()) == 32
     assert summary.provenance_table(paths[::-1]).value.iloc[0] == digest.value.item()

@@ -242,6 +242,13 @@ class Cohort(Method):
             self._streams = (device, made)
         return self._streams[1]
 
+    def provenance(self, device: torch.device) -> dict[str, Any]:
+        return {
+            f"{label}/{k}": v
+            for label, m in zip(self.labels, self.members, strict=True)
+            for k, v in m.provenance(device).items()
+        }
+
     def pop_stats(self) -> dict[str, Tensor]:
         return {
             f"{label}/{k}": v

@@ -503,6 +503,8 @@ def provenance_table(paths: Iterable[str | Path]) -> pd.DataFrame:
         add("device", prov.get("device", {}).get("name", "unknown"))
         add("host", prov.get("host", "unknown"))
         add("platform", prov.get("platform", "unknown"))
+        if "samplewise_solver" in prov:  # a run of sample-wise Tucker
+            add("sample-wise Tucker solver", prov["samplewise_solver"])
     digest = config_hash({"runs": sorted(configs, key=lambda c: json.dumps(c, sort_keys=True))})
     rows = [
         {"item": "config hash (md5 of the runs' configs)", "value": digest, "runs": len(configs)}

@@ -950,12 +950,12 @@ def fit_runs(
     shared = {
         **provenance.collect(device),
         "cudnn_benchmark": cudnn_autotuning(cfg, device),
-        "samplewise_solver": tucker.samplewise_solver_on(device),
         "previous_sessions": sessions,
     }
     if isinstance(method, Cohort):  # whether its students trained as stacks on this device
         shared["cohort_stack"] = stacked
     data_summary, train_config = data.summary(), asdict(cfg)
+    method_provenance = method.provenance(device)  # e.g. the solver a method's auto came to
     for run in runs:
         run.doc = {
             "status": "running",
@@ -964,7 +964,7 @@ def fit_runs(
             "config": {**run.record.get("config", {}), "train": train_config},
             "data": data_summary,
             "epochs": run.epochs,
-            "provenance": shared,
+            "provenance": {**shared, **run.own(method_provenance)},
         }
         if "cohort" in run.record:
             run.doc["cohort"] = run.record["cohort"]

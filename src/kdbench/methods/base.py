@@ -232,6 +232,11 @@ class Method(nn.Module):
         """Per-epoch counters (e.g. how often a guard fired), read and reset by the trainer."""
         return {}
 
+    def provenance(self, device: torch.device) -> dict[str, Any]:
+        """What metrics.json's ``provenance`` records of how this method runs on ``device``
+        beyond the trainer's own entries (e.g. the solver that a setting's ``auto`` comes to)."""
+        return {}
+
     @classmethod
     def check(cls, params: dict[str, Any], stage_shape: Any) -> None:
         """Validate ``params`` at workflow start; ``stage_shape(stage)`` gives the per-sample

@@ -112,6 +112,11 @@ class TuckerBase(FeatureMethod):
         shape = stage_shape(int(params["stage"]))
         tucker.check_ranks(shape, sample_ranks(params["rank"], shape))
 
+    def provenance(self, device: torch.device) -> dict[str, Any]:
+        if self.params.get("decomposition", "full") != "sample":
+            return {}
+        return {"samplewise_solver": tucker.samplewise_solver_on(device)}
+
     def pop_stats(self) -> dict[str, Tensor]:
         stats = {"guard_fired": self._guard}
         self._guard = torch.zeros((), dtype=torch.int64, device=self._guard.device)
