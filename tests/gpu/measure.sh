@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56 state solvers samplewise thread.
+# stack stack56 state solvers samplewise thread thread-cohort.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -23,7 +23,8 @@
 # default on CUDA since, and priority_targets gave no gain; the seventh solvers, samplewise,
 # spread, state and mps-cohort: the SVD is the sample-wise default on CUDA since, 1.14x
 # featuremap on resnet20) the open questions are, most telling first: thread (the targets on a
-# host thread of their own, train.targets_thread: off until this measures it), cohort56 (the two
+# host thread of their own, train.targets_thread: off until this measures it; then
+# thread-cohort), cohort56 (the two
 # recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes
 # cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods vanilla (the
 # teacher and vanilla, the grid's other rows from before autotuning), sample-wise Tucker on
@@ -54,7 +55,7 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
-    solvers samplewise thread}; do
+    solvers samplewise thread thread-cohort}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -190,6 +191,13 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
                 --pair resnet110:resnet20 --methods featuremap "tucker sample-teacher-r32" \
                 "tucker full-teacher-r32" "tucker_recomp teacher-r32" "${sets[@]}" \
                 --set targets_thread=$on --json "$OUT/thread3-$on.json"
+        done ;;
+    # the grid's 7 taught resnet20 methods as one stacked cohort (the default on CUDA), whose
+    # full-tensor Tucker members wait for eigh every step, with train.targets_thread and without
+    thread-cohort) for on in true false; do
+            step "thread-cohort-$on" 240 $B epochs --pair resnet110:resnet20 --no-reference \
+                --epochs 1 --methods "${GRID[@]:1}" --cohort-stack --only-cohort "${sets[@]}" \
+                --set targets_thread=$on --json "$OUT/thread-cohort-$on.json"
         done ;;
     # 1, 2 and 4 cohorts of the grid's 7 taught resnet20 methods at once under an MPS daemon
     # (each on member streams and stacked, the defaults): does MPS add to what the cohorts save?
