@@ -47,6 +47,15 @@ step() {  # step NAME SECONDS COMMAND...
         tee -a "$log"
     echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
+on_and_off() {  # on_and_off NAME SETTING METHOD...: resnet110 -> resnet20, 3 timed epochs,
+    # train.SETTING true, then false
+    local name=$1 setting=$2 on
+    shift 2
+    for on in true false; do
+        step "$name-$on" 200 $B epochs --no-reference --epochs 3 --pair resnet110:resnet20 \
+            --methods "$@" "${sets[@]}" --set "$setting=$on" --json "$OUT/${name}3-$on.json"
+    done
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$log"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$log"
 B="$PY -m kdbench.bench"
@@ -174,24 +183,16 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # timed epochs (one epoch's rows scatter by up to 0.15 of featuremap's time between runs)
     priority) step graphs-priority 60 $B graphs --set priority_targets=true \
             --json "$OUT/graphs-priority.json"
-        for on in true false; do
-            step "priority-$on" 200 $B epochs --no-reference --epochs 3 \
-                --pair resnet110:resnet20 --methods featuremap "tucker full-teacher-r32" \
-                "tucker_recomp teacher-r32" "tucker_recomp both-r32" "${sets[@]}" \
-                --set priority_targets=$on --json "$OUT/priority3-$on.json"
-        done ;;
+        on_and_off priority priority_targets featuremap "tucker full-teacher-r32" \
+            "tucker_recomp teacher-r32" "tucker_recomp both-r32" ;;
     # the methods' targets made on a host thread of their own (train.targets_thread), so that
     # the decomposition's host synchronisation stops holding up the graphs' launches: the
     # graphs check with it (a cohort too), then the Tucker methods against featuremap on
     # resnet110 -> resnet20 over 3 epochs, with it and without
     thread) step graphs-thread 100 $B graphs --cohort --set cohort_streams=true \
             --set targets_thread=true --json "$OUT/graphs-thread.json"
-        for on in true false; do
-            step "thread-$on" 200 $B epochs --no-reference --epochs 3 \
-                --pair resnet110:resnet20 --methods featuremap "tucker sample-teacher-r32" \
-                "tucker full-teacher-r32" "tucker_recomp teacher-r32" "${sets[@]}" \
-                --set targets_thread=$on --json "$OUT/thread3-$on.json"
-        done ;;
+        on_and_off thread targets_thread featuremap "tucker sample-teacher-r32" \
+            "tucker full-teacher-r32" "tucker_recomp teacher-r32" ;;
     # the grid's 7 taught resnet20 methods as one stacked cohort (the default on CUDA), whose
     # full-tensor Tucker members wait for eigh every step, with train.targets_thread and without
     thread-cohort) for on in true false; do
