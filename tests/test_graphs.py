@@ -587,7 +587,7 @@ def test_replayed_graphs_train_exactly_as_eager_steps(
         assert events.count("wait-event") == waits
         main = threading.current_thread().name
         # with the thread, the targets ahead on the worker, the others (the first step's, the
-        # eager last batch's) on the main thread; never both on one step
+        # eager last batch's) on the main thread
         assert threads == ({main, "kdbench-targets_0"} if thread else {main})
         assert not step.pending
         # epoch 1 (no new capture: the rate is read from a tensor), the targets computed, in

@@ -20,16 +20,15 @@
 # choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
 # took about 55 s cold, its warm-up included). After the seven H200 sessions of 2026-11-26 and 27
 # (their JSON: docs/perf; the sixth timed stack, stack56 and priority: stacked cohorts are the
-# default on CUDA since, and priority_targets gave no gain; the seventh solvers, samplewise,
-# spread, state and mps-cohort: the SVD is the sample-wise default on CUDA since, 1.14x
-# featuremap on resnet20) the open questions are, most telling first: thread (the targets on a
-# host thread of their own, train.targets_thread: off until this measures it; then
-# thread-cohort), cohort56 (the two
-# recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes
+# default on CUDA since, and priority_targets gave no gain; the seventh solvers, samplewise, spread,
+# state and mps-cohort: the SVD is the sample-wise default on CUDA since, 1.14x featuremap on
+# resnet20) the open questions are, most telling first: thread (the targets on a host thread of
+# their own, train.targets_thread: off until this measures it; then thread-cohort), cohort56 (the
+# two recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes
 # cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods vanilla (the
-# teacher and vanilla, the grid's other rows from before autotuning), sample-wise Tucker on
-# resnet56 with the SVD (`bench epochs --methods featuremap "tucker sample-teacher-r32"`), mps
-# again with autotuning.
+# teacher and vanilla, the grid's other rows from before autotuning), sample-wise Tucker on resnet56
+# with the SVD (`bench epochs --methods featuremap "tucker sample-teacher-r32"`), mps again with
+# autotuning.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
