@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -225,7 +227,7 @@ def test_one_epoch_of_training(tmp_path, teacher, name, params):
     assert doc["provenance"].get("samplewise_solver") == ("eigh" if sample else None)
 
 
-def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, monkeypatch):
+def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, monkeypatch, caplog):
     """train.samplewise_solver: svd (one batched SVD of the unfoldings) trains sample-wise
     Tucker as eigh does, up to rounding (16×16 digits: stage 3 is 64 channels of 4×4, so the
     unfoldings have the 16 columns that rank 8 needs), also where the SVD fails on a batch
@@ -242,6 +244,8 @@ def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, mo
         return svd(a, **kw)
 
     monkeypatch.setattr(torch.linalg, "svd", failing_twice)
+    caplog.set_level(logging.INFO, logger="kdbench")
+    monkeypatch.setattr(logging.getLogger("kdbench"), "propagate", True)
     docs = {}
     with tucker.solving():  # each run's prepare sets the solver: the default afterwards
         for solver in ("eigh", "svd"):
@@ -268,6 +272,10 @@ def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, mo
         fallbacks = 2 if solver == "svd" else 0
         assert doc["epochs"][0]["method_stats"]["svd_fallbacks"] == fallbacks
         assert doc["final"]["method_stats"]["svd_fallbacks"] == fallbacks
+    # the epoch's log line names the counters that are not zero
+    epochs = [r.getMessage() for r in caplog.records if "epoch 1/1" in r.getMessage()]
+    assert len(epochs) == 2 and "svd_fallbacks" not in epochs[0]
+    assert "(ce " in epochs[1] and "; svd_fallbacks 2) train" in epochs[1]
     (a,), (b,) = docs["eigh"]["epochs"], docs["svd"]["epochs"]
     # the epoch's mean loss to rounding; its last weights (6 steps of lr 0.05 from factors that
     # differ by rounding, β = 125) a little further

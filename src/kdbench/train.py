@@ -1060,14 +1060,17 @@ def fit_runs(
             for run in runs:
                 entry = run.epochs[-1]
                 parts_txt = " ".join(f"{k} {v:.4f}" for k, v in entry["train_loss_parts"].items())
+                # the method's counters that are not zero (a guard that fired, SVD fallbacks)
+                counted = [f"{k} {v:g}" for k, v in entry.get("method_stats", {}).items() if v]
                 log.info(
-                    "%sepoch %d/%d loss %.4f (%s) train %.2f%% val %.2f%% test %.2f%% lr %.4g "
+                    "%sepoch %d/%d loss %.4f (%s%s) train %.2f%% val %.2f%% test %.2f%% lr %.4g "
                     "%.1fs ETA %s",
                     run.tag,
                     epoch + 1,
                     cfg.epochs,
                     entry["train_loss"],
                     parts_txt,
+                    "; " + ", ".join(counted) if counted else "",
                     entry["train_acc"],
                     entry["val_acc"],
                     entry["test_acc"],
