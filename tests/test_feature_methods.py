@@ -1,3 +1,4 @@
+import contextlib
 import logging
 
 import numpy as np
@@ -227,7 +228,18 @@ def test_one_epoch_of_training(tmp_path, teacher, name, params):
     assert doc["provenance"].get("samplewise_solver") == ("eigh" if sample else None)
 
 
-def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, monkeypatch, caplog):
+class Lines(logging.Handler):
+    """The messages logged to the logger it is added to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, monkeypatch):
     """train.samplewise_solver: svd (one batched SVD of the unfoldings) trains sample-wise
     Tucker as eigh does, up to rounding (16×16 digits: stage 3 is 64 channels of 4×4, so the
     unfoldings have the 16 columns that rank 8 needs), also where the SVD fails on a batch
@@ -244,10 +256,14 @@ def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, mo
         return svd(a, **kw)
 
     monkeypatch.setattr(torch.linalg, "svd", failing_twice)
-    caplog.set_level(logging.INFO, logger="kdbench")
-    monkeypatch.setattr(logging.getLogger("kdbench"), "propagate", True)
+    kdlog, lines = logging.getLogger("kdbench"), Lines()
+    level = kdlog.level
+    kdlog.addHandler(lines)
+    kdlog.setLevel(logging.INFO)
     docs = {}
-    with tucker.solving():  # each run's prepare sets the solver: the default afterwards
+    with tucker.solving(), contextlib.ExitStack() as undo:  # prepare sets the solver
+        undo.callback(kdlog.setLevel, level)
+        undo.callback(kdlog.removeHandler, lines)
         for solver in ("eigh", "svd"):
             docs[solver] = train_digits(
                 tmp_path / solver,
@@ -273,7 +289,7 @@ def test_samplewise_tucker_trains_alike_with_either_solver(tmp_path, teacher, mo
         assert doc["epochs"][0]["method_stats"]["svd_fallbacks"] == fallbacks
         assert doc["final"]["method_stats"]["svd_fallbacks"] == fallbacks
     # the epoch's log line names the counters that are not zero
-    epochs = [r.getMessage() for r in caplog.records if "epoch 1/1" in r.getMessage()]
+    epochs = [line for line in lines.lines if "epoch 1/1" in line]
     assert len(epochs) == 2 and "svd_fallbacks" not in epochs[0]
     assert "(ce " in epochs[1] and "; svd_fallbacks 2) train" in epochs[1]
     (a,), (b,) = docs["eigh"]["epochs"], docs["svd"]["epochs"]
