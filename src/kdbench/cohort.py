@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -242,16 +243,16 @@ class Cohort(Method):
             self._streams = (device, made)
         return self._streams[1]
 
-    def provenance(self, device: torch.device) -> dict[str, Any]:
+    def _labelled(self, per_member: Callable[[Method], dict[str, Any]]) -> dict[str, Any]:
+        """Every member's ``per_member(member)`` entries, keyed ``<label>/<key>``."""
         return {
             f"{label}/{k}": v
             for label, m in zip(self.labels, self.members, strict=True)
-            for k, v in m.provenance(device).items()
+            for k, v in per_member(m).items()
         }
 
+    def provenance(self, device: torch.device) -> dict[str, Any]:
+        return self._labelled(lambda m: m.provenance(device))
+
     def pop_stats(self) -> dict[str, Tensor]:
-        return {
-            f"{label}/{k}": v
-            for label, m in zip(self.labels, self.members, strict=True)
-            for k, v in m.pop_stats().items()
-        }
+        return self._labelled(lambda m: m.pop_stats())

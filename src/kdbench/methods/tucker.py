@@ -90,22 +90,25 @@ class TuckerBase(FeatureMethod):
         cohort that ask for the same one (:func:`kdbench.methods.base.shared`); each of them
         counts its SVD fallbacks."""
         ranks = sample_ranks(self.params["rank"], tuple(t.shape[1:]))
-        n_iter = int(self.params["n_iter"])
-
-        def compute() -> tuple[Tensor, list[Tensor], list[int], int]:
-            before = tucker.svd_fallbacks()
-            if sample:
-                core, factors = tucker.decompose_samplewise(t, ranks)
-                modes = tucker.truncated_modes(t.shape[1:], ranks)
-            else:
-                full = (t.shape[0], *ranks)
-                core, factors = tucker.decompose(t, full, n_iter)
-                modes = tucker.truncated_modes(t.shape, full)
-            return core, factors, modes, tucker.svd_fallbacks() - before
-
-        core, factors, modes, fallbacks = shared(("tucker", id(t), sample, ranks, n_iter), compute)
+        key = ("tucker", id(t), sample, ranks, int(self.params["n_iter"]))
+        core, factors, modes, fallbacks = shared(key, lambda: self._decomposition(t, sample))
         self._fallbacks += fallbacks
         return core, factors, modes
+
+    def _decomposition(
+        self, x: Tensor, sample: bool
+    ) -> tuple[Tensor, list[Tensor], list[int], int]:
+        """``x``'s decomposition with the method's ranks (whole, or each sample's): its core,
+        factors, truncated modes, and how many SVD fallbacks it took."""
+        ranks = sample_ranks(self.params["rank"], tuple(x.shape[1:]))
+        if not sample:
+            full = (x.shape[0], *ranks)
+            core, factors = tucker.decompose(x, full, int(self.params["n_iter"]))
+            return core, factors, tucker.truncated_modes(x.shape, full), 0
+        before = tucker.svd_fallbacks()
+        core, factors = tucker.decompose_samplewise(x, ranks)
+        modes = tucker.truncated_modes(x.shape[1:], ranks)
+        return core, factors, modes, tucker.svd_fallbacks() - before
 
     @classmethod
     def check(cls, params: dict[str, Any], stage_shape: Any) -> None:
@@ -134,16 +137,8 @@ class TuckerBase(FeatureMethod):
         zero and ``guard_fired`` counts it. (``torch.where`` over a NaN loss is not enough:
         its backward multiplies the NaN branch's gradient by zero, which is NaN.)
         """
-        ranks = sample_ranks(self.params["rank"], tuple(s.shape[1:]))
-        if sample:
-            before = tucker.svd_fallbacks()
-            _, factors = tucker.decompose_samplewise(s, ranks)
-            self._fallbacks += tucker.svd_fallbacks() - before
-            modes = tucker.truncated_modes(s.shape[1:], ranks)
-        else:
-            full = (s.shape[0], *ranks)
-            _, factors = tucker.decompose(s, full, int(self.params["n_iter"]))
-            modes = tucker.truncated_modes(s.shape, full)
+        _, factors, modes, fallbacks = self._decomposition(s, sample)
+        self._fallbacks += fallbacks
         checked = [core_t, *factors]
         ok = torch.stack([torch.isfinite(t).all() for t in checked]).all()
         safe = [torch.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0) for f in factors]
