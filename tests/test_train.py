@@ -1,5 +1,9 @@
 import json
 import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +244,74 @@ def test_prepare_sets_where_tucker_solves_its_eigendecompositions():
         KdbenchError, match="train.samplewise_solver must be one of auto, eigh, svd"
     ):
         TrainConfig.from_config({"samplewise_solver": "qr"})
+
+
+def test_prepare_sets_deterministic_algorithms_either_way():
+    from kdbench import methods, models
+    from kdbench.train import TrainConfig, prepare
+
+    method = methods.get("vanilla")(models.build("resnet8", 10, 1), None, {})
+    try:
+        prepare(method, TrainConfig(deterministic=True), torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        prepare(method, TrainConfig(), torch.device("cpu"))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
+        {"momentum": 0.9, "weight_decay": 1e-3, "nesterov": True},
+        {"momentum": 0.0, "weight_decay": 0.0, "nesterov": False},
+    ],
+)
+def test_kdbench_sgd_steps_as_torch_sgd_bit_for_bit(recipe):
+    from kdbench.train import SGD, make_sgd
+
+    cfg = TrainConfig.from_config({"optimizer": {"lr": 0.1, **recipe}, "device": "cpu"})
+    torch.manual_seed(0)
+    ours, theirs = models.build("resnet8", 10, 1), models.build("resnet8", 10, 1)
+    theirs.load_state_dict(ours.state_dict())
+    opt = make_sgd(ours, cfg)
+    assert type(opt) is SGD
+    ref = torch.optim.SGD(theirs.parameters(), **opt.defaults)
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3) for o in (opt, ref)]
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    warnings.simplefilter("error")  # (pytest restores the filters after the test)
+    for step in range(3):
+        for model, o, sched in zip((ours, theirs), (opt, ref), schedules, strict=True):
+            o.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x)[-1], y).backward()
+            o.step()
+            sched.step()  # no warning that it came before the optimizer's step
+        if step == 1:  # a state dict round trip keeps the momentum
+            again = make_sgd(ours, cfg)
+            again.load_state_dict(opt.state_dict())
+            schedules[0].optimizer = opt = again
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["param_groups"][0]["lr"] == ref.state_dict()["param_groups"][0]["lr"]
+
+
+def test_a_training_job_on_cpu_does_not_import_torch_dynamo(tmp_path):
+    # torch.optim's own wrappers import torch._dynamo (about 2 s per job) on first use
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from conftest import train_digits;"
+        "from pathlib import Path; train_digits(Path(sys.argv[2]), method='kd',"
+        " teacher='resnet8', teacher_weights=sys.argv[3]);"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    teacher = tmp_path / "teacher"
+    train_digits(teacher, role="teacher", variant="teacher")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path / "kd"),
+         str(teacher / "model_best.pt")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -319,6 +320,31 @@ def make_schedule(
     )
 
 
+class SGD(torch.optim.SGD):
+    """``torch.optim.SGD``, the same update bit for bit, without importing ``torch._dynamo``.
+
+    torch.optim wraps ``step``, ``zero_grad``, ``add_param_group``, ``state_dict`` and
+    ``load_state_dict`` so that ``torch.compile`` does not trace into them; each wrapper imports
+    ``torch._dynamo`` on its first call, about 2 s at the start of every training job (a
+    quarter of a demo student's job on CPU). kdbench compiles models, never an optimizer, so
+    this class calls the methods themselves; ``Optimizer.step``'s hooks and profiler range,
+    and the schedules' step tracking, are as for ``torch.optim.SGD``.
+    """
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        # what torch's wrapper does but for its two torch._dynamo.graph_break() calls
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            return _SGD_STEP(self, closure)
+
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
+    load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
+
+
+_SGD_STEP = inspect.unwrap(torch.optim.SGD.step)
+
+
 def make_sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """SGD over ``module``'s parameters (build it after moving the module to its device).
 
@@ -330,7 +356,7 @@ def make_sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     fused = cfg.fused is True or (
         cfg.fused == "auto" and bool(params) and params[0].device.type == "cuda"
     )
-    opt = torch.optim.SGD(
+    opt = SGD(
         params,
         lr=cfg.lr,
         momentum=cfg.momentum,
@@ -392,7 +418,10 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     from ``cfg.cohort_streams`` and ``cfg.cohort_stack``."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(cfg.deterministic)
+    if torch.are_deterministic_algorithms_enabled() != cfg.deterministic:
+        # (the call imports torch._inductor and so torch._dynamo, about 2 s: only when it
+        # changes something)
+        torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.benchmark = cudnn_autotuning(cfg, device)
     tucker.set_eigh_on_host(cfg.eigh_on_host)
     tucker.set_samplewise_solver(cfg.samplewise_solver)
