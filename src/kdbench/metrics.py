@@ -5,8 +5,8 @@
 ``definition="legacy"`` reproduces the original projects' ``noise_metrics.py`` applied to the
 whole tensor:
 
-* mean, unbiased std, skewness and kurtosis (scipy.stats, Fisher, bias=True), IQR (q75 − q25)
-  of the flattened tensor;
+* mean, unbiased std, skewness and kurtosis (as scipy.stats computes them: Fisher, bias=True),
+  IQR (q75 − q25) of the flattened tensor;
 * wavelet high-frequency energy: per channel of **sample 0**, the sum of squares of every
   detail band of ``pywt.wavedec2(map, 'db1', level=2)``, then the mean over channels;
 * frequency entropy: per channel of sample 0, P = |fft2|², p = P/(ΣP + 1e-10),
@@ -35,13 +35,12 @@ modes of size 1 have no blur residual (0).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import pandas as pd
 import pywt
-import scipy.ndimage
-import scipy.stats
 import torch
 from torch import Tensor
 
@@ -66,15 +65,22 @@ HF_CUTOFF = 0.25
 
 
 def _moments(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Skewness and excess kurtosis (biased) of each row of G×M, 0 for a constant row."""
+    """Skewness and excess kurtosis (biased: the central moments m3 / m2^1.5 and
+    m4 / m2² − 3, as ``scipy.stats.skew`` and ``kurtosis`` with ``bias=True``) of each row of
+    G×M, 0 for a constant row. (numpy, not scipy.stats: its import is a fifth of an analysis
+    job's.)"""
+    deviations = flat - flat.mean(axis=1, keepdims=True)
+    squares = deviations * deviations
+    m2 = squares.mean(axis=1)
     constant = np.ptp(flat, axis=1) == 0 if flat.shape[1] > 1 else np.ones(len(flat), bool)
+    constant |= m2 == 0  # deviations so small that their squares underflow
     skew = np.zeros(len(flat))
     kurt = np.zeros(len(flat))
     varying = ~constant
     if varying.any():
-        rows = flat[varying]
-        skew[varying] = scipy.stats.skew(rows, axis=1, bias=True)
-        kurt[varying] = scipy.stats.kurtosis(rows, axis=1, fisher=True, bias=True)
+        m2 = m2[varying]
+        skew[varying] = (squares[varying] * deviations[varying]).mean(axis=1) / m2**1.5
+        kurt[varying] = (squares[varying] ** 2).mean(axis=1) / m2**2 - 3.0
     return skew, kurt
 
 
@@ -102,18 +108,32 @@ def _radial_mask(h: int, w: int) -> Tensor:
     return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) > HF_CUTOFF
 
 
+#: the 3-tap kernel of torchvision's ``GaussianBlur(3, sigma=1)``, exp(−x²/2) at x = ±1 and 0,
+#: normalised: its side and centre weights
+_BLUR_SIDE = math.exp(-0.5) / (1.0 + 2.0 * math.exp(-0.5))
+_BLUR_CENTRE = 1.0 / (1.0 + 2.0 * math.exp(-0.5))
+
+
 def _blur_residual(x: Tensor) -> Tensor:
     """x − GaussianBlur(kernel 3, σ=1)(x) over the last two modes (0 where a mode has size 1).
 
-    torchvision's ``GaussianBlur(3, sigma=1)`` (reflect padding) is scipy's ``gaussian_filter``
-    with ``truncate=1`` (a 3-tap kernel) and ``mode="mirror"``; scipy avoids torchvision's
-    import cost in every job.
+    torchvision's ``GaussianBlur(3, sigma=1)`` (reflect padding: d c b | a b c d | c b a),
+    one mode after the other; computed here rather than imported (torchvision's import, or
+    scipy.ndimage's, would add to every analysis job).
     """
     if min(x.shape[-2:]) < 2:
         return torch.zeros_like(x)
-    arr = x.numpy()
-    blurred = scipy.ndimage.gaussian_filter(arr, 1.0, truncate=1.0, mode="mirror", axes=(-2, -1))
-    return x - torch.from_numpy(blurred)
+    blurred = x
+    for dim in (x.ndim - 2, x.ndim - 1):
+        n = x.shape[dim]
+        mirrored = torch.cat([torch.tensor([1]), torch.arange(n), torch.tensor([n - 2])])
+        padded = blurred.index_select(dim, mirrored)
+        blurred = (
+            _BLUR_SIDE * padded.narrow(dim, 0, n)
+            + _BLUR_CENTRE * padded.narrow(dim, 1, n)
+            + _BLUR_SIDE * padded.narrow(dim, 2, n)
+        )
+    return x - blurred
 
 
 def _entropy(rows: Tensor, legacy: bool) -> Tensor:

@@ -11,9 +11,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
-import scipy.stats
+
+
+def _scipy_stats() -> ModuleType:
+    """scipy.stats, imported on first use (half a second: the feature-extraction jobs, which
+    import this module with kdbench.analysis, never need it)."""
+    import scipy.stats
+
+    return scipy.stats
 
 
 def describe(values: Sequence[float]) -> dict[str, float]:
@@ -25,7 +33,7 @@ def describe(values: Sequence[float]) -> dict[str, float]:
     if n == 1:
         return {"n": 1, "mean": float(x[0]), "std": math.nan, "ci95": math.nan}
     std = float(x.std(ddof=1))
-    half = float(scipy.stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+    half = float(_scipy_stats().t.ppf(0.975, n - 1) * std / math.sqrt(n))
     return {"n": n, "mean": float(x.mean()), "std": std, "ci95": half}
 
 
@@ -40,7 +48,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float
     if d["n"] >= 2 and d["std"] > 0:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            p = float(scipy.stats.ttest_rel(x, y).pvalue)
+            p = float(_scipy_stats().ttest_rel(x, y).pvalue)
     return {"n": d["n"], "diff": d["mean"], "ci95": d["ci95"], "p": p}
 
 
@@ -57,8 +65,9 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
         return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pearson = scipy.stats.pearsonr(a, b)
-        spearman = scipy.stats.spearmanr(a, b)
+        stats = _scipy_stats()
+        pearson = stats.pearsonr(a, b)
+        spearman = stats.spearmanr(a, b)
     out |= {"pearson_r": float(pearson.statistic), "pearson_p": float(pearson.pvalue)}
     out |= {"spearman_r": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
     return out
