@@ -22,6 +22,8 @@ rule train_paraphraser:
         ),
     log:
         f"{LOG_DIR}/{{dataset}}/paraphrasers/{{teacher}}-seed{{seed}}.log",
+    # next after the teachers: the FT students wait for it
+    priority: 5
     conda:
         "../envs/kdbench.yaml"
     threads: TRAIN_THREADS

@@ -35,6 +35,8 @@ rule train_teacher:
         f"{LOG_DIR}/{{dataset}}/teachers/{{arch}}-seed{{seed}}.log",
     benchmark:
         f"{TEACHER_DIR}/benchmark.tsv"
+    # before the jobs that do not wait for it: every taught student waits for its teacher
+    priority: 10
     conda:
         "../envs/kdbench.yaml"
     threads: TRAIN_THREADS
