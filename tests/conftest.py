@@ -52,6 +52,17 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+def fresh_imports(*modules: str, then: str = "") -> set[str]:
+    """The modules that a new Python process holds after importing ``modules`` and running the
+    statements ``then``."""
+    code = f"import sys; import {', '.join(modules)}; {then or 'pass'}; print(*sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return set(proc.stdout.split())
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

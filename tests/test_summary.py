@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 import yaml
-from conftest import REPO
+from conftest import REPO, fresh_imports
 
 from kdbench import anchors, config, stats, summary
 from kdbench.errors import KdbenchError
@@ -304,3 +304,18 @@ def test_correlation_against_scipy_and_undefined_cases():
     assert math.isnan(stats.correlation([1.0, 2.0, 3.0], [5.0, 5.0, 5.0])["pearson_r"])
     short = stats.correlation([1.0, 2.0, float("nan")], [1.0, 2.0, 3.0])
     assert short["n"] == 2 and math.isnan(short["spearman_p"])
+
+
+def test_the_jobs_that_write_tables_plots_and_links_start_without_torch(tmp_path):
+    # importing torch is about 2 s of each job that does; a cohort member's job only links
+    (tmp_path / "cohort").mkdir()
+    (tmp_path / "cohort" / "metrics.json").write_text("{}")
+    link = (
+        "kdbench.jobs.run_job(kdbench.io.link_outputs, None, 1, "
+        f"source={str(tmp_path / 'cohort')!r}, outputs=[{str(tmp_path / 'metrics.json')!r}])"
+    )
+    held = fresh_imports(
+        "kdbench.jobs", "kdbench.summary", "kdbench.plots", "kdbench.io", then=link
+    )
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+    assert "torch" not in held and "kdbench" in held

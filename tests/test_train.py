@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import curves, fit_digits, outputs, train_digits
+from conftest import curves, fit_digits, fresh_imports, outputs, train_digits
 
 from kdbench import io, models, runs
 from kdbench.errors import KdbenchError
@@ -373,6 +373,16 @@ def test_compile_auto_leaves_the_models_of_a_cpu_run_eager(monkeypatch):
     assert asked == []
     compile_models(method, TrainConfig(compile="default"))
     assert asked == ["default", "default"]  # student and teacher
+
+
+def test_a_jobs_threads_reach_torch_imported_after_the_job_started():
+    # (torch takes at most as many threads as there are cores: 1 is below its default here)
+    then = (
+        "import os; os.environ.pop('OMP_NUM_THREADS', None);"
+        "assert kdbench.jobs.run_job(lambda: 'torch' in sys.modules, None, 1) is False;"
+        "import torch; assert torch.get_num_threads() == 1, torch.get_num_threads()"
+    )
+    assert "torch" in fresh_imports("kdbench.jobs", then=then)
 
 
 def test_a_jobs_threads_bound_torch_compiles_worker_processes(monkeypatch):

@@ -1,12 +1,9 @@
-"""Entry points of the workflow's scripts: one call per job.
+"""Entry points of the workflow's training scripts: one call per job.
 
 ``train`` trains a teacher (``role="teacher"``) or distils a student, ``train_cohort`` several
-students on one teacher pass (:mod:`kdbench.cohort`); ``run_job`` wraps any entry
-point with logging to the job's log file, the thread count, and error handling: a problem with
-the input is one line on stderr and exit status 1; an unexpected error keeps its traceback in the
-log file and prints one line that points there. SIGTERM (a batch system's time limit or
-cancellation) and SIGINT stop a job in one line too, with exit status 143 and 130, once the
-training state in flight is on disk, so that running the job again loses no finished epoch.
+students on one teacher pass (:mod:`kdbench.cohort`). The scripts run them through
+:func:`kdbench.jobs.run_job` (logging, threads, one-line errors), which this module still
+exports as ``run_job`` and ``setup_logging``.
 """
 
 from __future__ import annotations
@@ -14,104 +11,22 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import socket
-import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdbench import io, methods, models, mps
+from kdbench import io, methods, models
 from kdbench.cohort import Cohort
 from kdbench.data import Dataset, load_dataset
-from kdbench.errors import KdbenchError, Terminated, one_line, sigterm_raises
+from kdbench.errors import KdbenchError
+from kdbench.jobs import run_job, setup_logging
 from kdbench.train import Run, RunOutputs, TrainConfig, file_sha256, fit, fit_runs
 
 log = logging.getLogger("kdbench")
 
-
-def setup_logging(log_path: str | Path | None) -> None:
-    """Send kdbench's log to ``log_path`` (appending, so a resumed job keeps its history)."""
-    log.setLevel(logging.INFO)
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(log_path, mode="a")
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-    log.propagate = False
-
-
-def run_job(
-    func: Callable[..., Any],
-    log_path: str | Path | None,
-    threads: int | None = None,
-    *,
-    gpu: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """Run ``func(**kwargs)`` as a workflow job (see the module docstring). A ``gpu`` job (a
-    training run) becomes a client of the workflow's NVIDIA MPS daemon first when
-    :func:`kdbench.mps.wanted` (``KDBENCH_MPS``), unless its ``train["device"]`` is ``cpu``;
-    under ``KDBENCH_MPS=auto`` a daemon that does not start is a warning, not an error."""
-    setup_logging(log_path)
-    if threads:
-        torch.set_num_threads(int(threads))
-        # torch.compile's worker processes: as many as the job's threads, not one per CPU of
-        # the node (8 students of a SLURM job would otherwise start 8 each); read when
-        # torch._inductor is first imported, which no kdbench import does
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(int(threads)))
-    log.info(
-        "job %s on %s (SLURM_JOB_ID=%s, node %s, CUDA_VISIBLE_DEVICES=%s, %d threads)",
-        func.__name__,
-        socket.gethostname(),
-        os.environ.get("SLURM_JOB_ID", "-"),
-        os.environ.get("SLURMD_NODENAME", "-"),
-        os.environ.get("CUDA_VISIBLE_DEVICES", "-"),
-        torch.get_num_threads(),
-    )
-    try:
-        with sigterm_raises():
-            if gpu and mps.wanted():
-                if (kwargs.get("train") or {}).get("device") == "cpu":
-                    log.info("MPS: not for a run on the CPU (train.device: cpu)")
-                else:
-                    _join_mps()
-            return func(**kwargs)
-    except (Terminated, KeyboardInterrupt) as exc:
-        why = str(exc) if isinstance(exc, Terminated) else "interrupted (SIGINT)"
-        log.error("%s; a training run's state saved last is kept: running it again resumes", why)
-        print(
-            f"kdbench: {why}; run the job again to finish it (a training run resumes after its "
-            "last saved epoch)",
-            file=sys.stderr,
-            flush=True,
-        )
-        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
-    except KdbenchError as exc:
-        log.error("%s", one_line(exc))
-        print(f"kdbench: error: {one_line(exc)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except Exception as exc:
-        log.error("unexpected error:\n%s", traceback.format_exc())
-        where = f" (traceback in {log_path})" if log_path else ""
-        print(f"kdbench: unexpected error: {one_line(exc)}{where}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-
-
-def _join_mps() -> None:
-    try:
-        log.info("MPS: a client of the daemon in %s", mps.join())
-    except KdbenchError as exc:
-        if mps.setting() == "on":
-            raise
-        log.warning("MPS: not used (KDBENCH_MPS=auto): %s", one_line(exc))
+__all__ = ["run_job", "setup_logging", "train", "train_cohort"]
 
 
 def train(

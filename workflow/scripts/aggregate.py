@@ -1,6 +1,6 @@
 """Aggregate every finished run: snakemake input/output/log → kdbench.summary.aggregate."""
 
-from kdbench.runs import run_job
+from kdbench.jobs import run_job
 from kdbench.summary import aggregate
 
 run_job(

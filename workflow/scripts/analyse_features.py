@@ -1,7 +1,7 @@
 """Tables and correlations of a dataset's feature metrics: snakemake → kdbench.analysis."""
 
 from kdbench.analysis import analyse
-from kdbench.runs import run_job
+from kdbench.jobs import run_job
 
 run_job(
     analyse,

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from kdbench.io import link_outputs
-from kdbench.runs import run_job
+from kdbench.jobs import run_job
 
 run_job(
     link_outputs,

@@ -1,7 +1,7 @@
 """Diagnostic figures of one teacher → student pair: snakemake → kdbench.diagnostics.diagnose."""
 
 from kdbench.diagnostics import diagnose
-from kdbench.runs import run_job
+from kdbench.jobs import run_job
 
 run_job(
     diagnose,

@@ -1,6 +1,7 @@
 """Train one student: snakemake input/params/output/log → kdbench.runs.train."""
 
-from kdbench.runs import run_job, train
+from kdbench.jobs import run_job
+from kdbench.runs import train
 
 run_job(
     train,

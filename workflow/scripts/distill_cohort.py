@@ -1,6 +1,7 @@
 """Train a cohort of students on one teacher pass: snakemake → kdbench.runs.train_cohort."""
 
-from kdbench.runs import run_job, train_cohort
+from kdbench.jobs import run_job
+from kdbench.runs import train_cohort
 
 run_job(
     train_cohort,

@@ -1,7 +1,7 @@
 """Measure one trained model's feature maps: snakemake → kdbench.analysis.extract."""
 
 from kdbench.analysis import extract
-from kdbench.runs import run_job
+from kdbench.jobs import run_job
 
 run_job(
     extract,

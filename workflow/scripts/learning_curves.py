@@ -1,6 +1,6 @@
 """Learning curves of a pair, every method overlaid: snakemake → kdbench.summary."""
 
-from kdbench.runs import run_job
+from kdbench.jobs import run_job
 from kdbench.summary import learning_curves_overlay
 
 w = snakemake.wildcards

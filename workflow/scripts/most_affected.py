@@ -1,7 +1,7 @@
 """Rank a pair's most-affected stages and channels: snakemake → kdbench.analysis.most_affected."""
 
 from kdbench.analysis import most_affected
-from kdbench.runs import run_job
+from kdbench.jobs import run_job
 
 run_job(
     most_affected,

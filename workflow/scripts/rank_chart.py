@@ -1,6 +1,6 @@
 """Accuracy against Tucker rank: snakemake → kdbench.summary.rank_chart_from_csv."""
 
-from kdbench.runs import run_job
+from kdbench.jobs import run_job
 from kdbench.summary import rank_chart_from_csv
 
 run_job(

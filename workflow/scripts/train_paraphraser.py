@@ -1,7 +1,7 @@
 """Train FT's paraphraser: snakemake input/params/output/log → ft.train_paraphraser."""
 
+from kdbench.jobs import run_job
 from kdbench.methods.ft import train_paraphraser
-from kdbench.runs import run_job
 
 run_job(
     train_paraphraser,
