@@ -331,7 +331,7 @@ class SGD(torch.optim.SGD):
     and the schedules' step tracking, are as for ``torch.optim.SGD``.
     """
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         # what torch's wrapper does but for its two torch._dynamo.graph_break() calls
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             return _SGD_STEP(self, closure)
