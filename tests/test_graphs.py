@@ -161,11 +161,12 @@ def test_tucker_steps_are_captured_in_two_graphs_around_the_decomposition(events
     g.method.teacher_targets = lambda outs: calls.append(bool(inside)) or original(outs)
     for _ in range(5):
         g(FULL, Y8)
-    # teacher graph captured (and run, for the targets' shapes), then the student's step
+    # teacher graph captured (and run, for the targets' shapes), then the student's step;
+    # the targets made for the capture serve its batch's step, which then replays one graph
     captured = ["capture", "replay", "capture", "step-in-capture"]
-    assert events == ["side", "eager"] * 3 + captured + ["replay", "replay"] * 2
-    # eagerly between the graphs, at every replay, under the step's autocast as in eager steps
-    assert calls == [True] * (1 + 2)
+    assert events == ["side", "eager"] * 3 + captured + ["replay"] + ["replay", "replay"]
+    # eagerly between the graphs, once a batch, under the step's autocast as in eager steps
+    assert calls == [True] * 2
     assert g.status == "split"
     assert g.static_targets[0].shape == (8, 64, 2, 2)  # the teacher's stage 3 (8×8 input)
 
@@ -180,10 +181,10 @@ def test_an_overlapped_teacher_runs_on_the_side_stream_beside_the_student_graph(
     # the teacher's graph is captured on the side stream (its cuBLAS workspace is not the
     # student graph's), and run once for the targets' shapes; then the student's step
     assert events[:4] == ["capture-on-side", "replay", "capture", "step-in-capture"]
-    # this batch's teacher pass on the main stream (nothing ahead yet); the next batch's on
-    # the side stream, before the student graph, which the main stream runs beside it; the
-    # side stream's targets copied in behind
-    assert events[4:] == ["replay", "side", "replay", "event", "replay", "wait-event", "side"]
+    # (this batch's targets are the capture's) the next batch's teacher pass on the side
+    # stream, before the student graph, which the main stream runs beside it; the side
+    # stream's targets copied in behind
+    assert events[4:] == ["side", "replay", "event", "replay", "wait-event", "side"]
     events.clear()
     g(xs[4], Y8, xs[5])
     assert events == ["side", "replay", "event", "replay", "wait-event", "side"]
@@ -207,9 +208,9 @@ def test_a_pipelined_step_runs_the_teacher_two_batches_ahead_and_the_targets_one
     assert events[:4] == ["capture-on-side", "replay", "capture", "step-in-capture"]
     ahead = ["wait-event", "side", "replay", "event"]  # a teacher pass on the side stream
     targets = ["wait-event", "side", "event"]  # targets on the third stream, after that pass
-    # this batch's teacher pass (nothing ran ahead yet), then this batch's student step first;
-    # the teacher on the next two batches, the next one's targets
-    assert events[4:] == ["replay", "event", "replay", *ahead, *ahead, *targets]
+    # (this batch's targets are the capture's) this batch's student step first; the teacher
+    # on the next two batches, the next one's targets
+    assert events[4:] == ["event", "replay", *ahead, *ahead, *targets]
     assert g.targets_for is xs[4] and [p[0] for p in g.pending] == [xs[5]]
     events.clear()
     g(xs[4], Y8, xs[5], xs[6])

@@ -457,6 +457,8 @@ class GraphedStep:
                 opt.zero_grad(set_to_none=True)
             return
         self.graphs, self.key = graphs, key
+        if self.mode == "split":  # its targets are in the graph's inputs: not computed again
+            self.targets_for = xb
 
 
 def _wait_for(pending: list[tuple[Tensor, int, Any, Future[Any] | None]]) -> None:
