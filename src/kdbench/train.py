@@ -185,7 +185,8 @@ class TrainConfig:
     #: decomposition's host synchronisation (its convergence check) no longer holds up the
     #: launches of the student's and teacher's graphs; the same targets, made by the same
     #: kernels on the same stream, in the same order (on CPU stand-ins the weights of eager
-    #: steps, bit for bit, tested). Off until it is measured on a GPU (README Performance)
+    #: steps, bit for bit, tested). Off: on an H200 it made the Tucker methods' resnet20 epochs
+    #: 1.24-1.36x slower (README Performance, eighth session)
     targets_thread: bool = False
 
     @classmethod
