@@ -1,7 +1,11 @@
+import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -303,8 +307,8 @@ def test_bench_grid_with_several_cohorts_per_gpu_from_a_concurrent_cohort_file(t
 def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     """The grid GPU-hours quoted in docs/perf/README.md (10.2 one run per GPU, 6.6 with 4 under
     MPS) and the README (with the fifth session's files 9.0, 5.8, and 6.5 in cohorts of 8; with
-    the sixth's, 3.8 in stacked cohorts of 8) from the JSON files of docs/perf, as their
-    commands compute them."""
+    the sixth's, 3.8 in stacked cohorts of 8; with the eighth's vanilla resnet56 row, 8.93 and
+    3.73) from the JSON files of docs/perf, as their commands compute them."""
     h200 = REPO / "docs" / "perf" / "h200-2026-11-26"
     files = ["s2/epochs56.json", "s2/epochs20.json", "s3/epochs56.json", "s3/epochs20.json"]
     files += ["s3/tucker-pipeline_targets-true.json", "s4/epochs20.json"]
@@ -343,6 +347,77 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
         "resnet110:resnet20": 0.82,
         "resnet110:resnet56": 1.73,
     }
+    # and with the eighth session's vanilla resnet56 row (cuDNN autotuning): 8.93 and 3.73
+    argv[at:at] = [str(REPO / "docs" / "perf" / "h200-2026-11-27-s8" / "vanilla56.json")]
+    assert bench.main(argv) == 0
+    g = json.loads(out.read_text())["grid"]
+    assert round(g["gpu_hours_total"], 2) == 8.93
+    assert round(g["gpu_hours_total_cohorts"], 2) == 3.73
+
+
+def _profile_step():
+    """tests/gpu/profile_step.py as a module."""
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", REPO / "tests" / "gpu" / "profile_step.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_profile_gives_each_streams_busy_time_and_takes_benchs_labels():
+    """measure.sh profile-tucker: per CUDA stream, the union of its kernels' intervals per step,
+    busiest first; a row's METHOD a method or a label of bench epochs."""
+    ps = _profile_step()
+
+    def kernel(stream: int, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            device_resource_id=stream, time_range=SimpleNamespace(start=start, end=end)
+        )
+
+    kernels = [kernel(7, 0, 400), kernel(7, 300, 1000), kernel(13, 100, 300), kernel(7, 3000, 3500)]
+    kernels += [kernel(13, 1500, 1600), kernel(21, 0, 2000)]
+    assert ps._streams(kernels, steps=2) == [
+        {"stream": 21, "busy_ms_per_step": 1.0, "kernels_per_step": 0.5},
+        {"stream": 7, "busy_ms_per_step": 0.75, "kernels_per_step": 1.5},
+        {"stream": 13, "busy_ms_per_step": 0.15, "kernels_per_step": 1.0},
+    ]
+    assert ps._case("tucker sample-teacher-r32") == (
+        "tucker",
+        {"rank": 32, "decomposition": "sample"},
+    )
+    assert ps._case("tucker") == ("tucker", {"rank": 32})
+    assert ps._case("tucker_recomp") == ("tucker_recomp", {"rank": 32, "target": "teacher"})
+    assert ps._case("kd") == ("kd", {})
+
+
+def test_the_gpu_profile_script_runs_on_cpu(tmp_path):
+    """tests/gpu/profile_step.py on the CPU (no CUDA kernels to count): its rows, the methods
+    its labels name, a row's train setting, and the JSON's device and versions."""
+    out = tmp_path / "profile.json"
+    argv = ["--device", "cpu", "--teacher", "resnet8", "--student", "resnet8"]
+    argv += ["--train-size", "256", "--row", "featuremap", "--json", str(out)]
+    argv += ["--row", "tucker sample-teacher-r32:cuda_graphs=false", "--row", "nonsense"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "gpu" / "profile_step.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nonsense: failed: KdbenchError: bench: unknown method(s) nonsense" in proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["command"] == "profile_step" and doc["device"]["type"] == "cpu"
+    assert doc["versions"]["torch"] == torch.__version__.split("+")[0]
+    rows = doc["rows"]
+    assert [(r["method"], r["params"]) for r in rows] == [
+        ("featuremap", {}),
+        ("tucker", {"rank": 32, "decomposition": "sample"}),
+    ]
+    assert all(r["pair"] == "resnet8:resnet8" and r["steps"] == 2 for r in rows)
+    assert all(r["wall_ms_per_step"] > 0 and r["streams"] == [] for r in rows)
 
 
 def test_timed_epochs_step_the_learning_rate_schedule_as_fit_does(monkeypatch):

@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56 state solvers samplewise thread thread-cohort.
+# stack stack56 state solvers samplewise thread thread-cohort profile-tucker.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -18,17 +18,17 @@
 # and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
 # over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
 # choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
-# took about 55 s cold, its warm-up included). After the seven H200 sessions of 2026-11-26 and 27
+# took about 55 s cold, its warm-up included). After the eight H200 sessions of 2026-11-26 and 27
 # (their JSON: docs/perf; the sixth timed stack, stack56 and priority: stacked cohorts are the
 # default on CUDA since, and priority_targets gave no gain; the seventh solvers, samplewise, spread,
 # state and mps-cohort: the SVD is the sample-wise default on CUDA since, 1.14x featuremap on
-# resnet20) the open questions are, most telling first: thread (the targets on a host thread of
-# their own, train.targets_thread: off until this measures it; then thread-cohort), cohort56 (the
-# two recompositions' resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes
-# cohort56.json beside docs/perf's files, on any machine), epochs56 with --methods vanilla (the
-# teacher and vanilla, the grid's other rows from before autotuning), sample-wise Tucker on resnet56
-# with the SVD (`bench epochs --methods featuremap "tucker sample-teacher-r32"`), mps again with
-# autotuning.
+# resnet20; the eighth thread and thread-cohort: train.targets_thread 1.24-1.36x slower, off, and
+# sample-wise Tucker 1.07x featuremap on resnet56) the open questions are, most telling first:
+# profile-tucker (where sample-wise Tucker's 0.4-0.55 ms a step over featuremap on resnet20 goes:
+# the main stream idle, or the other streams' kernels slowed), cohort56 (the two recompositions'
+# resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes cohort56.json beside
+# docs/perf's files, on any machine), epochs56 with --methods vanilla (the teacher, the grid's
+# other row from before autotuning), mps again with autotuning.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -63,7 +63,7 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
-    solvers samplewise thread thread-cohort}; do
+    solvers samplewise thread thread-cohort profile-tucker}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -125,6 +125,12 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # teachers at once without MPS, then joining the daemon the first starts; same weights?
     mps-jobs) step mps-jobs 240 "$PY" tests/gpu/mps_jobs.py --jobs 4 --epochs 5 \
         --json "$OUT/mps-jobs.json" ;;
+    # where the Tucker methods' graphed steps spend their time over featuremap's (resnet110 ->
+    # resnet20, 10,000 images): wall, busy and kernel time per step, and each CUDA stream's
+    # busy time (the student's, the teacher's and the decomposition's)
+    profile-tucker) step profile-tucker 200 "$PY" tests/gpu/profile_step.py --student resnet20 \
+        --train-size 10000 --row featuremap --row "tucker full-teacher-r32" \
+        --row "tucker sample-teacher-r32" --json "$OUT/profile-tucker.json" ;;
     # where a graphed step's GPU time goes (resnet110 -> resnet56, 5,000 images): wall, busy
     # and kernel time per step, and the costliest kernels, for vanilla and KD (the defaults),
     # vanilla uncompiled and vanilla without channels_last
