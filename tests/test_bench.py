@@ -393,7 +393,8 @@ def test_the_gpu_profile_gives_each_streams_busy_time_and_takes_benchs_labels():
 
 def test_the_gpu_profile_script_runs_on_cpu(tmp_path):
     """tests/gpu/profile_step.py on the CPU (no CUDA kernels to count): its rows, the methods
-    its labels name, a row's train setting, and the JSON's device and versions."""
+    its labels name (with a train setting after the colon), one line for a row that fails, and
+    the JSON's device and versions."""
     out = tmp_path / "profile.json"
     argv = ["--device", "cpu", "--teacher", "resnet8", "--student", "resnet8"]
     argv += ["--train-size", "256", "--row", "featuremap", "--json", str(out)]
