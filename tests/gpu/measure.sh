@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56 state solvers samplewise thread thread-cohort profile-tucker.
+# stack stack56 state solvers samplewise thread thread-cohort profile-tucker recomp56.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -25,10 +25,11 @@
 # resnet20; the eighth thread and thread-cohort: train.targets_thread 1.24-1.36x slower, off, and
 # sample-wise Tucker 1.07x featuremap on resnet56) the open questions are, most telling first:
 # profile-tucker (where sample-wise Tucker's 0.4-0.55 ms a step over featuremap on resnet20 goes:
-# the main stream idle, or the other streams' kernels slowed), cohort56 (the two recompositions'
-# resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes cohort56.json beside
-# docs/perf's files, on any machine), epochs56 with --methods vanilla (the teacher, the grid's
-# other row from before autotuning), mps again with autotuning.
+# the main stream idle, or the other streams' kernels slowed), recomp56 (the two recompositions'
+# resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes recomp56.json beside
+# docs/perf's files, on any machine; cohort56 times them in a cohort too, 9 minutes), epochs56
+# with --methods vanilla (the teacher, the grid's other row from before autotuning), mps again
+# with autotuning.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -63,7 +64,7 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
-    solvers samplewise thread thread-cohort profile-tucker}; do
+    solvers samplewise thread thread-cohort profile-tucker recomp56}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -211,6 +212,12 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     mps-cohort) step mps-cohort 360 $B concurrent --mps --runs 1 2 4 --pair resnet110:resnet20 \
         --train-size 20000 --epochs 1 --cohort "${GRID[@]:1}" "${sets[@]}" \
         --json "$OUT/mps-cohort.json" ;;
+    # the two resnet110 -> resnet56 rows of the grid that predate cuDNN autotuning (the fifth
+    # session's cohort56.json was cut off before them), with featuremap's as their base, one by
+    # one: what `bench grid` needs of them, in about 3 minutes cold on an H200
+    recomp56) step recomp56 240 $B epochs --no-reference --epochs 1 --methods featuremap \
+        "tucker_recomp student-r32" "tucker_recomp both-r32" "${sets[@]}" \
+        --json "$OUT/recomp56.json" ;;
     # the same on resnet110 -> resnet56, the cohort as the settings say (on member streams,
     # stacked on CUDA), the rows the fifth session lost first (its cohort56.json, cut off)
     cohort56) step cohort56 540 $B epochs --no-reference --epochs 1 --methods \
