@@ -52,6 +52,20 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+def run_gpu_script(name: str, *argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``tests/gpu/<name>`` (a script of measure.sh) run with ``argv`` in a new Python process
+    with kdbench's sources on its path; it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "gpu" / name), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def fresh_imports(*modules: str, then: str = "") -> set[str]:
     """The modules that a new Python process holds after importing ``modules`` and running the
     statements ``then``."""

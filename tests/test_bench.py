@@ -2,15 +2,13 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, mps_stub
+from conftest import REPO, mps_stub, run_gpu_script
 
 from kdbench import bench
 from kdbench.errors import KdbenchError
@@ -399,15 +397,7 @@ def test_the_gpu_profile_script_runs_on_cpu(tmp_path):
     argv = ["--device", "cpu", "--teacher", "resnet8", "--student", "resnet8"]
     argv += ["--train-size", "256", "--row", "featuremap", "--json", str(out)]
     argv += ["--row", "tucker sample-teacher-r32:cuda_graphs=false", "--row", "nonsense"]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "gpu" / "profile_step.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**env, "PYTHONPATH": str(REPO / "src")},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_gpu_script("profile_step.py", *argv, timeout=300)
     assert "nonsense: failed: KdbenchError: bench: unknown method(s) nonsense" in proc.stderr
     doc = json.loads(out.read_text())
     assert doc["command"] == "profile_step" and doc["device"]["type"] == "cpu"

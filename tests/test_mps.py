@@ -3,13 +3,11 @@ with a stand-in for nvidia-cuda-mps-control (conftest.mps_stub)."""
 
 import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, mps_stub, snakemake
+from conftest import REPO, mps_stub, run_gpu_script, snakemake
 
 from kdbench import mps, runs
 from kdbench.errors import KdbenchError
@@ -189,16 +187,8 @@ def test_the_workflow_trains_under_mps_and_stops_the_daemon_at_its_end(stub, tmp
 def test_the_gpu_check_of_the_workflow_jobs_under_mps_runs(stub, tmp_path):
     """tests/gpu/mps_jobs.py (measure.sh mps-jobs) on the CPU: two jobs join one daemon."""
     out = tmp_path / "mps-jobs.json"
-    script = REPO / "tests" / "gpu" / "mps_jobs.py"
     argv = ["--device", "auto", "--jobs", "2", "--epochs", "1", "--json", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(script), *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_gpu_script("mps_jobs.py", *argv)
     doc = json.loads(out.read_text())
     assert doc["weights_identical_per_job"] == [True, True] and doc["daemon_stopped"]
     assert doc["max_weight_difference_per_job"] == [0.0, 0.0] and doc["warmup_wall_seconds"] > 0

@@ -49,10 +49,8 @@ def _union(intervals: list[tuple[float, float]]) -> float:
 
 
 def _case(name: str) -> tuple[str, dict]:
-    """The method and its parameters of a row's METHOD: a ``bench epochs`` label, or a method
-    (the Tucker methods at rank 32 on the teacher's factors)."""
-    if name in ("tucker", "tucker_recomp"):
-        return name, {"rank": 32, **({"target": "teacher"} if name == "tucker_recomp" else {})}
+    """The method and its parameters of a row's METHOD: a ``bench epochs`` label, or a method,
+    its first label (the Tucker methods at rank 32 on the teacher's factors)."""
     return bench._cases([name])[0]
 
 
