@@ -125,8 +125,13 @@ def test_a_run_killed_between_the_two_renames_resumes_from_the_previous_state(tm
 #: a job that fits ``fit_digits(<dir>, "run")`` for 3 epochs through ``run_job``, as a
 #: workflow script does
 SIGNALLED_JOB = """
+import signal
 import sys
 from pathlib import Path
+
+# Ctrl-C's KeyboardInterrupt, as in a job started from a terminal (a child of a shell's background
+# job, such as a suite run with `make test &`, inherits SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, sys.argv[2])
 from conftest import fit_digits
