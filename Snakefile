@@ -11,12 +11,14 @@ from kdbench import config as kdconfig
 min_version("9.0")
 
 
-# The embedded demo is the default; --configfile replaces it (it is not merged into it).
-if not config:
+# The embedded demo is the default: --config KEY=VALUE overrides its keys, --configfile replaces
+# it (is not merged into it).
+if not workflow.overwrite_configfiles:
 
-    configfile: "config/demo.yaml"
+    configfile: Path(workflow.basedir, "config/demo.yaml")
 
 
+kdconfig.type_command_line(config, workflow.config_settings.config)
 kdconfig.check_or_exit(
     config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
 )

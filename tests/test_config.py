@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import yaml
@@ -230,6 +231,42 @@ def test_dry_run_of_the_crd_protocol():
     cfg = kdconfig.resolve(yaml.safe_load((REPO / "config" / "crd.yaml").read_text()))
     assert kdconfig.train_params(cfg, "student")["epochs"] == 240
     assert kdconfig.variants(cfg, "kd")["default"]["T"] == 4.0
+
+
+def test_config_values_on_the_command_line_override_the_demos(tmp_path):
+    """`--config KEY=VALUE` without `--configfile` is the demo with those keys changed (before,
+    the demo was left out and the config held those keys alone), a list's numbers numbers."""
+    plain = job_counts(snakemake("-n", cwd=tmp_path).stdout)
+    proc = snakemake("-n", "--config", "cohort_size=4", "seeds=[0, 1, 2]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = job_counts(proc.stdout)
+    taught = plain["distill"] // len(DEMO["seeds"]) - 1  # a seed's students but its vanilla one
+    assert taught > 4 and counts["distill_cohort"] == 3 * math.ceil(taught / 4)
+    assert counts["distill"] == 3  # vanilla students train alone
+    assert counts["train_teacher"] == plain["train_teacher"] == 1
+
+
+def test_command_line_values_get_their_yaml_types():
+    """Snakemake hands every scalar of a `--config` list or mapping over as a string."""
+    config = copy.deepcopy(DEMO)
+    given = {
+        "seeds": ["0", "1", "2"],
+        "train": {"epochs": "2", "bf16": "false", "optimizer": {"lr": "0.05"}},
+        "methods": {"kd": {"T": "8"}, "vanilla": None},
+        "anchors": "config/anchors.yaml",
+        "protocol": "crd",
+        "cohort_size": 4,
+    }
+    kdconfig.type_command_line(config, given)
+    assert config["seeds"] == [0, 1, 2]
+    assert config["train"]["epochs"] == 2 and config["train"]["bf16"] is False
+    assert config["train"]["optimizer"]["lr"] == 0.05
+    assert config["train"]["batch_size"] == DEMO["train"]["batch_size"]  # merged, as Snakemake
+    assert config["methods"]["kd"] == {**DEMO["methods"]["kd"], "T": 8}
+    assert config["methods"]["vanilla"] is None
+    assert config["anchors"] == "config/anchors.yaml" and config["protocol"] == "crd"
+    assert config["cohort_size"] == 4
+    kdconfig.validate(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
 
 
 def test_a_config_file_replaces_the_demo_rather_than_extending_it(tmp_path):

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,36 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
             if method in methods_cfg:
                 methods_cfg[method] = _merge(params, methods_cfg[method] or {})
     return out
+
+
+def type_command_line(config: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """Give the values of ``snakemake --config KEY=VALUE`` (``given``, as Snakemake parsed them)
+    their YAML types in ``config``, where Snakemake merged them: Snakemake parses a top-level
+    number itself, but every scalar of a list or mapping comes as a string (``seeds=[0, 1]`` is
+    ``['0', '1']``), which the schema would refuse. Strings that are not YAML numbers, booleans
+    or null stay strings."""
+
+    def typed(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                return value
+            return parsed if parsed is None or isinstance(parsed, bool | int | float) else value
+        if isinstance(value, Mapping):
+            return {k: typed(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [typed(v) for v in value]
+        return value
+
+    def merge(into: dict[str, Any], values: Mapping[str, Any]) -> None:
+        for key, value in values.items():  # a mapping merges into the config's, as Snakemake's
+            if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = typed(value)
+
+    merge(config, given)
 
 
 def check_or_exit(config: dict[str, Any], schema_path: str | Path) -> None:
