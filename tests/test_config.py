@@ -235,7 +235,8 @@ def test_dry_run_of_the_crd_protocol():
 
 def test_config_values_on_the_command_line_override_the_demos(tmp_path):
     """`--config KEY=VALUE` without `--configfile` is the demo with those keys changed (before,
-    the demo was left out and the config held those keys alone), a list's numbers numbers."""
+    the demo was left out and the config held those keys alone); the numbers in a list given
+    there are numbers."""
     plain = job_counts(snakemake("-n", cwd=tmp_path).stdout)
     proc = snakemake("-n", "--config", "cohort_size=4", "seeds=[0, 1, 2]", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
