@@ -252,7 +252,11 @@ def test_command_line_values_get_their_yaml_types():
     config = copy.deepcopy(DEMO)
     given = {
         "seeds": ["0", "1", "2"],
-        "train": {"epochs": "2", "bf16": "false", "optimizer": {"lr": "0.05"}},
+        "train": {
+            "epochs": "2",
+            "bf16": "false",
+            "optimizer": {"lr": "0.05", "weight_decay": "1e-4"},
+        },
         "methods": {"kd": {"T": "8"}, "vanilla": None},
         "anchors": "config/anchors.yaml",
         "protocol": "crd",
@@ -262,6 +266,7 @@ def test_command_line_values_get_their_yaml_types():
     assert config["seeds"] == [0, 1, 2]
     assert config["train"]["epochs"] == 2 and config["train"]["bf16"] is False
     assert config["train"]["optimizer"]["lr"] == 0.05
+    assert config["train"]["optimizer"]["weight_decay"] == 1e-4  # YAML 1.1 alone: a string
     assert config["train"]["batch_size"] == DEMO["train"]["batch_size"]  # merged, as Snakemake
     assert config["methods"]["kd"] == {**DEMO["methods"]["kd"], "T": 8}
     assert config["methods"]["vanilla"] is None

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +144,16 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def type_command_line(config: dict[str, Any], given: Mapping[str, Any]) -> None:
     """Give the values of ``snakemake --config KEY=VALUE`` (``given``, as Snakemake parsed them)
     their YAML types in ``config``, where Snakemake merged them: Snakemake parses a top-level
     number itself, but every scalar of a list or mapping comes as a string (``seeds=[0, 1]`` is
-    ``['0', '1']``), which the schema would refuse. Strings that are not YAML numbers, booleans
-    or null stay strings."""
+    ``['0', '1']``), which the schema would refuse. A string that YAML reads as a number, a
+    boolean or null becomes one, as does a number such as ``5e-4`` (a string to YAML 1.1); the
+    others stay strings."""
 
     def typed(value: Any) -> Any:
         if isinstance(value, str):
@@ -156,7 +161,10 @@ def type_command_line(config: dict[str, Any], given: Mapping[str, Any]) -> None:
                 parsed = yaml.safe_load(value)
             except yaml.YAMLError:
                 return value
-            return parsed if parsed is None or isinstance(parsed, bool | int | float) else value
+            if parsed is None or isinstance(parsed, bool | int | float):
+                return parsed
+            # YAML 1.1 reads 5e-4 (no dot) as a string
+            return float(value) if _FLOAT.fullmatch(value.strip()) else value
         if isinstance(value, Mapping):
             return {k: typed(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
