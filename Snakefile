@@ -19,6 +19,7 @@ if not workflow.overwrite_configfiles:
 
 
 kdconfig.type_command_line(config, workflow.config_settings.config)
+kdconfig.read_exponent_floats(config)
 kdconfig.check_or_exit(
     config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
 )

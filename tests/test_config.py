@@ -263,10 +263,11 @@ def test_command_line_values_get_their_yaml_types():
         "cohort_size": 4,
     }
     kdconfig.type_command_line(config, given)
+    kdconfig.read_exponent_floats(config)  # as the Snakefile does next
     assert config["seeds"] == [0, 1, 2]
     assert config["train"]["epochs"] == 2 and config["train"]["bf16"] is False
     assert config["train"]["optimizer"]["lr"] == 0.05
-    assert config["train"]["optimizer"]["weight_decay"] == 1e-4  # YAML 1.1 alone: a string
+    assert config["train"]["optimizer"]["weight_decay"] == 1e-4  # to YAML 1.1 a string
     assert config["train"]["batch_size"] == DEMO["train"]["batch_size"]  # merged, as Snakemake
     assert config["methods"]["kd"] == {**DEMO["methods"]["kd"], "T": 8}
     assert config["methods"]["vanilla"] is None
@@ -280,7 +281,10 @@ def test_a_config_file_replaces_the_demo_rather_than_extending_it(tmp_path):
     cfg["methods"] = {"vanilla": None}
     del cfg["teacher"]
     path = tmp_path / "only-vanilla.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    text = yaml.safe_dump(cfg)
+    assert "weight_decay: 0.0005" in text
+    # as people write it: a string to YAML 1.1 (kdbench.config.read_exponent_floats)
+    path.write_text(text.replace("weight_decay: 0.0005", "weight_decay: 5e-4"))
     proc = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert job_counts(proc.stdout) == {

@@ -147,13 +147,32 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def read_exponent_floats(config: Any) -> Any:
+    """``config`` with every string that is a number in exponent form without a dot, such as
+    ``5e-4``, made a float, in place (returned too): YAML 1.1, and so a config file as
+    Snakemake loads it, reads ``weight_decay: 5e-4`` as a string, which the schema would
+    refuse."""
+    if isinstance(config, dict):
+        items: list[tuple[Any, Any]] = list(config.items())
+    elif isinstance(config, list):
+        items = list(enumerate(config))
+    else:
+        return config
+    for key, value in items:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            config[key] = float(value)
+        else:
+            read_exponent_floats(value)
+    return config
+
+
 def type_command_line(config: dict[str, Any], given: Mapping[str, Any]) -> None:
     """Give the values of ``snakemake --config KEY=VALUE`` (``given``, as Snakemake parsed them)
     their YAML types in ``config``, where Snakemake merged them: Snakemake parses a top-level
     number itself, but every scalar of a list or mapping comes as a string (``seeds=[0, 1]`` is
     ``['0', '1']``), which the schema would refuse. A string that YAML reads as a number, a
-    boolean or null becomes one, as does a number such as ``5e-4`` (a string to YAML 1.1); the
-    others stay strings."""
+    boolean or null becomes one; the others stay strings (``5e-4`` too, which YAML 1.1 reads as
+    a string: :func:`read_exponent_floats`, which the Snakefile runs next)."""
 
     def typed(value: Any) -> Any:
         if isinstance(value, str):
@@ -161,10 +180,7 @@ def type_command_line(config: dict[str, Any], given: Mapping[str, Any]) -> None:
                 parsed = yaml.safe_load(value)
             except yaml.YAMLError:
                 return value
-            if parsed is None or isinstance(parsed, bool | int | float):
-                return parsed
-            # YAML 1.1 reads 5e-4 (no dot) as a string
-            return float(value) if _FLOAT.fullmatch(value.strip()) else value
+            return parsed if parsed is None or isinstance(parsed, bool | int | float) else value
         if isinstance(value, Mapping):
             return {k: typed(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
