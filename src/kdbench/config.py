@@ -198,8 +198,9 @@ def type_command_line(config: dict[str, Any], given: Mapping[str, Any]) -> None:
 
 
 def check_or_exit(config: dict[str, Any], schema_path: str | Path) -> None:
-    """What the Snakefile runs first: :func:`validate`, a problem being one line on stderr
-    (``kdbench: config error: ...``) and exit status 1, before any job or output exists."""
+    """What the Snakefile runs once it has read the config: :func:`validate`, a problem being
+    one line on stderr (``kdbench: config error: ...``) and exit status 1, before any job or
+    output exists."""
     try:
         validate(config, schema_path)
     except KdbenchError as exc:
