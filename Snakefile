@@ -4,7 +4,7 @@
 # Report: snakemake --report results/report.html
 from pathlib import Path
 
-from snakemake.utils import min_version
+from snakemake.utils import min_version, update_config
 
 from kdbench import config as kdconfig
 
@@ -18,7 +18,8 @@ if not workflow.overwrite_configfiles:
     configfile: Path(workflow.basedir, "config/demo.yaml")
 
 
-kdconfig.type_command_line(config, workflow.config_settings.config)
+# Snakemake merged --config's values in, those inside a list or mapping as strings: again, typed
+update_config(config, kdconfig.command_line_types(workflow.config_settings.config))
 kdconfig.read_exponent_floats(config)
 kdconfig.check_or_exit(
     config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml")

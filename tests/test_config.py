@@ -4,6 +4,7 @@ import math
 import pytest
 import yaml
 from conftest import REPO, job_counts, snakemake
+from snakemake.utils import update_config
 
 from kdbench import config as kdconfig
 from kdbench.train import LATER_SETTINGS, TrainConfig
@@ -262,7 +263,7 @@ def test_command_line_values_get_their_yaml_types():
         "protocol": "crd",
         "cohort_size": 4,
     }
-    kdconfig.type_command_line(config, given)
+    update_config(config, kdconfig.command_line_types(given))  # as the Snakefile does
     kdconfig.read_exponent_floats(config)  # as the Snakefile does next
     assert config["seeds"] == [0, 1, 2]
     assert config["train"]["epochs"] == 2 and config["train"]["bf16"] is False

@@ -147,32 +147,31 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def read_exponent_floats(config: Any) -> Any:
-    """``config`` with every string that is a number in exponent form without a dot, such as
-    ``5e-4``, made a float, in place (returned too): YAML 1.1, and so a config file as
-    Snakemake loads it, reads ``weight_decay: 5e-4`` as a string, which the schema would
-    refuse."""
+def read_exponent_floats(config: Any) -> None:
+    """Make every string in ``config`` that is a number in exponent form without a dot, such as
+    ``5e-4``, a float, in place: YAML 1.1, and so a config file as Snakemake loads it, reads
+    ``weight_decay: 5e-4`` as a string, which the schema would refuse."""
     if isinstance(config, dict):
         items: list[tuple[Any, Any]] = list(config.items())
     elif isinstance(config, list):
         items = list(enumerate(config))
     else:
-        return config
+        return
     for key, value in items:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             config[key] = float(value)
         else:
             read_exponent_floats(value)
-    return config
 
 
-def type_command_line(config: dict[str, Any], given: Mapping[str, Any]) -> None:
-    """Give the values of ``snakemake --config KEY=VALUE`` (``given``, as Snakemake parsed them)
-    their YAML types in ``config``, where Snakemake merged them: Snakemake parses a top-level
-    number itself, but every scalar of a list or mapping comes as a string (``seeds=[0, 1]`` is
-    ``['0', '1']``), which the schema would refuse. A string that YAML reads as a number, a
-    boolean or null becomes one; the others stay strings (``5e-4`` too, which YAML 1.1 reads as
-    a string: :func:`read_exponent_floats`, which the Snakefile runs next)."""
+def command_line_types(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``snakemake --config KEY=VALUE`` (``given``, as Snakemake parsed them) with
+    their YAML types, for the Snakefile to merge into the config again (Snakemake's
+    ``update_config``, as Snakemake merged them): Snakemake parses a top-level number itself, but
+    every scalar of a list or mapping comes as a string (``seeds=[0, 1]`` is ``['0', '1']``),
+    which the schema would refuse. A string that YAML reads as a number, a boolean or null becomes
+    one; the others stay strings (``5e-4`` too, which YAML 1.1 reads as a string:
+    :func:`read_exponent_floats`, which the Snakefile runs next)."""
 
     def typed(value: Any) -> Any:
         if isinstance(value, str):
@@ -187,14 +186,7 @@ def type_command_line(config: dict[str, Any], given: Mapping[str, Any]) -> None:
             return [typed(v) for v in value]
         return value
 
-    def merge(into: dict[str, Any], values: Mapping[str, Any]) -> None:
-        for key, value in values.items():  # a mapping merges into the config's, as Snakemake's
-            if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = typed(value)
-
-    merge(config, given)
+    return typed(given)
 
 
 def check_or_exit(config: dict[str, Any], schema_path: str | Path) -> None:
