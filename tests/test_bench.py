@@ -263,6 +263,59 @@ def test_bench_grid_costs_a_mixed_cohort_with_each_member_s_own_pair(tmp_path):
     assert by_pair == {"resnet110:resnet20": 1.0, "resnet110:resnet56": 2.0}
 
 
+def test_state_wait_interpolates_between_the_nearest_rows():
+    rows = [{"arch": "resnet20", "students": n, "blocking_seconds": s}
+            for n, s in ((1, 1.0), (4, 2.0), (8, 6.0))]  # fmt: skip
+    assert bench.state_wait(rows, "resnet20", 4) == 2.0
+    assert bench.state_wait(rows, "resnet20", 2) == pytest.approx(1 + 1 / 3)
+    assert bench.state_wait(rows, "resnet20", 6) == pytest.approx(4.0)  # 4 and 8 as near
+    assert bench.state_wait(rows, "resnet20", 10) == pytest.approx(8.0)  # on past the last
+    assert bench.state_wait(rows[:1], "resnet20", 3) == 3.0  # one row: its share a student
+    assert bench.state_wait(rows, "resnet56", 1) is None
+
+
+def test_bench_grid_adds_saving_the_training_state(tmp_path, capsys):
+    """config.yaml's grid with `bench state` rows of resnet20 (1 and 8 students) and resnet56
+    (1): each run waits its architecture's row after every epoch, and each cohort (per seed
+    8 resnet56, 8 resnet56, 3 resnet56 + 5 resnet20, 8 resnet20, 6 resnet20; the 2 vanilla
+    students alone) once for its students of each architecture."""
+    labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32"]
+    labels += [f"tucker_recomp {t}-r32" for t in ("teacher", "student", "both")]
+    rows = _grid_rows(["resnet110:resnet56", "resnet110:resnet20"], labels)
+    epochs, grid, state = tmp_path / "epochs.json", tmp_path / "grid.json", tmp_path / "s.json"
+    epochs.write_text(json.dumps({"epochs": rows}))
+    states = [{"arch": "resnet20", "students": 1, "blocking_seconds": 1.0},
+              {"arch": "resnet20", "students": 8, "blocking_seconds": 4.5},
+              {"arch": "resnet56", "students": 1, "blocking_seconds": 2.0}]  # fmt: skip
+    state.write_text(json.dumps({"command": "state", "states": states}))
+    config = REPO / "config" / "config.yaml"
+    argv = ["grid", str(epochs), "--config", str(config), "--json", str(grid)]
+    assert bench.main([*argv, "--cohort-size", "0", "--state", str(state)]) == 0
+    g = json.loads(grid.read_text())["grid"]
+    assert g["state_saving_gpu_hours"] == pytest.approx((60 * 1.0 + 60 * 2.0) * 150 / 3600)
+    assert "state_saving_gpu_hours_cohorts" not in g
+    assert g["state_saving_not_costed"] == {"teacher resnet110": 1, "paraphraser": 1}
+    out = capsys.readouterr().out
+    assert "saving the training state 7.50 more one at a time (no `bench state` row for " in out
+    # in the config's cohorts of 8 (resnet20: 1 + 0.5 a student beyond the first; resnet56:
+    # 2.0 a student, its one row's share)
+    argv += ["--cohort-size", "8", "--cohort-streams", "--no-cohort-stack"]
+    cohort = {"pair": "resnet110:resnet20", "method": "cohort of 3", "setting": "cohort"}
+    cohort.update(members=["kd", "featuremap", "ft"], members_train_seconds=6.0)
+    cohort.update(train_seconds=5.0, train_config={"cohort_streams": True})
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))
+    assert bench.main([*argv, "--state", str(state)]) == 0
+    g = json.loads(grid.read_text())["grid"]
+    per_seed = 2 * 16.0 + (6.0 + 3.0) + 4.5 + 3.5 + 2.0 + 1.0
+    assert g["state_saving_gpu_hours_cohorts"] == pytest.approx(3 * per_seed * 150 / 3600)
+    assert "7.50 more one at a time, 6.50 in the cohorts" in capsys.readouterr().out
+    # without --state, none of it; a file that is not `state --json`'s: one line
+    assert bench.main(argv) == 0
+    assert not any(k.startswith("state_") for k in json.loads(grid.read_text())["grid"])
+    assert bench.main([*argv, "--state", str(epochs)]) == 1
+    assert capsys.readouterr().err.strip().endswith("has no rows of `state --json`")
+
+
 def test_bench_grid_with_several_cohorts_per_gpu_from_a_concurrent_cohort_file(tmp_path, capsys):
     pair = "resnet20:resnet8"
     rows = _demo_rows(pair)

@@ -910,6 +910,70 @@ def _cohort_estimate(
     return out
 
 
+def state_wait(rows: list[dict[str, Any]], arch: str, students: int) -> float | None:
+    """Seconds that saving the training state of ``students`` students of ``arch`` keeps the
+    loop waiting after an epoch, from ``bench state`` rows (``blocking_seconds``): the row of
+    that many students, else the line through the two rows of ``arch`` nearest in students
+    (the state grows with them: weights, momenta, best weights), or one row's per-student
+    share; None where no row has ``arch``."""
+    measured = {int(r["students"]): float(r["blocking_seconds"]) for r in rows if r["arch"] == arch}
+    if not measured:
+        return None
+    near = sorted(measured.items(), key=lambda m: (abs(m[0] - students), m[0]))[:2]
+    if len(near) == 1 or near[0][0] == students:
+        n, sec = near[0]
+        return sec * students / n
+    (n0, s0), (n1, s1) = sorted(near)
+    return max(0.0, s0 + (s1 - s0) * (students - n0) / (n1 - n0))
+
+
+def _state_saving(
+    cfg: dict[str, Any], dataset: str, rows: list[dict[str, Any]], cohort_size: int
+) -> dict[str, Any]:
+    """:func:`grid_estimate`'s GPU-hours of saving the training state after every epoch
+    (:func:`state_wait` of each run, its epochs), one run at a time and, with ``cohort_size``,
+    in the config's cohorts (one state a cohort: its students of each architecture; the
+    teacher-free students alone); and the runs no row costs, by kind and architecture."""
+    from kdbench import config as kdconfig
+
+    epochs = {
+        kind: int(kdconfig.train_params(cfg, kind)["epochs"]) for kind in ("teacher", "student")
+    }
+    not_costed: dict[str, int] = {}
+
+    def cost(kind: str, arch: str, students: int = 1) -> float:
+        wait = state_wait(rows, arch, students)
+        if wait is None:
+            key = f"{kind} {arch}"
+            not_costed[key] = not_costed.get(key, 0) + 1
+            return 0.0
+        return wait * epochs["teacher" if kind == "teacher" else "student"]
+
+    fixed = sum(cost("teacher", t.arch) for t in kdconfig.teacher_runs(cfg) if t.dataset == dataset)
+    students = [r for r in kdconfig.student_runs(cfg) if r.dataset == dataset]
+    paraphrasers = len({r.teacher for r in students if r.method == "ft"})
+    if paraphrasers:  # a paraphraser's state is not a network of models.py
+        not_costed["paraphraser"] = paraphrasers
+    out: dict[str, Any] = {
+        "state_saving_gpu_hours": (fixed + sum(cost("student", r.student) for r in students)) / 3600
+    }
+    if cohort_size > 0:
+        cohorts = [
+            c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
+        ]
+        members = {m for c in cohorts for m in c.members}
+        seconds = fixed + sum(cost("alone", r.student) for r in students if r not in members)
+        for c in cohorts:
+            archs = [m.student for m in c.members]
+            seconds += sum(cost("cohort", a, archs.count(a)) for a in dict.fromkeys(archs))
+        out["state_saving_gpu_hours_cohorts"] = seconds / 3600
+    # counted once, one run at a time: the cohorts' and the lone runs' are the same students
+    out["state_saving_not_costed"] = {
+        k: v for k, v in not_costed.items() if not k.startswith(("cohort ", "alone "))
+    }
+    return out
+
+
 def grid_estimate(
     config_path: Path,
     dataset: str,
@@ -919,6 +983,7 @@ def grid_estimate(
     cohort_streams: bool | None = None,
     cohort_concurrency: Path | None = None,
     cohort_stack: bool | None = None,
+    state: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """GPU-hours of ``dataset``'s whole grid in ``config_path`` from measured epoch seconds
     (training + evaluation): teachers, FT paraphrasers (costed as a featuremap epoch of the
@@ -933,7 +998,8 @@ def grid_estimate(
     ``auto`` as on CUDA);
     with ``cohort_concurrency`` (a ``concurrent --cohort`` file),
     ``gpu_hours_total_cohorts_concurrent`` too: the cohorts with the best measured number of
-    them at once on each GPU."""
+    them at once on each GPU. With ``state`` (``bench state`` rows), apart too, what saving
+    the training state after every epoch keeps each run waiting (:func:`_state_saving`)."""
     import yaml
 
     from kdbench import config as kdconfig
@@ -1015,6 +1081,8 @@ def grid_estimate(
             cohort_stack,
             cohort_concurrency,
         )
+    if state is not None:
+        out |= _state_saving(cfg, dataset, state, cohort_size if "cohorts" in out else 0)
     print(
         f"\n{dataset} grid of {config_path}: {counts['students']} students, "
         f"{counts['teachers']} teacher(s), {counts['paraphrasers']} paraphraser(s): "
@@ -1040,10 +1108,26 @@ def grid_estimate(
             "per GPU"
             if "cohorts_per_gpu" in out
             else ""
-        ),
+        )
+        + (_state_line(out) if state is not None else ""),
         flush=True,
     )
     return out
+
+
+def _state_line(out: dict[str, Any]) -> str:
+    """The printed words of :func:`_state_saving`'s figures in ``out``."""
+    line = f"; saving the training state {out['state_saving_gpu_hours']:.2f} more one at a time"
+    if "state_saving_gpu_hours_cohorts" in out:
+        line += f", {out['state_saving_gpu_hours_cohorts']:.2f} in the cohorts"
+    left = out["state_saving_not_costed"]
+    if left:
+        line += (
+            " (no `bench state` row for "
+            + ", ".join(f"{k} ({n} run{'s' if n > 1 else ''})" for k, n in left.items())
+            + ")"
+        )
+    return line
 
 
 #: ``spread``: the settings compared (changes to the train defaults)
@@ -1347,16 +1431,25 @@ def bench_graphs(args: argparse.Namespace, device: torch.device) -> dict[str, An
     return {"graphs": rows, "ok": all(r["ok"] for r in rows)}
 
 
-def _rows(path: str | Path, command: str) -> list[dict[str, Any]]:
-    """The rows of a ``command --json`` file (``epochs`` or ``concurrent``); one line if it
-    cannot be read or is not such a file."""
+def _rows(path: str | Path, command: str, key: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a ``command --json`` file (``epochs`` or ``concurrent``; ``state``'s under
+    ``key`` ``states``); one line if it cannot be read or is not such a file."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise KdbenchError(f"bench grid: cannot read {path}: {one_line(exc)}") from None
-    rows = doc.get(command) if isinstance(doc, dict) else None
-    if not isinstance(rows, list) or not rows:
+    rows = doc.get(key or command) if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise KdbenchError(f"bench grid: {path} has no rows of `{command} --json`")
+    return rows
+
+
+def _state_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``state --json`` file, each with the fields :func:`state_wait` reads."""
+    rows = _rows(path, "state", "states")
+    for r in rows:
+        if not {"arch", "students", "blocking_seconds"} <= set(r):
+            raise KdbenchError(f"bench grid: {path} has no rows of `state --json`")
     return rows
 
 
@@ -1385,6 +1478,7 @@ def _grid_from_files(args: argparse.Namespace) -> dict[str, Any]:
             args.cohort_streams,
             args.cohort_concurrency,
             args.cohort_stack,
+            None if args.state is None else [r for f in args.state for r in _state_rows(f)],
         )
     }
 
@@ -1536,7 +1630,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m kdbench.bench", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="python -m kdbench.bench",
+        description="kdbench's benchmarks (README, Performance): each command below times or "
+        "checks one thing and saves its figures as JSON (--json).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("epochs", help="time training epochs against the reference loop")
     _common(e)
@@ -1699,6 +1797,14 @@ def _parser() -> argparse.ArgumentParser:
         help="the cohorts' students of one architecture as one network, from the rows "
         "trained so (`epochs --cohort-stack`), or not (default: the config's "
         "train.cohort_stack, auto as on CUDA)",
+    )
+    g.add_argument(
+        "--state",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="`state --json` outputs: also what saving the training state after every epoch "
+        "adds (state_saving_gpu_hours)",
     )
     g.add_argument("--json", type=Path, default=None)
     g.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
