@@ -10,6 +10,7 @@ import yaml
 from conftest import REPO, fresh_imports
 
 from kdbench import anchors, config, stats, summary
+from kdbench import plots as summary_plots
 from kdbench.errors import KdbenchError
 
 
@@ -319,3 +320,32 @@ def test_the_jobs_that_write_tables_plots_and_links_start_without_torch(tmp_path
     )
     assert (tmp_path / "metrics.json").read_text() == "{}"
     assert "torch" not in held and "kdbench" in held
+
+
+def test_rank_chart_draws_each_spatial_truncation_as_a_line_of_its_own(monkeypatch, tmp_path):
+    assert summary.rank_family("full-teacher-r16") == "full-teacher"
+    assert summary.rank_family("both-r8x2x2") == "both, spatial 2×2"
+    assert summary.rank_family("default") == "default"
+    runs = [("tucker", "full-teacher-r4", 4), ("tucker", "full-teacher-r8", 8),
+            ("tucker", "full-teacher-r8x2x2", 8), ("tucker", "full-teacher-r16x2x2", 16),
+            ("tucker_recomp", "both-r8", 8), ("vanilla", "default", None)]  # fmt: skip
+    table = pd.DataFrame(
+        [{"dataset": "digits", "teacher": "resnet20" if m != "vanilla" else "", "arch": "resnet8",
+          "role": "student", "method": m, "variant": v, "rank": r, "accuracy": "last",
+          "last_mean": 90.0 + i, "last_ci95": 1.0} for i, (m, v, r) in enumerate(runs)]
+    )  # fmt: skip
+    drawn = {}
+
+    def save(fig, path):
+        (ax,) = fig.axes
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            line = handle[0] if isinstance(handle, tuple) else handle  # an errorbar's data line
+            drawn[name] = [float(x) for x in line.get_xdata()]
+        summary_plots.plt.close(fig)
+
+    monkeypatch.setattr(summary_plots, "save", save)
+    summary.rank_chart(table, tmp_path / "chart.png")
+    assert drawn["tucker full-teacher"] == [4, 8]
+    assert drawn["tucker full-teacher, spatial 2×2"] == [8, 16]
+    assert drawn["tucker_recomp both"] == [8]
+    assert any(name.startswith("vanilla resnet8") for name in drawn)

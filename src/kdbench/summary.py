@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,17 @@ def _channel_rank(params: dict[str, Any]) -> float:
     if isinstance(rank, list):
         rank = rank[0] if rank else None
     return float(rank) if rank is not None else math.nan
+
+
+def rank_family(variant: str) -> str:
+    """A Tucker variant's name without its channel rank: the runs :func:`rank_chart` draws as
+    one line. Spatial ranks stay: ``full-teacher-r16`` → ``full-teacher``, ``both-r8x2x2`` →
+    ``both, spatial 2×2`` (its spatial modes truncated too: another line)."""
+    match = re.search(r"-?r[0-9]+((?:x[0-9]+)*)$", variant)
+    if match is None:
+        return variant
+    spatial = match.group(1).lstrip("x").replace("x", "×")
+    return variant[: match.start()] + (f", spatial {spatial}" if spatial else "")
 
 
 def label(method: str, variant: str) -> str:
@@ -305,7 +317,8 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
 
 def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
     """Headline accuracy against the Tucker channel rank, one line per method and variant family
-    (the variant name without its rank), 95% CI error bars; the vanilla student dotted."""
+    (:func:`rank_family`: the variant name without its channel rank), 95% CI error bars; the
+    vanilla student dotted."""
     from kdbench import plots
 
     accuracy = str(summary.accuracy.iloc[0])
@@ -315,8 +328,10 @@ def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
     panels = list(ranked.groupby(["dataset", "teacher", "arch"], sort=True))
     fig, axes = plots.plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, ((dataset, teacher, arch), group) in zip(axes.flat, panels, strict=True):
-        family = group.variant.str.replace(r"-?r[0-9x]+$", "", regex=True)
-        for (method, fam), g in group.groupby([group.method, family], sort=True):
+        lines = list(group.groupby([group.method, group.variant.map(rank_family)], sort=True))
+        # more lines than the default cycle's 10 colours: 20 distinct ones
+        colours = plots.plt.cm.tab20.colors if len(lines) > 10 else [None] * len(lines)
+        for ((method, fam), g), colour in zip(lines, colours, strict=False):
             g = g.sort_values("rank")
             ax.errorbar(
                 g["rank"],
@@ -324,6 +339,7 @@ def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
                 yerr=g[f"{accuracy}_ci95"].fillna(0),
                 marker="o",
                 capsize=3,
+                color=colour,
                 label=f"{method} {fam}".strip(),
             )
         vanilla = summary[
