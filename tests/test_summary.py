@@ -332,12 +332,13 @@ def test_rank_chart_draws_each_spatial_truncation_as_a_line_of_its_own(monkeypat
     table = pd.DataFrame(
         [{"dataset": "digits", "teacher": "resnet20" if m != "vanilla" else "", "arch": "resnet8",
           "role": "student", "method": m, "variant": v, "rank": r, "accuracy": "last",
-          "last_mean": 90.0 + i, "last_ci95": 1.0} for i, (m, v, r) in enumerate(runs)]
+          "last_mean": 90.0 + i, "last_ci95": 1.0 + 4 * i} for i, (m, v, r) in enumerate(runs)]
     )  # fmt: skip
     drawn = {}
 
     def save(fig, path):
         (ax,) = fig.axes
+        drawn["y"] = list(ax.get_ylim())
         for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
             line = handle[0] if isinstance(handle, tuple) else handle  # an errorbar's data line
             drawn[name] = [float(x) for x in line.get_xdata()]
@@ -349,3 +350,4 @@ def test_rank_chart_draws_each_spatial_truncation_as_a_line_of_its_own(monkeypat
     assert drawn["tucker full-teacher, spatial 2×2"] == [8, 16]
     assert drawn["tucker_recomp both"] == [8]
     assert any(name.startswith("vanilla resnet8") for name in drawn)
+    assert 0 < drawn["y"][0] < 77 and drawn["y"][1] == 100  # 94 ± 17 cut at 100 %, not 77

@@ -353,6 +353,8 @@ def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
             ylabel=f"test accuracy (%), {accuracy} (95% CI)",
         )
         ax.set_xticks(sorted(set(group["rank"])))
+        low, high = ax.get_ylim()  # an interval past 0 or 100 % is cut at the axis
+        ax.set_ylim(max(low, 0.0), min(high, 100.0))
         ax.legend(fontsize=7)
     fig.tight_layout()
     plots.save(fig, path)
