@@ -351,3 +351,26 @@ def test_rank_chart_draws_each_spatial_truncation_as_a_line_of_its_own(monkeypat
     assert drawn["tucker_recomp both"] == [8]
     assert any(name.startswith("vanilla resnet8") for name in drawn)
     assert 0 < drawn["y"][0] < 77 and drawn["y"][1] == 100  # 94 ± 17 cut at 100 %, not 77
+
+
+def test_learning_curves_put_their_legend_below_the_panels(monkeypatch, tmp_path):
+    paths = []
+    for i, (method, variant) in enumerate([("kd", "default")] * 2 + [("tucker", "full-own-r4")]):
+        epochs = [{"test_acc": 50.0 + e + i, "val_acc": 50.0 + e, "train_loss": 1.0 / (e + 1)}
+                  for e in range(3)]  # fmt: skip
+        path = tmp_path / f"run{i}.json"
+        path.write_text(
+            json.dumps({"run": {"method": method, "variant": variant}, "epochs": epochs})
+        )
+        paths.append(path)
+    seen = {}
+
+    def save(fig, path):
+        seen["axes"] = [ax.get_legend() for ax in fig.axes]
+        seen["figure"] = [[t.get_text() for t in legend.get_texts()] for legend in fig.legends]
+        summary_plots.plt.close(fig)
+
+    monkeypatch.setattr(summary_plots, "save", save)
+    summary.learning_curves_overlay(paths, tmp_path / "curves.png", "digits")
+    assert seen["axes"] == [None, None, None]
+    assert seen["figure"] == [["kd (n=2)", "tucker full-own-r4 (n=1)"]]

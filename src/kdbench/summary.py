@@ -405,10 +405,21 @@ def learning_curves_overlay(paths: Iterable[str | Path], path: str | Path, title
                 ax.fill_between(x, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
     for ax, (_, ylabel) in zip(axes, panels, strict=True):
         ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(plots.plt.MaxNLocator(integer=True))
     axes[2].set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"{title}: mean over seeds, band = lowest to highest seed", fontsize=10)
     fig.tight_layout()
+    # below the panels, where it hides no curve however many runs there are
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        names,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(4, len(names)),
+        fontsize=8,
+        frameon=False,
+    )
     plots.save(fig, path)
 
 
