@@ -353,11 +353,17 @@ def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
             ylabel=f"test accuracy (%), {accuracy} (95% CI)",
         )
         ax.set_xticks(sorted(set(group["rank"])))
-        low, high = ax.get_ylim()  # an interval past 0 or 100 % is cut at the axis
-        ax.set_ylim(max(low, 0.0), min(high, 100.0))
+        _accuracy_axis(ax)
         ax.legend(fontsize=7)
     fig.tight_layout()
     plots.save(fig, path)
+
+
+def _accuracy_axis(ax: Any) -> None:
+    """Keep an accuracy axis within 0-100 % and a margin that shows a point at 0 or 100 whole:
+    an interval past them is cut at the axis."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, -2.0), min(high, 102.0))
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -481,7 +487,8 @@ def _benchmark_row(path: str | Path) -> dict[str, Any]:
 
 
 def cost_chart(cost: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> None:
-    """Training seconds per epoch against headline accuracy, one point per student group."""
+    """Training seconds per epoch against headline accuracy, one point per student group with
+    its 95% CI."""
     from kdbench import plots
 
     accuracy = str(summary.accuracy.iloc[0])
@@ -502,8 +509,9 @@ def cost_chart(cost: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> N
         ax.set(
             title=f"{dataset} ({devices})",
             xlabel="training seconds per epoch (mean over seeds)",
-            ylabel=f"test accuracy (%), {accuracy}",
+            ylabel=f"test accuracy (%), {accuracy} (95% CI)",
         )
+        _accuracy_axis(ax)
         ax.legend(fontsize=7)
     fig.tight_layout()
     plots.save(fig, path)
