@@ -334,6 +334,9 @@ def test_rank_chart_draws_each_spatial_truncation_as_a_line_of_its_own(monkeypat
           "role": "student", "method": m, "variant": v, "rank": r, "accuracy": "last",
           "last_mean": 90.0 + i, "last_ci95": 1.0 + 4 * i} for i, (m, v, r) in enumerate(runs)]
     )  # fmt: skip
+    # a teacher of the students' architecture (of another pair), trained as vanilla is
+    teacher = {**table.iloc[-1].to_dict(), "role": "teacher", "last_mean": 80.0}
+    table = pd.concat([table, pd.DataFrame([teacher])], ignore_index=True)
     drawn = {}
 
     def save(fig, path):
@@ -349,7 +352,7 @@ def test_rank_chart_draws_each_spatial_truncation_as_a_line_of_its_own(monkeypat
     assert drawn["tucker full-teacher"] == [4, 8]
     assert drawn["tucker full-teacher, spatial 2×2"] == [8, 16]
     assert drawn["tucker_recomp both"] == [8]
-    assert any(name.startswith("vanilla resnet8") for name in drawn)
+    assert [name for name in drawn if name.startswith("vanilla")] == ["vanilla resnet8: 95.00%"]
     assert 0 < drawn["y"][0] < 77 and drawn["y"][1] == 102  # 94 ± 17 cut at 100 % (+ 2)
 
 

@@ -343,7 +343,10 @@ def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
                 label=f"{method} {fam}".strip(),
             )
         vanilla = summary[
-            (summary.dataset == dataset) & (summary.method == "vanilla") & (summary.arch == arch)
+            (summary.role == "student")  # not a teacher of that architecture (trained alike)
+            & (summary.dataset == dataset)
+            & (summary.method == "vanilla")
+            & (summary.arch == arch)
         ]
         for acc in vanilla[f"{accuracy}_mean"]:
             ax.axhline(acc, ls=":", color="0.4", label=f"vanilla {arch}: {acc:.2f}%")
