@@ -150,6 +150,12 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     grid) files=("$OUT/epochs56.json" "$OUT/epochs20.json") opts=(--config config/config.yaml)
         [ -s "$OUT/concurrent.json" ] && opts+=(--concurrency "$OUT/concurrent.json")
         [ -s "$OUT/mps.json" ] && opts+=(--concurrency "$OUT/mps.json")
+        # what saving the training state adds, apart (`state` run before `grid`)
+        states=()
+        for f in state-resnet20 state-resnet56; do
+            [ -s "$OUT/$f.json" ] && states+=("$OUT/$f.json")
+        done
+        [ ${#states[@]} -gt 0 ] && opts+=(--state "${states[@]}")
         [ -s "$OUT/cohort.json" ] &&
             files+=("$OUT/cohort.json") opts+=(--cohort-size "${COHORT_SIZE:-8}")
         # and in cohorts without member streams (cohort.json's first row; the default, and
