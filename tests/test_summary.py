@@ -354,6 +354,11 @@ def test_rank_chart_draws_each_spatial_truncation_as_a_line_of_its_own(monkeypat
     assert drawn["tucker_recomp both"] == [8]
     assert [name for name in drawn if name.startswith("vanilla")] == ["vanilla resnet8: 95.00%"]
     assert 0 < drawn["y"][0] < 77 and drawn["y"][1] == 102  # 94 ± 17 cut at 100 % (+ 2)
+    # more families than colours: every one drawn
+    many = pd.concat([table.iloc[[0]].assign(variant=f"v{i}-r4") for i in range(25)])
+    drawn.clear()
+    summary.rank_chart(many, tmp_path / "chart.png")
+    assert len([name for name in drawn if name.startswith("tucker v")]) == 25
 
 
 def test_learning_curves_put_their_legend_below_the_panels(monkeypatch, tmp_path):

@@ -329,9 +329,9 @@ def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
     fig, axes = plots.plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, ((dataset, teacher, arch), group) in zip(axes.flat, panels, strict=True):
         lines = list(group.groupby([group.method, group.variant.map(rank_family)], sort=True))
-        # more lines than the default cycle's 10 colours: 20 distinct ones
-        colours = plots.plt.cm.tab20.colors if len(lines) > 10 else [None] * len(lines)
-        for ((method, fam), g), colour in zip(lines, colours, strict=False):
+        for i, ((method, fam), g) in enumerate(lines):
+            # more lines than the default cycle's 10 colours: 20 distinct ones
+            colour = plots.plt.cm.tab20.colors[i % 20] if len(lines) > 10 else None
             g = g.sort_values("rank")
             ax.errorbar(
                 g["rank"],
