@@ -132,6 +132,13 @@ def _grid_rows(pairs: list[str], labels: list[str]) -> list[dict]:
                     "epoch_seconds": 3.0}]  # fmt: skip
 
 
+def _config_rows() -> list[dict]:
+    """`epochs` rows of config/config.yaml's grid (one rank each) for its two pairs."""
+    labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32"]
+    labels += [f"tucker_recomp {t}-r32" for t in ("teacher", "student", "both")]
+    return _grid_rows(["resnet110:resnet56", "resnet110:resnet20"], labels)
+
+
 def _demo_rows(pair: str) -> list[dict]:
     """`epochs` rows of every variant of the demo's grid for ``pair`` and its teacher."""
     labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r16"]
@@ -232,9 +239,7 @@ def test_bench_grid_costs_a_mixed_cohort_with_each_member_s_own_pair(tmp_path):
     cohort row saved (else the teacher's mean), all but the one that would save most."""
     from kdbench import config as kdconfig
 
-    labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32"]
-    labels += [f"tucker_recomp {t}-r32" for t in ("teacher", "student", "both")]
-    rows = _grid_rows(["resnet110:resnet56", "resnet110:resnet20"], labels)
+    rows = _config_rows()
 
     def cohort(student, saving):  # 3 taught members: 2 of them save `saving` each
         row = {"pair": f"resnet110:{student}", "method": "cohort of 3", "setting": "cohort"}
@@ -279,9 +284,7 @@ def test_bench_grid_adds_saving_the_training_state(tmp_path, capsys):
     (1): each run waits its architecture's row after every epoch, and each cohort (per seed
     8 resnet56, 8 resnet56, 3 resnet56 + 5 resnet20, 8 resnet20, 6 resnet20; the 2 vanilla
     students alone) once for its students of each architecture."""
-    labels = ["vanilla", "kd", "featuremap", "ft", "tucker full-teacher-r32"]
-    labels += [f"tucker_recomp {t}-r32" for t in ("teacher", "student", "both")]
-    rows = _grid_rows(["resnet110:resnet56", "resnet110:resnet20"], labels)
+    rows = _config_rows()
     epochs, grid, state = tmp_path / "epochs.json", tmp_path / "grid.json", tmp_path / "s.json"
     epochs.write_text(json.dumps({"epochs": rows}))
     states = [{"arch": "resnet20", "students": 1, "blocking_seconds": 1.0},

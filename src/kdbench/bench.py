@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -936,41 +937,36 @@ def _state_saving(
     teacher-free students alone); and the runs no row costs, by kind and architecture."""
     from kdbench import config as kdconfig
 
-    epochs = {
-        kind: int(kdconfig.train_params(cfg, kind)["epochs"]) for kind in ("teacher", "student")
-    }
-    not_costed: dict[str, int] = {}
+    teacher_epochs, student_epochs = (
+        int(kdconfig.train_params(cfg, kind)["epochs"]) for kind in ("teacher", "student")
+    )
 
-    def cost(kind: str, arch: str, students: int = 1) -> float:
+    def cost(arch: str, students: int = 1, epochs: int = student_epochs) -> float:
         wait = state_wait(rows, arch, students)
-        if wait is None:
-            key = f"{kind} {arch}"
-            not_costed[key] = not_costed.get(key, 0) + 1
-            return 0.0
-        return wait * epochs["teacher" if kind == "teacher" else "student"]
+        return 0.0 if wait is None else wait * epochs
 
-    fixed = sum(cost("teacher", t.arch) for t in kdconfig.teacher_runs(cfg) if t.dataset == dataset)
+    teachers = [t.arch for t in kdconfig.teacher_runs(cfg) if t.dataset == dataset]
     students = [r for r in kdconfig.student_runs(cfg) if r.dataset == dataset]
+    fixed = sum(cost(arch, epochs=teacher_epochs) for arch in teachers)
+    runs = [f"teacher {a}" for a in teachers] + [f"student {r.student}" for r in students]
+    not_costed = Counter(run for run in runs if state_wait(rows, run.split()[1], 1) is None)
     paraphrasers = len({r.teacher for r in students if r.method == "ft"})
     if paraphrasers:  # a paraphraser's state is not a network of models.py
         not_costed["paraphraser"] = paraphrasers
     out: dict[str, Any] = {
-        "state_saving_gpu_hours": (fixed + sum(cost("student", r.student) for r in students)) / 3600
+        "state_saving_gpu_hours": (fixed + sum(cost(r.student) for r in students)) / 3600
     }
     if cohort_size > 0:
         cohorts = [
             c for c in kdconfig.cohorts({**cfg, "cohort_size": cohort_size}) if c.dataset == dataset
         ]
         members = {m for c in cohorts for m in c.members}
-        seconds = fixed + sum(cost("alone", r.student) for r in students if r not in members)
+        seconds = fixed + sum(cost(r.student) for r in students if r not in members)
         for c in cohorts:
             archs = [m.student for m in c.members]
-            seconds += sum(cost("cohort", a, archs.count(a)) for a in dict.fromkeys(archs))
+            seconds += sum(cost(a, archs.count(a)) for a in dict.fromkeys(archs))
         out["state_saving_gpu_hours_cohorts"] = seconds / 3600
-    # counted once, one run at a time: the cohorts' and the lone runs' are the same students
-    out["state_saving_not_costed"] = {
-        k: v for k, v in not_costed.items() if not k.startswith(("cohort ", "alone "))
-    }
+    out["state_saving_not_costed"] = dict(not_costed)
     return out
 
 
