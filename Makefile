@@ -27,7 +27,11 @@ run: $(STAMP)
 	$(BIN)/snakemake --cores 1 --configfile $(CONFIG) --report results/report.html
 	@echo "report: results/report.html"
 
+# the report of a finished workflow only: otherwise one line says what to run first
 report: $(STAMP)
+	@plan=$$($(BIN)/snakemake -n --configfile $(CONFIG) 2>&1) || { echo "$$plan" | tail -n 1 >&2; exit 1; }; \
+	echo "$$plan" | grep -q '^Nothing to be done' || { echo "make report: $(CONFIG) has jobs \
+	left to run: 'make run CONFIG=$(CONFIG)' first ('make dry-run CONFIG=$(CONFIG)' lists them)" >&2; exit 1; }
 	$(BIN)/snakemake --cores 1 --configfile $(CONFIG) --report results/report.html
 
 dry-run: $(STAMP)

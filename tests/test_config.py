@@ -1,5 +1,6 @@
 import copy
 import math
+import subprocess
 
 import pytest
 import yaml
@@ -195,6 +196,32 @@ def test_workflow_refuses_a_bad_config_with_one_line(tmp_path, path, value, key)
     assert len(lines) == 1, lines
     assert lines[0].startswith("kdbench: config error:") and key in lines[0]
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("epochs", "says"),
+    [
+        (4, "make report: {cfg} has jobs left to run: 'make run CONFIG={cfg}' first"),
+        (0, "kdbench: config error: train.epochs"),
+    ],
+)
+def test_make_report_before_the_workflow_ran_is_one_line(tmp_path, epochs, says):
+    cfg = tmp_path / "demo.yaml"
+    changed = with_change(("train", "epochs"), epochs)
+    changed["results"] = str(tmp_path / "results")
+    cfg.write_text(yaml.safe_dump(changed))
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "report", f"CONFIG={cfg}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    # make's own "make: *** [Makefile:…] Error 1" aside
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("make: ***")]
+    assert len(lines) == 1 and lines[0].startswith(says.format(cfg=cfg)), proc.stderr
+    assert not proc.stdout.strip() and not (tmp_path / "results").exists()
 
 
 def test_dry_run_of_the_full_benchmark_lists_the_expected_jobs():
