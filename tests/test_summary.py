@@ -382,3 +382,84 @@ def test_learning_curves_put_their_legend_below_the_panels(monkeypatch, tmp_path
     summary.learning_curves_overlay(paths, tmp_path / "curves.png", "digits")
     assert seen["axes"] == [None, None, None]
     assert seen["figure"] == [["kd (n=2)", "tucker full-own-r4 (n=1)"]]
+
+
+def test_charts_of_one_epoch_show_their_points_at_epoch_1(monkeypatch, tmp_path):
+    figures = []
+
+    def save(fig, path):
+        figures.append(
+            [
+                (list(ax.get_xticks()), [line.get_marker() for line in ax.get_lines()])
+                for ax in fig.axes
+            ]
+        )
+        summary_plots.plt.close(fig)
+
+    monkeypatch.setattr(summary_plots, "save", save)
+    for epochs in (1, 3):
+        doc = [{"epoch": e + 1, "test_acc": 50.0 + e, "val_acc": 40.0 + e, "train_acc": 45.0,
+                "train_loss": 1.0 / (e + 1), "val_loss": 0.9, "test_loss": 0.8}
+               for e in range(epochs)]  # fmt: skip
+        path = tmp_path / f"run{epochs}.json"
+        path.write_text(json.dumps({"run": {"method": "kd", "variant": "default"}, "epochs": doc}))
+        summary.learning_curves_overlay([path], tmp_path / "curves.png", "digits")
+        summary_plots.learning_curves(doc, 1, tmp_path / "Loss.png", tmp_path / "Accuracy.png")
+    one, three = figures[:3], figures[3:]
+    for fig in one:  # the overlay's 3 panels, Loss.png, Accuracy.png
+        for ticks, markers in fig:
+            assert ticks == [1.0]
+            # a line of one point needs a marker to show (the best-epoch rules need none)
+            assert "o" in markers
+    for fig in three:
+        for ticks, markers in fig:
+            assert ticks and all(t == int(t) for t in ticks), ticks  # whole epochs only
+            assert "o" not in markers
+
+
+def _chart_summary(rows):
+    """A summary table (headline accuracy last) of (role, arch, teacher, method, mean) rows."""
+    return pd.DataFrame(
+        [{"dataset": "digits", "role": role, "arch": arch, "teacher": teacher, "method": method,
+          "variant": "default", "n": 2, "accuracy": "last", "last_mean": mean, "last_ci95": 1.0,
+          "seconds_per_epoch": 1.0 + i}
+         for i, (role, arch, teacher, method, mean) in enumerate(rows)]
+    )  # fmt: skip
+
+
+def test_accuracy_and_cost_charts_tell_the_teachers_of_a_student_apart(monkeypatch, tmp_path):
+    table = _chart_summary(
+        [("teacher", "resnet20", "", "vanilla", 90.0), ("teacher", "resnet8", "", "vanilla", 85.0),
+         ("teacher", "resnet56", "", "vanilla", 93.0),
+         ("student", "resnet8", "none", "vanilla", 80.0),
+         ("student", "resnet8", "resnet20", "kd", 82.0),
+         ("student", "resnet8", "resnet8", "kd", 81.0),
+         ("student", "resnet20", "resnet56", "kd", 88.0)]
+    )  # fmt: skip
+    panels = {}
+
+    def save(fig, path):
+        for ax in fig.axes:
+            if ax.get_title():
+                handles, names = ax.get_legend_handles_labels()
+                panels[ax.get_title()] = dict(zip(names, handles, strict=True))
+        summary_plots.plt.close(fig)
+
+    monkeypatch.setattr(summary_plots, "save", save)
+    summary.accuracy_chart(table, tmp_path / "accuracy.png")
+    # each panel the teachers of its own students, each in a colour of its own
+    resnet8 = panels.pop("digits: resnet8")
+    assert set(resnet8) == {"teacher resnet20: 90.00%", "teacher resnet8: 85.00%"}
+    assert len({line.get_color() for line in resnet8.values()}) == 2
+    assert set(panels.pop("digits: resnet20")) == {"teacher resnet56: 93.00%"}
+    cost = pd.DataFrame([{"dataset": "digits", "device": "cpu"}])
+    summary.cost_chart(cost, table, tmp_path / "cost.png")
+    # a panel per student: its teachers by marker, its methods by colour (alike in both panels)
+    resnet8 = {k: v[0] for k, v in panels.pop("digits: resnet8 (cpu)").items()}
+    assert set(resnet8) == {"vanilla", "kd ← resnet20", "kd ← resnet8"}
+    assert resnet8["kd ← resnet20"].get_marker() != resnet8["kd ← resnet8"].get_marker()
+    assert resnet8["kd ← resnet20"].get_color() == resnet8["kd ← resnet8"].get_color()
+    resnet20 = {k: v[0] for k, v in panels.pop("digits: resnet20 (cpu)").items()}
+    assert set(resnet20) == {"kd"}  # one teacher: no arrow
+    assert resnet20["kd"].get_color() == resnet8["kd ← resnet20"].get_color()
+    assert not panels

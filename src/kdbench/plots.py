@@ -24,6 +24,21 @@ def save(fig: Any, path: str | Path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+def epoch_axis(ax: Any, epochs: int) -> None:
+    """Whole epochs on the x axis of a per-epoch chart of up to ``epochs`` epochs; a run of one
+    epoch gets its one tick (matplotlib would label fractions of an epoch)."""
+    if epochs <= 1:
+        ax.set_xlim(0.5, 1.5)
+        ax.set_xticks([1])
+    else:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+
+
+def line_marker(points: int) -> str | None:
+    """A marker for a line of one point (a run of one epoch), which would not show otherwise."""
+    return "o" if points == 1 else None
+
+
 def learning_curves(
     epochs: Sequence[dict[str, Any]],
     best_epoch: int,
@@ -42,9 +57,11 @@ def learning_curves(
         ("val_loss", "--", "validation"),
         ("test_loss", "-", "test"),
     ):
-        ax.plot(x, [math.log10(max(e[key], 1e-12)) for e in epochs], style, label=label)
+        values = [math.log10(max(e[key], 1e-12)) for e in epochs]
+        ax.plot(x, values, style, marker=line_marker(len(x)), label=label)
     ax.axvline(best_epoch, color="grey", lw=0.8)
     ax.set(xlabel="epoch", ylabel="log10 loss", title=title)
+    epoch_axis(ax, len(x))
     ax.legend()
     save(fig, loss_path)
 
@@ -54,7 +71,7 @@ def learning_curves(
         ("val_acc", "--", "validation"),
         ("test_acc", "-", "test"),
     ):
-        ax.plot(x, [e[key] for e in epochs], style, label=label)
+        ax.plot(x, [e[key] for e in epochs], style, marker=line_marker(len(x)), label=label)
     ax.axvline(best_epoch, color="grey", lw=0.8)
     ax.axhline(best["test_acc"], color="grey", lw=0.8, ls=":")
     ax.annotate(
@@ -65,6 +82,7 @@ def learning_curves(
         fontsize=8,
     )
     ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100), title=title)
+    epoch_axis(ax, len(x))
     ax.legend(loc="lower right")
     save(fig, accuracy_path)
 

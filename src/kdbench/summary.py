@@ -267,9 +267,16 @@ def write_csv(df: pd.DataFrame, path: str | Path, float_format: str = "%.4f") ->
         df.to_csv(tmp, index=False, float_format=float_format)
 
 
+#: the dashed lines of the teachers in a panel of :func:`accuracy_chart` (not the bars' colours)
+TEACHER_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")
+#: the markers of the teachers in a panel of :func:`cost_chart`, in the panel's teacher order
+TEACHER_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
     """Methods ranked by headline accuracy (mean with 95% CI over seeds) per dataset × student,
-    the teacher's accuracy as a dashed line and the vanilla student's as a dotted one."""
+    the vanilla student's bar grey, the accuracy of each teacher of the panel's students as a
+    dashed line of its own colour."""
     from kdbench import plots
 
     students = summary[summary.role == "student"]
@@ -295,12 +302,14 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
         ax.barh(range(len(group)), means, xerr=errs, capsize=3, color=colours, alpha=0.85)
         ax.set_yticks(range(len(group)), labels, fontsize=7)
         lo = max(0.0, float(np.nanmin(means - errs)) - 5)
-        for t, acc in (
-            summary[(summary.role == "teacher") & (summary.dataset == dataset)]
-            .set_index("arch")[f"{accuracy}_mean"]
-            .items()
-        ):
-            ax.axvline(acc, ls="--", color="tab:red", lw=1, label=f"teacher {t}: {acc:.2f}%")
+        teachers = summary[
+            (summary.role == "teacher")
+            & (summary.dataset == dataset)
+            & summary.arch.isin(set(group.teacher))  # the teachers of this panel's students
+        ]
+        for i, (t, acc) in enumerate(teachers.set_index("arch")[f"{accuracy}_mean"].items()):
+            colour = TEACHER_COLOURS[i % len(TEACHER_COLOURS)]
+            ax.axvline(acc, ls="--", color=colour, lw=1, label=f"teacher {t}: {acc:.2f}%")
         ax.set(
             title=f"{dataset}: {arch}",
             xlabel=f"test accuracy (%), {'best-validation' if accuracy == 'best_val' else 'last'}"
@@ -403,18 +412,27 @@ def learning_curves_overlay(paths: Iterable[str | Path], path: str | Path, title
     panels += (("train_loss", "train loss"),)
     fig, axes = plots.plt.subplots(1, 3, figsize=(16, 5))
     colours = plots.plt.get_cmap("tab20")
+    longest = 0
     for i, (name, runs) in enumerate(curves.items()):
         epochs = min(len(r) for r in runs)
+        longest = max(longest, epochs)
         for ax, (key, _) in zip(axes, panels, strict=True):
             values = np.stack([r[key].to_numpy()[:epochs] for r in runs])
             x = np.arange(1, epochs + 1)
             colour = colours(i % 20)
-            ax.plot(x, values.mean(0), color=colour, lw=1.2, label=f"{name} (n={len(runs)})")
+            ax.plot(
+                x,
+                values.mean(0),
+                color=colour,
+                lw=1.2,
+                marker=plots.line_marker(epochs),
+                label=f"{name} (n={len(runs)})",
+            )
             if len(runs) > 1:
                 ax.fill_between(x, values.min(0), values.max(0), color=colour, alpha=0.15, lw=0)
     for ax, (_, ylabel) in zip(axes, panels, strict=True):
         ax.set(xlabel="epoch", ylabel=ylabel)
-        ax.xaxis.set_major_locator(plots.plt.MaxNLocator(integer=True))
+        plots.epoch_axis(ax, longest)
     axes[2].set_yscale("log")
     fig.suptitle(f"{title}: mean over seeds, band = lowest to highest seed", fontsize=10)
     fig.tight_layout()
@@ -490,32 +508,42 @@ def _benchmark_row(path: str | Path) -> dict[str, Any]:
 
 
 def cost_chart(cost: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> None:
-    """Training seconds per epoch against headline accuracy, one point per student group with
-    its 95% CI."""
+    """Training seconds per epoch against headline accuracy per dataset × student, one point
+    per method, variant and teacher with its 95% CI: a colour per method (the same in every
+    panel), a marker per teacher of the panel's students."""
     from kdbench import plots
 
     accuracy = str(summary.accuracy.iloc[0])
     students = summary[summary.role == "student"]
-    panels = list(students.groupby("dataset", sort=True))
-    fig, axes = plots.plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (dataset, group) in zip(axes.flat, panels, strict=True):
-        for method, g in group.groupby("method", sort=True):
+    colours = {m: f"C{i % 10}" for i, m in enumerate(sorted(set(students.method)))}
+    panels = list(students.groupby(["dataset", "arch"], sort=True))
+    cols = min(len(panels), 2)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plots.plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    for ax, ((dataset, arch), group) in zip(axes.flat, panels, strict=False):
+        teachers = sorted(set(group.teacher) - {"", "none"})
+        markers = {t: TEACHER_MARKERS[i % len(TEACHER_MARKERS)] for i, t in enumerate(teachers)}
+        for (method, teacher), g in group.groupby(["method", "teacher"], sort=True):
+            named = teacher in markers and len(teachers) > 1  # which teacher, where it matters
             ax.errorbar(
                 g.seconds_per_epoch,
                 g[f"{accuracy}_mean"],
                 yerr=g[f"{accuracy}_ci95"].fillna(0),
-                fmt="o",
+                fmt=markers.get(teacher, "o"),
                 capsize=3,
-                label=method,
+                color=colours[method],
+                label=f"{method} ← {teacher}" if named else method,
             )
         devices = ", ".join(sorted(set(cost[cost.dataset == dataset].device)))
         ax.set(
-            title=f"{dataset} ({devices})",
+            title=f"{dataset}: {arch} ({devices})",
             xlabel="training seconds per epoch (mean over seeds)",
             ylabel=f"test accuracy (%), {accuracy} (95% CI)",
         )
         _accuracy_axis(ax)
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
     fig.tight_layout()
     plots.save(fig, path)
 

@@ -359,9 +359,11 @@ def paraphraser_plot(
 
     fig, ax = plots.plt.subplots(figsize=(7, 4.5))
     x = [e["epoch"] for e in epochs]
-    ax.plot(x, [e["train_loss"] for e in epochs], ":", label="train")
-    ax.plot(x, [e["val_loss"] for e in epochs], "-", label="validation")
+    marker = plots.line_marker(len(x))
+    ax.plot(x, [e["train_loss"] for e in epochs], ":", marker=marker, label="train")
+    ax.plot(x, [e["val_loss"] for e in epochs], "-", marker=marker, label="validation")
     ax.axvline(best_epoch, color="grey", lw=0.8)
     ax.set(xlabel="epoch", ylabel="reconstruction L1", yscale="log", title=f"paraphraser: {title}")
+    plots.epoch_axis(ax, len(x))
     ax.legend()
     plots.save(fig, path)
