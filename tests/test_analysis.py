@@ -344,3 +344,19 @@ def test_feature_extraction_does_not_import_scipy():
     then = "kdbench.metrics.per_channel_metrics(torch.rand(2, 3, 5, 4), 'legacy')"
     held = fresh_imports("torch", "kdbench.jobs", "kdbench.analysis", then=then)
     assert "kdbench.metrics" in held and not {"scipy.stats", "scipy.ndimage"} & held
+
+
+def test_heatmap_numbers_are_white_on_dark_cells_and_black_on_light_ones():
+    from kdbench import plots
+
+    fig, ax = plots.plt.subplots()
+    values = np.array([[0.0, 1.0], [-1.0, np.nan]])
+    analysis._heatmap(ax, values, ["a", "b"], ["x", "y"], vmin=-1, vmax=1, cmap="RdBu")
+    colours = {t.get_text(): t.get_color() for t in ax.texts}
+    # RdBu: near white in the middle, dark red and dark blue at the ends; a missing value grey
+    assert colours == {"0.00": "black", "1.00": "white", "-1.00": "white", "–": "black"}
+    ax.clear()
+    analysis._heatmap(ax, values[:1], ["a"], ["x", "y"], vmin=0, vmax=1, cmap="viridis")
+    # viridis: dark purple at 0, yellow at 1
+    assert [t.get_color() for t in ax.texts] == ["white", "black"]
+    plots.plt.close(fig)

@@ -310,8 +310,15 @@ def _heatmap(
     if values.size <= 400:
         for (i, j), v in np.ndenumerate(values):
             text = "–" if not np.isfinite(v) else fmt.format(v)
-            ax.text(j, i, text, ha="center", va="center", fontsize=6.5)
+            colour = _text_colour(cm(image.norm(v))) if np.isfinite(v) else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color=colour)
     return image
+
+
+def _text_colour(rgba: Sequence[float]) -> str:
+    """Black on a light cell, white on a dark one (relative luminance, ITU-R BT.709)."""
+    r, g, b = rgba[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
 
 
 def affected_figures(
