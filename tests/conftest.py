@@ -209,10 +209,27 @@ def digits_teacher(tmp_path_factory) -> Path:
     return d / "model_best.pt"
 
 
-#: Modules that take minutes, longest first. ``make test`` runs the suite on several pytest-xdist
-#: workers, one module per worker at a time (``--dist loadfile``); starting these first keeps
-#: one worker from being left with a long module at the end.
-LONG_MODULES = ("test_slurm.py", "test_workflow.py", "test_faults.py")
+#: The modules that take over 10 s, longest first (``make test`` with ``--durations=0`` on the
+#: 2-core CI machine, 2026-11-28: 400, 335, 190, 145, 80, 75, 70, 70, 65, 50, 25, 20, 15 and
+#: 15 s). ``make test`` runs the suite on several pytest-xdist workers, one module per worker at
+#: a time (``--dist loadfile``), each worker taking the next module as it finishes one: longest
+#: first, the workers end close together (the others, a few seconds each, come last).
+LONG_MODULES = (
+    "test_slurm.py",
+    "test_workflow.py",
+    "test_faults.py",
+    "test_bench.py",
+    "test_config.py",
+    "test_cohort.py",
+    "test_cohort_workflow.py",
+    "test_robustness.py",
+    "test_mps.py",
+    "test_graphs.py",
+    "test_train.py",
+    "test_profile.py",
+    "test_analysis.py",
+    "test_feature_methods.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
