@@ -436,13 +436,18 @@ def test_accuracy_and_cost_charts_tell_the_teachers_of_a_student_apart(monkeypat
          ("student", "resnet8", "resnet8", "kd", 81.0),
          ("student", "resnet20", "resnet56", "kd", 88.0)]
     )  # fmt: skip
-    panels = {}
+    table.loc[table.method == "vanilla", "last_ci95"] = math.nan  # n < 2: no interval
+    panels, intervals = {}, {}
 
     def save(fig, path):
         for ax in fig.axes:
             if ax.get_title():
                 handles, names = ax.get_legend_handles_labels()
                 panels[ax.get_title()] = dict(zip(names, handles, strict=True))
+                for bars in ax.containers:  # the accuracy chart's bars, lowest first
+                    if getattr(bars, "errorbar", None):
+                        segments = bars.errorbar.lines[2][0].get_segments()
+                        intervals[ax.get_title()] = [len(seg) for seg in segments]
         summary_plots.plt.close(fig)
 
     monkeypatch.setattr(summary_plots, "save", save)
@@ -452,6 +457,8 @@ def test_accuracy_and_cost_charts_tell_the_teachers_of_a_student_apart(monkeypat
     assert set(resnet8) == {"teacher resnet20: 90.00%", "teacher resnet8: 85.00%"}
     assert len({line.get_color() for line in resnet8.values()}) == 2
     assert set(panels.pop("digits: resnet20")) == {"teacher resnet56: 93.00%"}
+    # vanilla 80 (no interval), kd ← resnet8 81, kd ← resnet20 82: no bar of width 0
+    assert intervals == {"digits: resnet8": [0, 2, 2], "digits: resnet20": [2]}
     cost = pd.DataFrame([{"dataset": "digits", "device": "cpu"}])
     summary.cost_chart(cost, table, tmp_path / "cost.png")
     # a panel per student: its teachers by marker, its methods by colour (alike in both panels)

@@ -293,7 +293,8 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
     for ax, ((dataset, arch), group) in zip(axes.flat, panels, strict=False):
         group = group.sort_values(f"{accuracy}_mean", ascending=True)
         means = group[f"{accuracy}_mean"].to_numpy()
-        errs = group[f"{accuracy}_ci95"].fillna(0).to_numpy()
+        # no bar where there is no interval (n < 2), not one of width 0
+        errs = group[f"{accuracy}_ci95"].to_numpy(dtype=float)
         labels = [
             f"{label(m, v)}{'' if t in ('', 'none') else f' ← {t}'}  (n={n})"
             for m, v, t, n in zip(group.method, group.variant, group.teacher, group.n, strict=True)
@@ -301,7 +302,7 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
         colours = ["tab:gray" if m == "vanilla" else "tab:blue" for m in group.method]
         ax.barh(range(len(group)), means, xerr=errs, capsize=3, color=colours, alpha=0.85)
         ax.set_yticks(range(len(group)), labels, fontsize=7)
-        lo = max(0.0, float(np.nanmin(means - errs)) - 5)
+        lo = max(0.0, float(np.nanmin(means - np.nan_to_num(errs))) - 5)
         teachers = summary[
             (summary.role == "teacher")
             & (summary.dataset == dataset)
@@ -345,7 +346,7 @@ def rank_chart(summary: pd.DataFrame, path: str | Path) -> None:
             ax.errorbar(
                 g["rank"],
                 g[f"{accuracy}_mean"],
-                yerr=g[f"{accuracy}_ci95"].fillna(0),
+                yerr=g[f"{accuracy}_ci95"],  # none where n < 2
                 marker="o",
                 capsize=3,
                 color=colour,
@@ -528,7 +529,7 @@ def cost_chart(cost: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> N
             ax.errorbar(
                 g.seconds_per_epoch,
                 g[f"{accuracy}_mean"],
-                yerr=g[f"{accuracy}_ci95"].fillna(0),
+                yerr=g[f"{accuracy}_ci95"],  # none where n < 2
                 fmt=markers.get(teacher, "o"),
                 capsize=3,
                 color=colours[method],
