@@ -470,3 +470,31 @@ def test_accuracy_and_cost_charts_tell_the_teachers_of_a_student_apart(monkeypat
     assert set(resnet20) == {"kd"}  # one teacher: no arrow
     assert resnet20["kd"].get_color() == resnet8["kd ← resnet20"].get_color()
     assert not panels
+
+
+@pytest.mark.parametrize(
+    ("losses", "labels"),
+    [
+        ([7.0, 3.5, 1.2], {"2", "3", "4", "5", "6", "7"}),  # less than a decade: minor ticks too
+        ([3.0, 0.05, 0.004], {"0.01", "0.1", "1"}),  # decades: 10^k only
+    ],
+)
+def test_the_train_loss_panel_is_labelled_in_plain_numbers(monkeypatch, tmp_path, losses, labels):
+    epochs = [{"test_acc": 50.0, "val_acc": 50.0, "train_loss": v} for v in losses]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"run": {"method": "kd", "variant": "default"}, "epochs": epochs}))
+    seen = {}
+
+    def save(fig, path):
+        fig.canvas.draw()
+        ax = fig.axes[2]
+        seen["labels"] = {t.get_text() for t in ax.yaxis.get_ticklabels(which="both")} - {""}
+        seen["limits"] = ax.get_ylim()
+        summary_plots.plt.close(fig)
+
+    monkeypatch.setattr(summary_plots, "save", save)
+    summary.learning_curves_overlay([path], tmp_path / "curves.png", "digits")
+    # "6", not "6×10⁰"; "0.01", not "10⁻²"
+    assert all(not any(c in x for c in "$^×") for x in seen["labels"]), seen
+    low, high = seen["limits"]
+    assert labels <= {x for x in seen["labels"] if low <= float(x) <= high}, seen

@@ -316,7 +316,7 @@ def _heatmap(
 
 
 def _text_colour(rgba: Sequence[float]) -> str:
-    """Black on a light cell, white on a dark one (relative luminance, ITU-R BT.709)."""
+    """Black on a light cell, white on a dark one (by its luma, with BT.709's weights)."""
     r, g, b = rgba[:3]
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")
@@ -32,6 +33,19 @@ def epoch_axis(ax: Any, epochs: int) -> None:
         ax.set_xticks([1])
     else:
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+
+
+def log_y_axis(ax: Any) -> None:
+    """A log-scale y axis labelled in plain numbers (0.01, 0.5, 2, 30), and at its minor ticks
+    too where it spans less than a decade (matplotlib would write 6×10⁰, 4×10⁰, …)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+
+    def minor(v: float, _: Any) -> str:
+        low, high = ax.get_ylim()
+        return f"{v:g}" if high < 10 * low else ""
+
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(minor))
 
 
 def line_marker(points: int) -> str | None:

@@ -434,7 +434,7 @@ def learning_curves_overlay(paths: Iterable[str | Path], path: str | Path, title
     for ax, (_, ylabel) in zip(axes, panels, strict=True):
         ax.set(xlabel="epoch", ylabel=ylabel)
         plots.epoch_axis(ax, longest)
-    axes[2].set_yscale("log")
+    plots.log_y_axis(axes[2])
     fig.suptitle(f"{title}: mean over seeds, band = lowest to highest seed", fontsize=10)
     fig.tight_layout()
     # below the panels, where it hides no curve however many runs there are
