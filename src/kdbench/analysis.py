@@ -18,7 +18,6 @@ Diagnostic figures of a pair (rule ``diagnose``) are in :mod:`kdbench.diagnostic
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -349,12 +348,8 @@ def affected_figures(
     plots.save(fig, stages_png)
 
     ch = d[(d.level == "channel") & (d["rank"] <= top_k)]
-    ncols = min(len(labels), 3)
-    nrows = math.ceil(len(labels) / ncols)
-    fig, axes = plots.plt.subplots(
-        nrows, ncols, figsize=(4.2 * ncols, 0.6 + 0.32 * top_k * nrows + 0.5 * nrows), squeeze=False
-    )
-    for ax, lab in zip(axes.flat, labels, strict=False):
+    fig, axes = plots.panel_grid(len(labels), 3, 4.2, 0.32 * top_k + 0.5, extra_height=0.6)
+    for ax, lab in zip(axes, labels, strict=True):
         g = ch[ch.label == lab].sort_values("rank", ascending=False)
         colours = ["tab:green" if t > 0 else "tab:red" for t in g.toward]
         ax.barh(range(len(g)), g.affected, color=colours)
@@ -365,8 +360,6 @@ def affected_figures(
         )
         ax.set_title(lab, fontsize=9)
         ax.set_xlabel("mean |shift| (σ)", fontsize=8)
-    for ax in list(axes.flat)[len(labels) :]:
-        ax.axis("off")
     fig.suptitle(
         f"{pair}: top {top_k} channels per method (green: towards the teacher, red: away)",
         fontsize=10,

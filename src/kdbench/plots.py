@@ -25,6 +25,23 @@ def save(fig: Any, path: str | Path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+def panel_grid(
+    count: int, cols: int, width: float, height: float, extra_height: float = 0.0
+) -> tuple[Any, list[Any]]:
+    """A figure of ``count`` panels, up to ``cols`` to a row, each ``width`` × ``height``
+    inches (plus ``extra_height`` for the figure), and its first ``count`` axes in order; the
+    grid's axes past them are hidden."""
+    cols = max(1, min(count, cols))
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width * cols, height * rows + extra_height), squeeze=False
+    )
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.axis("off")
+    return fig, flat[:count]
+
+
 def epoch_axis(ax: Any, epochs: int) -> None:
     """Whole epochs on the x axis of a per-epoch chart of up to ``epochs`` epochs; a run of one
     epoch gets its one tick (matplotlib would label fractions of an epoch)."""

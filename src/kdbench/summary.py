@@ -285,12 +285,8 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
         raise KdbenchError("no student runs to aggregate")
     accuracy = str(summary.accuracy.iloc[0])
     height = max(len(g) for _, g in panels)
-    cols = min(len(panels), 2)
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plots.plt.subplots(
-        rows, cols, figsize=(6.5 * cols, (1.2 + 0.32 * height) * rows), squeeze=False
-    )
-    for ax, ((dataset, arch), group) in zip(axes.flat, panels, strict=False):
+    fig, axes = plots.panel_grid(len(panels), 2, 6.5, 1.2 + 0.32 * height)
+    for ax, ((dataset, arch), group) in zip(axes, panels, strict=True):
         group = group.sort_values(f"{accuracy}_mean", ascending=True)
         means = group[f"{accuracy}_mean"].to_numpy()
         # no bar where there is no interval (n < 2), not one of width 0
@@ -319,8 +315,6 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
         )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right", fontsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
     fig.tight_layout()
     plots.save(fig, path)
 
@@ -518,10 +512,8 @@ def cost_chart(cost: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> N
     students = summary[summary.role == "student"]
     colours = {m: f"C{i % 10}" for i, m in enumerate(sorted(set(students.method)))}
     panels = list(students.groupby(["dataset", "arch"], sort=True))
-    cols = min(len(panels), 2)
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plots.plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
-    for ax, ((dataset, arch), group) in zip(axes.flat, panels, strict=False):
+    fig, axes = plots.panel_grid(len(panels), 2, 6.5, 4.5)
+    for ax, ((dataset, arch), group) in zip(axes, panels, strict=True):
         teachers = sorted(set(group.teacher) - {"", "none"})
         markers = {t: TEACHER_MARKERS[i % len(TEACHER_MARKERS)] for i, t in enumerate(teachers)}
         for (method, teacher), g in group.groupby(["method", "teacher"], sort=True):
@@ -543,8 +535,6 @@ def cost_chart(cost: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> N
         )
         _accuracy_axis(ax)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
     fig.tight_layout()
     plots.save(fig, path)
 
