@@ -8,6 +8,7 @@ import pytest
 import scipy.stats
 import yaml
 from conftest import REPO, fresh_imports
+from matplotlib.container import ErrorbarContainer
 
 from kdbench import anchors, config, stats, summary
 from kdbench import plots as summary_plots
@@ -429,7 +430,7 @@ def _chart_summary(rows):
 
 def test_accuracy_and_cost_charts_tell_the_teachers_of_a_student_apart(monkeypatch, tmp_path):
     table = _chart_summary(
-        [("teacher", "resnet20", "", "vanilla", 90.0), ("teacher", "resnet8", "", "vanilla", 85.0),
+        [("teacher", "resnet20", "", "vanilla", 90.0), ("teacher", "resnet8", "", "vanilla", 70.0),
          ("teacher", "resnet56", "", "vanilla", 93.0),
          ("student", "resnet8", "none", "vanilla", 80.0),
          ("student", "resnet8", "resnet20", "kd", 82.0),
@@ -437,28 +438,36 @@ def test_accuracy_and_cost_charts_tell_the_teachers_of_a_student_apart(monkeypat
          ("student", "resnet20", "resnet56", "kd", 88.0)]
     )  # fmt: skip
     table.loc[table.method == "vanilla", "last_ci95"] = math.nan  # n < 2: no interval
-    panels, intervals = {}, {}
+    panels, intervals, dots, limits = {}, {}, {}, {}
 
     def save(fig, path):
         for ax in fig.axes:
             if ax.get_title():
                 handles, names = ax.get_legend_handles_labels()
                 panels[ax.get_title()] = dict(zip(names, handles, strict=True))
-                for bars in ax.containers:  # the accuracy chart's bars, lowest first
-                    if getattr(bars, "errorbar", None):
-                        segments = bars.errorbar.lines[2][0].get_segments()
-                        intervals[ax.get_title()] = [len(seg) for seg in segments]
+                limits[ax.get_title()] = ax.get_xlim()
+                for whiskers in ax.containers:  # the accuracy chart's intervals, lowest first
+                    assert isinstance(whiskers, ErrorbarContainer)  # no bars
+                    segments = whiskers.lines[2][0].get_segments()
+                    widths = [float(s[1][0] - s[0][0]) if len(s) else 0 for s in segments]
+                    intervals[ax.get_title()] = [round(w, 6) for w in widths]
+                if ax.collections and ax.containers:
+                    dots[ax.get_title()] = ax.collections[-1].get_offsets()[:, 0].tolist()
         summary_plots.plt.close(fig)
 
     monkeypatch.setattr(summary_plots, "save", save)
     summary.accuracy_chart(table, tmp_path / "accuracy.png")
     # each panel the teachers of its own students, each in a colour of its own
     resnet8 = panels.pop("digits: resnet8")
-    assert set(resnet8) == {"teacher resnet20: 90.00%", "teacher resnet8: 85.00%"}
+    assert set(resnet8) == {"teacher resnet20: 90.00%", "teacher resnet8: 70.00%"}
     assert len({line.get_color() for line in resnet8.values()}) == 2
     assert set(panels.pop("digits: resnet20")) == {"teacher resnet56: 93.00%"}
-    # vanilla 80 (no interval), kd ← resnet8 81, kd ← resnet20 82: no bar of width 0
-    assert intervals == {"digits: resnet8": [0, 2, 2], "digits: resnet20": [2]}
+    # vanilla 80 (no interval), kd ← resnet8 81, kd ← resnet20 82: a dot at each mean, ±1
+    # whiskers, none of width 0 for vanilla
+    assert dots == {"digits: resnet8": [80.0, 81.0, 82.0], "digits: resnet20": [88.0]}
+    assert intervals == {"digits: resnet8": [0, 2.0, 2.0], "digits: resnet20": [2.0]}
+    # from 5 below the lowest interval or teacher line: the resnet8 teacher's 70, 88 - 1
+    assert limits == {"digits: resnet8": (65.0, 100.0), "digits: resnet20": (82.0, 100.0)}
     cost = pd.DataFrame([{"dataset": "digits", "device": "cpu"}])
     summary.cost_chart(cost, table, tmp_path / "cost.png")
     # a panel per student: its teachers by marker, its methods by colour (alike in both panels)

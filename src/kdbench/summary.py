@@ -274,9 +274,10 @@ TEACHER_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
-    """Methods ranked by headline accuracy (mean with 95% CI over seeds) per dataset × student,
-    the vanilla student's bar grey, the accuracy of each teacher of the panel's students as a
-    dashed line of its own colour."""
+    """Methods ranked by headline accuracy per dataset × student: a dot at the mean over seeds,
+    whiskers for its 95% CI, the vanilla student's dot grey, the accuracy of each teacher of the
+    panel's students as a dashed line of its own colour. Dots, not bars: the axis starts near the
+    lowest interval, and a bar's length from there would overstate the differences."""
     from kdbench import plots
 
     students = summary[summary.role == "student"]
@@ -295,26 +296,31 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
             f"{label(m, v)}{'' if t in ('', 'none') else f' ← {t}'}  (n={n})"
             for m, v, t, n in zip(group.method, group.variant, group.teacher, group.n, strict=True)
         ]
+        rows = np.arange(len(group))
         colours = ["tab:gray" if m == "vanilla" else "tab:blue" for m in group.method]
-        ax.barh(range(len(group)), means, xerr=errs, capsize=3, color=colours, alpha=0.85)
-        ax.set_yticks(range(len(group)), labels, fontsize=7)
-        lo = max(0.0, float(np.nanmin(means - np.nan_to_num(errs))) - 5)
+        ax.errorbar(means, rows, xerr=errs, fmt="none", ecolor="0.25", elinewidth=1, capsize=3)
+        ax.scatter(means, rows, c=colours, s=30, zorder=3)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_yticks(rows, labels, fontsize=7)
+        ax.set_ylim(-0.6, len(group) - 0.4)
         teachers = summary[
             (summary.role == "teacher")
             & (summary.dataset == dataset)
             & summary.arch.isin(set(group.teacher))  # the teachers of this panel's students
-        ]
-        for i, (t, acc) in enumerate(teachers.set_index("arch")[f"{accuracy}_mean"].items()):
+        ].set_index("arch")[f"{accuracy}_mean"]
+        # from 5 points below the lowest interval or teacher
+        lo = max(0.0, float(np.nanmin([*(means - np.nan_to_num(errs)), *teachers])) - 5)
+        for i, (t, acc) in enumerate(teachers.items()):
             colour = TEACHER_COLOURS[i % len(TEACHER_COLOURS)]
             ax.axvline(acc, ls="--", color=colour, lw=1, label=f"teacher {t}: {acc:.2f}%")
         ax.set(
             title=f"{dataset}: {arch}",
             xlabel=f"test accuracy (%), {'best-validation' if accuracy == 'best_val' else 'last'}"
-            " epoch; bars: 95% CI over seeds",
+            " epoch; mean and 95% CI over seeds",
             xlim=(lo, 100),
         )
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right", fontsize=7)
+            ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     plots.save(fig, path)
 
