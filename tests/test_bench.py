@@ -596,6 +596,16 @@ def test_bench_bad_arguments_are_one_line(capsys, tmp_path):
     ]
 
 
+def test_bench_grid_refuses_a_config_that_trains_on_a_subset(capsys, tmp_path):
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["teacher"].setdefault("train", {})["train_size"] = 5000
+    (tmp_path / "subset.yaml").write_text(yaml.safe_dump(cfg))
+    rows = str(REPO / "docs" / "perf" / "h200-2026-11-26" / "s2" / "epochs20.json")
+    assert bench.main(["grid", rows, "--config", str(tmp_path / "subset.yaml")]) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("kdbench bench: bench grid: ") and "teachers on a subset" in err
+
+
 def test_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path, monkeypatch):
     """With a stand-in for nvidia-cuda-mps-control that records its calls."""
     stub, calls = mps_stub(tmp_path)

@@ -87,6 +87,10 @@ BAD = [
     (("methods", "vanilla"), KeyError, "the analysis compares every distilled student with"),
     (("cohort_size",), -1, "cohort_size: -1 is less than the minimum of 0"),
     (("cohort_size",), 2.5, "cohort_size: 2.5 is not of type 'integer'"),
+    (("train", "train_size"), 0, "train.train_size: 0 is less than the minimum of 1"),
+    (("train", "train_size"), "all", "train.train_size: 'all' is not of type"),
+    (("train", "train_size"), 1169, "train.train_size must be in 10..1168 for digits (its"),
+    (("teacher", "train", "train_size"), 9, "teacher.train.train_size must be in 10..1168"),
 ]
 
 
@@ -118,6 +122,15 @@ def test_methods_contribute_their_schema():
     assert (
         schema["properties"]["methods"]["properties"]["kd"]["properties"]["alpha"]["maximum"] == 1
     )
+
+
+def test_a_training_subset_for_the_students_the_teacher_on_all_images():
+    cfg = with_change(("train", "train_size"), 300)
+    cfg["teacher"]["train"]["train_size"] = None
+    kdconfig.check_or_exit(cfg, SCHEMA)
+    assert kdconfig.train_params(cfg, "student")["train_size"] == 300
+    # all images, the default: not in the recipe (the teacher's params as without the key)
+    assert kdconfig.train_params(cfg, "teacher") == kdconfig.train_params(DEMO, "teacher")
 
 
 def test_run_grid_of_the_full_config():

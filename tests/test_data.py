@@ -114,6 +114,37 @@ def test_digits_split_is_deterministic_stratified_and_disjoint():
     assert other.image_size == 8 and not torch.equal(other.test.y, ds.test.y)
 
 
+def test_a_training_subset_is_stratified_the_same_for_every_run_and_leaves_the_rest_whole():
+    ds = data.load_dataset("digits")
+    sub = ds.with_train_size(300)
+    assert (len(sub.train), len(sub.val), len(sub.test)) == (300, 270, 359)
+    assert sub.val is ds.val and sub.test is ds.test and sub.mean == ds.mean
+    counts = torch.bincount(sub.train.y, minlength=10)
+    full = torch.bincount(ds.train.y, minlength=10)
+    assert int(counts.sum()) == 300 and (counts - full * 300 / len(ds.train)).abs().max() < 1
+    # images of the training split, each once, with their own labels
+    pairs = zip(ds.train.x, ds.train.y, strict=True)
+    rows = {tuple(x.flatten().tolist()): int(y) for x, y in pairs}
+    picked = [tuple(x.flatten().tolist()) for x in sub.train.x]
+    assert len(set(picked)) == 300 and [rows[x] for x in picked] == sub.train.y.tolist()
+    # the same images from a new load; others from another split_seed; not the validation draw
+    assert torch.equal(data.load_dataset("digits").with_train_size(300).train.x, sub.train.x)
+    other = data.load_dataset("digits", split_seed=1)
+    assert not torch.equal(other.with_train_size(300).train.y, other.train.y[:300])
+    assert sub.summary()["sizes"]["train"] == 300 and sub.summary()["train_size_of"] == 1168
+    assert ds.with_train_size(None) is ds and ds.with_train_size(1168) is ds
+    # the config's check knows the split's size without loading it
+    assert data.train_split_size("digits") == (1168, 10)
+    other = data.load_dataset("digits", val_fraction=0.3, test_fraction=0.1)
+    assert data.train_split_size("digits", {"val_fraction": 0.3, "test_fraction": 0.1}) == (
+        len(other.train),
+        10,
+    )
+    for size in (9, 1169):
+        with pytest.raises(KdbenchError, match=r"train_size must be in 10\.\.1168 for digits"):
+            ds.with_train_size(size)
+
+
 def test_fashion_mnist_reads_the_real_idx_files():
     if not FASHION.is_dir():
         if os.environ.get("CI"):
@@ -121,6 +152,7 @@ def test_fashion_mnist_reads_the_real_idx_files():
         pytest.skip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist")
     ds = data.load_dataset("fashion_mnist", val_size=5000)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (55000, 5000, 10000)
+    assert data.train_split_size("fashion_mnist", {"val_size": 5000}) == (55000, 10)
     assert ds.train.x.shape[1:] == (1, 28, 28) and ds.num_classes == 10
     assert torch.bincount(ds.test.y).tolist() == [1000] * 10
     assert abs(float(ds.train.x.mean()) - 0.2860) < 0.002  # the published mean

@@ -74,6 +74,17 @@ def test_two_epoch_training_writes_every_output(tmp_path, teacher_weights):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_run_on_a_training_subset_records_it(tmp_path, caplog):
+    caplog.set_level("INFO", logger="kdbench")
+    train = {"epochs": 1, "batch_size": 64, "device": "cpu", "train_size": 200}
+    doc = train_digits(tmp_path, train=train)
+    assert doc["data"]["sizes"] == {"train": 200, "val": 270, "test": 359}
+    assert doc["data"]["train_size_of"] == 1168 and doc["config"]["train"]["train_size"] == 200
+    assert "data digits: {'train': 200, 'val': 270, 'test': 359}" in caplog.text
+    with pytest.raises(KdbenchError, match=r"train_size must be in 10\.\.1168 for digits"):
+        train_digits(tmp_path / "too_many", train={**train, "train_size": 5000})
+
+
 def _fit(tmp_path, name, on_epoch_end=None, epochs=3):
     return fit_digits(tmp_path, name, train={"epochs": epochs}, on_epoch_end=on_epoch_end)
 
@@ -156,6 +167,9 @@ def test_train_config_validation():
         TrainConfig.from_config({"epoch": 3})
     with pytest.raises(KdbenchError, match="cudnn_benchmark and train.deterministic"):
         TrainConfig.from_config({"cudnn_benchmark": True, "deterministic": True})
+    for size in (0, 2.5, True):
+        with pytest.raises(KdbenchError, match="train_size must be a positive integer or null"):
+            TrainConfig.from_config({"train_size": size})
 
 
 @pytest.mark.parametrize(
@@ -333,6 +347,9 @@ def test_later_settings_at_their_defaults_leave_the_recipe_record_unchanged():
     # recorded
     assert TrainConfig(cohort_streams=True).record() == TrainConfig().record()
     assert TrainConfig(cohort_streams=False).record()["cohort_streams"] is False
+    # train_size: all images unless set
+    assert TrainConfig(train_size=None).record() == TrainConfig().record()
+    assert TrainConfig(train_size=500).record()["train_size"] == 500
 
 
 @pytest.mark.parametrize(

@@ -1015,6 +1015,12 @@ def grid_estimate(
         if "warmup_seconds" in r
     }
     started: list[tuple[str, str]] = []  # (pair, label) of every run
+    for role in ("student", "teacher"):
+        if kdconfig.train_params(cfg, role).get("train_size") is not None:
+            raise KdbenchError(
+                f"bench grid: {config_path} trains {role}s on a subset (train_size), and the "
+                "epoch rows time whole training splits: estimate the config without it"
+            )
     student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
     teacher_epochs = int(kdconfig.train_params(cfg, "teacher")["epochs"])
     seconds = {"teachers": 0.0, "paraphrasers": 0.0, "students": 0.0}

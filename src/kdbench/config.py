@@ -22,7 +22,7 @@ import jsonschema
 import yaml
 
 from kdbench import methods, models
-from kdbench.data import dataset_params, image_shape
+from kdbench.data import check_train_size, dataset_params, image_shape, train_split_size
 from kdbench.errors import KdbenchError, one_line
 from kdbench.models import canonical_arch
 from kdbench.train import TrainConfig
@@ -213,7 +213,12 @@ def validate(config: dict[str, Any], schema_path: str | Path) -> None:
     for dataset in config["datasets"]:
         data_params(config, dataset)
     for role in ("teacher", "student"):
-        train_params(config, role)
+        size = train_params(config, role).get("train_size")  # absent: all images
+        own = role == "teacher" and "train_size" in (teacher_config(config).get("train") or {})
+        key = "teacher.train.train_size" if own else "train.train_size"
+        for dataset in config["datasets"] if size is not None else ():
+            images, classes = train_split_size(dataset, data_params(config, dataset))
+            check_train_size(dataset, size, images, classes, key)
     for name in config["methods"]:
         variants(config, name)
     _check_teacher_methods(config)

@@ -15,7 +15,7 @@ import gzip
 import importlib.util
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,19 @@ class Dataset:
     def image_size(self) -> int:
         return int(self.train.x.shape[-1])
 
+    def with_train_size(self, size: int | None) -> Dataset:
+        """This dataset with a stratified subset of ``size`` of its training images (each class
+        its share, largest remainders rounding), drawn with its ``split_seed``; itself where
+        ``size`` is None or all of them. Validation and test are kept whole."""
+        n = len(self.train)
+        if size is None or size == n:
+            return self
+        check_train_size(self.name, size, n, len(np.unique(self.train.y.numpy())))
+        seed = [int(self.info.get("split_seed", 0)), 1]  # a stream of its own, not the val draw
+        _, kept = _stratified_indices(self.train.y.numpy(), size, seed)
+        info = {**self.info, "train_size_of": n}
+        return replace(self, train=_split(self.train.x, self.train.y, kept), info=info)
+
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -138,6 +151,34 @@ def image_shape(name: str, overrides: dict[str, Any] | None = None) -> tuple[int
     return (1, 28, 28) if name == "fashion_mnist" else (3, 32, 32)
 
 
+#: the images of each dataset before any split, and its classes
+SIZES = {"digits": (1797, 10), "fashion_mnist": (60000, 10), "cifar10": (50000, 10),
+         "cifar100": (50000, 100)}  # fmt: skip
+
+
+def train_split_size(name: str, overrides: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(images, classes) of dataset ``name``'s training split, without loading it."""
+    p = dataset_params(name, overrides)
+    n, classes = SIZES[name]
+    if name == "digits":
+        return n - round(n * float(p["test_fraction"])) - round(
+            n * float(p["val_fraction"])
+        ), classes
+    return n - int(p["val_size"]), classes
+
+
+def check_train_size(
+    name: str, size: int, images: int, classes: int, key: str = "train.train_size"
+) -> None:
+    """Raise a one-line KdbenchError unless a subset of ``size`` of ``name``'s training split of
+    ``images`` images can hold every one of its ``classes`` classes."""
+    if not classes <= size <= images:
+        raise KdbenchError(
+            f"{key} must be in {classes}..{images} for {name} (its training split has {images} "
+            f"images of {classes} classes), got {size}"
+        )
+
+
 def load_dataset(name: str, **overrides: Any) -> Dataset:
     """Load dataset ``name`` with its train / validation / test split (see :data:`DEFAULTS`)."""
     p = dataset_params(name, overrides)
@@ -149,11 +190,12 @@ def load_dataset(name: str, **overrides: Any) -> Dataset:
         ds = _load_cifar(name, p)
     ds.crop_padding = int(p["crop_padding"])
     ds.flip = bool(p["flip"])
+    ds.info["split_seed"] = int(p["split_seed"])
     return ds
 
 
 def _stratified_indices(
-    labels: np.ndarray, holdout: int, seed: int
+    labels: np.ndarray, holdout: int, seed: int | list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(len(labels))`` into (keep, holdout) with ``holdout`` items, stratified.
 

@@ -51,7 +51,7 @@ def train(
     ``assets`` are the extra files a method requires (e.g. ft's ``paraphraser``)."""
     cfg = TrainConfig.from_config(train)
     io.check_writable(state, *outputs.values())
-    ds = load_dataset(dataset, **data)
+    ds = load_dataset(dataset, **data).with_train_size(cfg.train_size)
     log.info("data %s: %s", dataset, ds.summary()["sizes"])
     m, record = _build_run(
         role, dataset, data, ds, arch, seed, method, variant, method_params, teacher,
@@ -88,7 +88,7 @@ def train_cohort(
     times are its share of the cohort's. One resumable ``state`` serves them all."""
     cfg = TrainConfig.from_config(train)
     io.check_writable(state, *(p for m in members for p in m["outputs"].values()))
-    ds = load_dataset(dataset, **data)
+    ds = load_dataset(dataset, **data).with_train_size(cfg.train_size)
     log.info("data %s: %s", dataset, ds.summary()["sizes"])
     labels = [f"{m['arch']}-{m['method']}-{m['variant']}" for m in members]
     built, shared = [], None

@@ -39,6 +39,7 @@ RUN_COLUMNS = [
     "val_acc_best",
     "rank",
     "batch_size",
+    "train_images",
     "lr",
     "schedule",
     "label_smoothing",
@@ -122,6 +123,8 @@ def run_row(path: str | Path) -> dict[str, Any]:
         "val_acc_best": final["val_acc_best"],
         "rank": _channel_rank(params),
         "batch_size": train.get("batch_size"),
+        # the images of its training split (train.train_size of them where set)
+        "train_images": doc.get("data", {}).get("sizes", {}).get("train", math.nan),
         "lr": train.get("lr"),
         "schedule": _schedule(train),
         "label_smoothing": params.get("label_smoothing", 0.0),

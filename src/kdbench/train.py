@@ -78,6 +78,7 @@ LATER_SETTINGS = (
     "cohort_stack",
     "samplewise_solver",
     "targets_thread",
+    "train_size",
 )
 
 
@@ -97,6 +98,10 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1
     drop_last: bool = False
+    #: train on a stratified subset of this many of the training split's images (per class
+    #: its share, drawn with the dataset's ``split_seed``: the same images for every seed and
+    #: method), or on all of them (None, the default); validation and test stay whole
+    train_size: int | None = None
     device: str = "auto"
     bf16: bool = True
     channels_last: bool = True
@@ -221,6 +226,14 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise KdbenchError(f"train.optimizer.lr must be positive, got {self.lr}")
+        if self.train_size is not None and (
+            isinstance(self.train_size, bool)
+            or not isinstance(self.train_size, int)
+            or self.train_size < 1
+        ):
+            raise KdbenchError(
+                f"train.train_size must be a positive integer or null, got {self.train_size!r}"
+            )
         if self.skip_nonfinite < 0:
             raise KdbenchError(f"train.skip_nonfinite must be >= 0, got {self.skip_nonfinite}")
         if self.fused not in (True, False, "auto"):
@@ -444,8 +457,10 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
 def make_loaders(
     data: Dataset, cfg: TrainConfig, device: torch.device, seed: int
 ) -> tuple[Loader, Loader, Loader]:
-    """Train (shuffled and augmented per ``seed`` and epoch), validation and test loaders."""
+    """Train (shuffled and augmented per ``seed`` and epoch; ``cfg.train_size`` of its images),
+    validation and test loaders."""
     channels_last = device.type == "cuda" and cfg.channels_last
+    data = data.with_train_size(cfg.train_size)
     train = Loader(
         data.train,
         cfg.batch_size,
@@ -984,7 +999,7 @@ def fit_runs(
     }
     if isinstance(method, Cohort):  # whether its students trained as stacks on this device
         shared["cohort_stack"] = stacked
-    data_summary, train_config = data.summary(), asdict(cfg)
+    data_summary, train_config = data.with_train_size(cfg.train_size).summary(), asdict(cfg)
     method_provenance = method.provenance(device)  # e.g. the solver a method's auto came to
     for run in runs:
         run.doc = {

@@ -226,7 +226,7 @@ def train_paraphraser(
     stage = int(params["stage"])
     channels = models.WIDTHS[stage - 1]
     io.check_writable(state, *outputs.values())
-    ds = load_dataset(dataset, **data)
+    ds = load_dataset(dataset, **data).with_train_size(cfg.train_size)
     device = resolve_device(cfg.device)
     teacher_model = models.build(teacher, ds.num_classes, ds.in_channels)
     models.load_weights(teacher_model, teacher_weights, f"teacher {teacher}")
