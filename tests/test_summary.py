@@ -63,6 +63,7 @@ def run(
         "val_acc_best": acc,
         "rank": 16.0 if method == "tucker" else math.nan,
         "batch_size": 64,
+        "train_images": 1168,
         "lr": 0.05,
         "schedule": "cosine",
         "label_smoothing": 0.0,
@@ -121,6 +122,7 @@ ANCHORS = {
             "epochs": 240,
             "schedule": "cosine",
             "batch_size": 64,
+            "train_images": 1168,
             "lr": 0.05,
             "T": 4,
             "beta": None,
@@ -195,8 +197,14 @@ def test_anchor_table_joins_the_right_rows(tmp_path):
     assert "epochs: 240 there, 4 here" in text and "batch_size" not in text  # both 64
     assert "T: 4 there, 2 here" in text and "runs: not stated there, 3 here" in text
     assert "teacher accuracy: 99.00 there, 96.00 here" in text and "lr" not in text
+    assert "train_images" not in text  # both 1168
     tucker = rows.loc[("tucker", "full-teacher-r16")]
     assert tucker.n == 1 and "beta: not stated there, 125 here" in tucker.protocol_differences
+    # runs on a subset (train.train_size): the training images differ
+    runs.loc[runs.method == "kd", "train_images"] = 300
+    table = anchors.anchor_table(path, summary.summarize(runs, "best_val"), runs)
+    (text,) = table[(table.dataset == "digits") & (table.method == "kd")].protocol_differences
+    assert "train_images: 1168 there, 300 here" in text
 
 
 def test_anchors_file_errors(tmp_path):

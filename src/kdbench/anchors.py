@@ -1,7 +1,8 @@
 """Published results beside the measured ones, with every protocol difference spelled out.
 
 The anchors file (``config/anchors.yaml``; config key ``anchors``) lists protocols (epochs,
-schedule, batch, lr, T, β, how the reported epoch was selected, number of runs) and rows
+schedule, batch, training images, lr, T, β, how the reported epoch was selected, number of
+runs) and rows
 (protocol, dataset, teacher, student, method, optional variant, accuracy, teacher accuracy).
 :func:`anchor_table` joins each row with the measured group of the same dataset, pair, method
 and variant: ``teacher`` rows with the teacher run, ``vanilla`` rows with the vanilla student of
@@ -20,7 +21,9 @@ import yaml
 from kdbench.errors import KdbenchError
 
 ROW_KEYS = {"protocol", "dataset", "teacher", "student", "method", "accuracy"}
-PROTOCOL_KEYS = ("epochs", "schedule", "batch_size", "lr", "T", "beta", "selection", "runs")
+PROTOCOL_KEYS = (
+    "epochs", "schedule", "batch_size", "train_images", "lr", "T", "beta", "selection", "runs"
+)  # fmt: skip
 COLUMNS = [
     "protocol",
     "source",
@@ -97,6 +100,9 @@ def _differences(
         "selection": measured["measured_at"],
         "runs": int(measured["n"]),
     }
+    images = float(first.get("train_images", math.nan))
+    if not math.isnan(images):  # runs of metrics.json files that record their data
+        ours["train_images"] = int(images)
     if row.method == "kd":
         ours["T"] = float(first["T"])  # not first.T: a transpose
     beta = protocol.get("beta")
