@@ -2,8 +2,8 @@
 
 The anchors file (``config/anchors.yaml``; config key ``anchors``) lists protocols (epochs,
 schedule, batch, training images, lr, T, β, how the reported epoch was selected, number of
-runs) and rows
-(protocol, dataset, teacher, student, method, optional variant, accuracy, teacher accuracy).
+runs) and rows (protocol, dataset, teacher, student, method, optional variant, accuracy, teacher
+accuracy).
 :func:`anchor_table` joins each row with the measured group of the same dataset, pair, method
 and variant: ``teacher`` rows with the teacher run, ``vanilla`` rows with the vanilla student of
 the same architecture (it has no teacher).

@@ -160,10 +160,9 @@ def train_split_size(name: str, overrides: dict[str, Any] | None = None) -> tupl
     """(images, classes) of dataset ``name``'s training split, without loading it."""
     p = dataset_params(name, overrides)
     n, classes = SIZES[name]
-    if name == "digits":
-        return n - round(n * float(p["test_fraction"])) - round(
-            n * float(p["val_fraction"])
-        ), classes
+    if name == "digits":  # as _load_digits splits it
+        n_test, n_val = round(n * float(p["test_fraction"])), round(n * float(p["val_fraction"]))
+        return n - n_test - n_val, classes
     return n - int(p["val_size"]), classes
 
 
