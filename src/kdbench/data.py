@@ -110,7 +110,7 @@ class Dataset:
         n = len(self.train)
         if size is None or size == n:
             return self
-        check_train_size(self.name, size, n, len(np.unique(self.train.y.numpy())))
+        check_train_size(self.name, size, n, self.num_classes)
         seed = [int(self.info.get("split_seed", 0)), 1]  # a stream of its own, not the val draw
         _, kept = _stratified_indices(self.train.y.numpy(), size, seed)
         info = {**self.info, "train_size_of": n}
@@ -160,8 +160,8 @@ def train_split_size(name: str, overrides: dict[str, Any] | None = None) -> tupl
     """(images, classes) of dataset ``name``'s training split, without loading it."""
     p = dataset_params(name, overrides)
     n, classes = SIZES[name]
-    if name == "digits":  # as _load_digits splits it
-        n_test, n_val = round(n * float(p["test_fraction"])), round(n * float(p["val_fraction"]))
+    if name == "digits":
+        n_test, n_val = _digits_holdouts(n, p)
         return n - n_test - n_val, classes
     return n - int(p["val_size"]), classes
 
@@ -233,6 +233,11 @@ def _digits_file() -> Path:
     return path
 
 
+def _digits_holdouts(n: int, p: dict[str, Any]) -> tuple[int, int]:
+    """(test, validation) images that digits' fractions hold out of its ``n`` images."""
+    return round(n * float(p["test_fraction"])), round(n * float(p["val_fraction"]))
+
+
 def _load_digits(p: dict[str, Any]) -> Dataset:
     table = np.loadtxt(_digits_file(), delimiter=",", dtype=np.float32)
     target = table[:, -1].astype(np.int64)
@@ -243,8 +248,7 @@ def _load_digits(p: dict[str, Any]) -> Dataset:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         images = images.clamp_(0.0, 1.0)
     n = len(labels)
-    n_test = round(n * float(p["test_fraction"]))
-    n_val = round(n * float(p["val_fraction"]))
+    n_test, n_val = _digits_holdouts(n, p)
     if n_test < 10 or n_val < 10 or n - n_test - n_val < 10:
         raise KdbenchError("data.digits: val_fraction and test_fraction leave a split too small")
     seed = int(p["split_seed"])

@@ -293,7 +293,7 @@ def accuracy_chart(summary: pd.DataFrame, path: str | Path) -> None:
     for ax, ((dataset, arch), group) in zip(axes, panels, strict=True):
         group = group.sort_values(f"{accuracy}_mean", ascending=True)
         means = group[f"{accuracy}_mean"].to_numpy()
-        # no bar where there is no interval (n < 2), not one of width 0
+        # no whisker where there is no interval (n < 2), not one of width 0
         errs = group[f"{accuracy}_ci95"].to_numpy(dtype=float)
         labels = [
             f"{label(m, v)}{'' if t in ('', 'none') else f' ← {t}'}  (n={n})"

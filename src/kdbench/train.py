@@ -945,6 +945,7 @@ def fit_runs(
     records as its share (the epoch's seconds over the number of runs). Returns their final
     metrics documents."""
     state_path = Path(state_path)
+    data = data.with_train_size(cfg.train_size)  # once: make_loaders and the summary use it
     device = resolve_device(cfg.device)
     prepare(method, cfg, device)
     stacked = isinstance(method, Cohort) and method.stacked
@@ -999,7 +1000,7 @@ def fit_runs(
     }
     if isinstance(method, Cohort):  # whether its students trained as stacks on this device
         shared["cohort_stack"] = stacked
-    data_summary, train_config = data.with_train_size(cfg.train_size).summary(), asdict(cfg)
+    data_summary, train_config = data.summary(), asdict(cfg)
     method_provenance = method.provenance(device)  # e.g. the solver a method's auto came to
     for run in runs:
         run.doc = {
