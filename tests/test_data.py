@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,23 @@ def test_a_training_subset_is_stratified_the_same_for_every_run_and_leaves_the_r
     assert len(other.train) == 300 and not torch.equal(other.train.x, sub.train.x)
     assert sub.summary()["sizes"]["train"] == 300 and sub.summary()["train_size_of"] == 1168
     assert ds.with_train_size(None) is ds and ds.with_train_size(1168) is ds
+    # nested: each subset lies inside every larger one, and every one is stratified (each class
+    # within one image of its share, none missing)
+    index = {tuple(x.flatten().tolist()): i for i, x in enumerate(ds.train.x)}
+    assert len(index) == len(ds.train)
+
+    def images(size):
+        return {index[tuple(x.flatten().tolist())] for x in ds.with_train_size(size).train.x}
+
+    small, large = images(100), images(101)
+    assert len(small) == 100 and small < large < images(300) < images(1000)
+    labels, n = ds.train.y.numpy(), len(ds.train)
+    order = data._nested_order(labels, [0, 1])
+    assert sorted(order.tolist()) == list(range(n)) and set(order[:300].tolist()) == images(300)
+    share = np.bincount(labels, minlength=10) / n
+    for size in range(10, n + 1):
+        counts = np.bincount(labels[order[:size]], minlength=10)
+        assert counts.min() >= 1 and np.abs(counts - share * size).max() < 1, size
     # the config's check knows the split's size without loading it
     assert data.train_split_size("digits") == (1168, 10)
     other = data.load_dataset("digits", val_fraction=0.3, test_fraction=0.1)
