@@ -596,14 +596,52 @@ def test_bench_bad_arguments_are_one_line(capsys, tmp_path):
     ]
 
 
-def test_bench_grid_refuses_a_config_that_trains_on_a_subset(capsys, tmp_path):
+def test_bench_grid_costs_a_config_that_trains_on_a_subset(capsys, tmp_path):
+    """Epochs on train.train_size images: the rows' training seconds in proportion to the
+    images (45,000 measured), their evaluation as it was; the teachers on their own subset."""
+    rows = _config_rows()
+    for r in rows:  # 2 s an epoch: 1.8 s training 45,000 images, 0.2 s evaluation (teacher 3 s)
+        share = r["epoch_seconds"] * 0.9
+        r.update(train_images=45000, train_seconds=share, eval_seconds=r["epoch_seconds"] - share)
+    cohort = {"pair": "resnet110:resnet20", "method": "cohort of 3", "setting": "cohort"}
+    cohort.update(members=["kd", "featuremap", "ft"], members_train_seconds=6.0, eval_seconds=0)
+    cohort.update(train_seconds=5.0, train_images=45000, train_config={"cohort_streams": True})
+    epochs, grid = tmp_path / "epochs.json", tmp_path / "grid.json"
+    epochs.write_text(json.dumps({"epochs": [*rows, cohort]}))
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["teacher"].setdefault("train", {})["train_size"] = 5000
+    argv = ["grid", str(epochs), "--json", str(grid), "--cohort-size", "8", "--cohort-streams"]
+    argv.append("--no-cohort-stack")
+
+    def estimate(students, teachers):
+        cfg["train"]["train_size"] = students
+        cfg["teacher"].setdefault("train", {})["train_size"] = teachers
+        (tmp_path / "subset.yaml").write_text(yaml.safe_dump(cfg))
+        assert bench.main([*argv, "--config", str(tmp_path / "subset.yaml")]) == 0
+        return json.loads(grid.read_text())["grid"]
+
+    full, sub = estimate(None, None), estimate(4500, None)
+    assert sub["train_size"] == {"student": 4500, "teacher": None}
+    # students and the paraphraser: 0.18 + 0.2 s an epoch instead of 2 s; the teacher as before
+    hours = full["gpu_hours"]
+    assert sub["gpu_hours"]["students"] == pytest.approx(hours["students"] * 0.38 / 2)
+    assert sub["gpu_hours"]["paraphrasers"] == pytest.approx(hours["paraphrasers"] * 0.38 / 2)
+    assert sub["gpu_hours"]["teachers"] == pytest.approx(hours["teachers"])
+    # a cohort saves a tenth of what it saved per member epoch
+    saved = full["gpu_hours_total"] - full["gpu_hours_total_cohorts"]
+    assert saved > 0
+    assert sub["gpu_hours_total"] - sub["gpu_hours_total_cohorts"] == pytest.approx(saved / 10)
+    # the teacher on 9,000 images: 0.54 + 0.3 s an epoch instead of 3 s
+    both = estimate(4500, 9000)
+    assert both["gpu_hours"]["teachers"] == pytest.approx(hours["teachers"] * 0.84 / 3)
+    assert both["gpu_hours"]["students"] == pytest.approx(sub["gpu_hours"]["students"])
+    assert "(students on 4500 images, teachers on 9000 images)" in capsys.readouterr().out
+    # rows that do not record their training images and seconds: one line
+    epochs.write_text(json.dumps({"epochs": _config_rows()}))
+    cfg["train"]["train_size"] = 4500
     (tmp_path / "subset.yaml").write_text(yaml.safe_dump(cfg))
-    rows = str(REPO / "docs" / "perf" / "h200-2026-11-26" / "s2" / "epochs20.json")
-    assert bench.main(["grid", rows, "--config", str(tmp_path / "subset.yaml")]) == 1
+    assert bench.main(["grid", str(epochs), "--config", str(tmp_path / "subset.yaml")]) == 1
     (err,) = capsys.readouterr().err.strip().splitlines()
-    assert err.startswith("kdbench bench: bench grid: ") and "teachers on a subset" in err
+    assert err.startswith("kdbench bench: bench grid: the row of ") and "train.train_size" in err
 
 
 def test_mps_daemon_is_started_for_the_block_and_stopped_after(tmp_path, monkeypatch):

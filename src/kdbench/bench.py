@@ -765,6 +765,37 @@ def bench_concurrent(
     return {"concurrent": rows, "complete": True}
 
 
+#: the runs that ``train.train_size`` may give subsets of their own (the paraphrasers train
+#: on the students' images)
+ROLES = ("student", "teacher")
+
+
+def at_train_size(rows: list[dict[str, Any]], size: int | None) -> list[dict[str, Any]]:
+    """``epochs`` rows as if each had trained on ``size`` images an epoch (``train.train_size``;
+    None: as measured): their training seconds (``train_seconds``, a cohort row's
+    ``members_train_seconds`` too) in proportion to the images, evaluation as it was (the
+    validation split stays whole), ``epoch_seconds`` the sum. An epoch's steps take the same
+    time whatever the subset, so only the number of steps changes (the last, partial one
+    costed as its share of a full one)."""
+    if size is None:
+        return rows
+    out = []
+    for r in rows:
+        if "train_images" not in r or "train_seconds" not in r or "eval_seconds" not in r:
+            raise KdbenchError(
+                f"bench grid: the row of {r.get('method')} for {r.get('pair')} does not record "
+                "its training images and seconds apart, which a config with train.train_size "
+                "needs (time it again with this version's epochs)"
+            )
+        scale = size / r["train_images"]
+        row = {**r, "train_images": size, "train_seconds": r["train_seconds"] * scale}
+        if "members_train_seconds" in r:
+            row["members_train_seconds"] = r["members_train_seconds"] * scale
+        row["epoch_seconds"] = row["train_seconds"] + r["eval_seconds"]
+        out.append(row)
+    return out
+
+
 def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str) -> float:
     import re
 
@@ -995,7 +1026,9 @@ def grid_estimate(
     with ``cohort_concurrency`` (a ``concurrent --cohort`` file),
     ``gpu_hours_total_cohorts_concurrent`` too: the cohorts with the best measured number of
     them at once on each GPU. With ``state`` (``bench state`` rows), apart too, what saving
-    the training state after every epoch keeps each run waiting (:func:`_state_saving`)."""
+    the training state after every epoch keeps each run waiting (:func:`_state_saving`).
+    Where the config sets ``train.train_size``, the runs' epochs are on their subsets
+    (:func:`at_train_size`)."""
     import yaml
 
     from kdbench import config as kdconfig
@@ -1005,7 +1038,6 @@ def grid_estimate(
     if cohort_size is None:
         cohort_size = int(cfg.get("cohort_size") or 0)
     used = [r for r in results if r["setting"] in ("default", "teacher")]
-    measured = {(r["pair"], r["method"]): r["epoch_seconds"] for r in used}
     # what a row's warm-up took beyond its epochs: a run's start (rows of older files lack it)
     startup = {
         (r["pair"], r["method"]): max(
@@ -1014,13 +1046,17 @@ def grid_estimate(
         for r in used
         if "warmup_seconds" in r
     }
+    # train.train_size: the students' (and the paraphrasers') epochs and the teachers' on
+    # their subsets
+    sizes = {role: kdconfig.train_params(cfg, role).get("train_size") for role in ROLES}
+    # the rows that cost cohorts (:func:`_cohort_gains`)
+    results = [r for r in results if r.get("setting") in ("default", "cohort")]
+    results = at_train_size(results, sizes["student"])
+    measured, taught = (
+        {(r["pair"], r["method"]): r["epoch_seconds"] for r in at_train_size(used, size)}
+        for size in (sizes["student"], sizes["teacher"])
+    )
     started: list[tuple[str, str]] = []  # (pair, label) of every run
-    for role in ("student", "teacher"):
-        if kdconfig.train_params(cfg, role).get("train_size") is not None:
-            raise KdbenchError(
-                f"bench grid: {config_path} trains {role}s on a subset (train_size), and the "
-                "epoch rows time whole training splits: estimate the config without it"
-            )
     student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
     teacher_epochs = int(kdconfig.train_params(cfg, "teacher")["epochs"])
     seconds = {"teachers": 0.0, "paraphrasers": 0.0, "students": 0.0}
@@ -1028,7 +1064,7 @@ def grid_estimate(
     for t in kdconfig.teacher_runs(cfg):
         if t.dataset == dataset:
             seconds["teachers"] += teacher_epochs * _variant_cost(
-                measured, f"none:{t.arch}", "teacher"
+                taught, f"none:{t.arch}", "teacher"
             )
             started.append((f"none:{t.arch}", "teacher"))
             counts["teachers"] += 1
@@ -1061,6 +1097,7 @@ def grid_estimate(
         "config": str(config_path),
         "dataset": dataset,
         "runs": counts,
+        "train_size": sizes,
         "gpu_hours": {k: v / 3600 for k, v in seconds.items()},
         "gpu_hours_total": total / 3600,
         "startup_gpu_hours": startup_hours,
@@ -1085,9 +1122,14 @@ def grid_estimate(
         )
     if state is not None:
         out |= _state_saving(cfg, dataset, state, cohort_size if "cohorts" in out else 0)
+    subsets = ", ".join(
+        f"{role}s on {size} images" for role, size in sizes.items() if size is not None
+    )
     print(
         f"\n{dataset} grid of {config_path}: {counts['students']} students, "
-        f"{counts['teachers']} teacher(s), {counts['paraphrasers']} paraphraser(s): "
+        f"{counts['teachers']} teacher(s), {counts['paraphrasers']} paraphraser(s)"
+        + (f" ({subsets})" if subsets else "")
+        + ": "
         f"{out['gpu_hours_total']:.2f} GPU-hours one run at a time"
         + (
             f", {out['gpu_hours_total_concurrent']:.2f} with {out['runs_per_gpu']} per GPU"
