@@ -596,6 +596,22 @@ def test_bench_bad_arguments_are_one_line(capsys, tmp_path):
     ]
 
 
+def test_bench_grid_takes_the_configs_dataset_and_refuses_one_it_does_not_train(capsys, tmp_path):
+    epochs, grid = tmp_path / "epochs.json", tmp_path / "grid.json"
+    epochs.write_text(json.dumps({"epochs": _demo_rows("resnet20:resnet8")}))
+    argv = ["grid", str(epochs), "--config", str(REPO / "config" / "demo.yaml")]
+    assert bench.main([*argv, "--json", str(grid)]) == 0
+    g = json.loads(grid.read_text())["grid"]
+    assert g["dataset"] == "digits" and g["runs"]["students"] == 18  # 9 variants, 2 seeds
+    capsys.readouterr()
+    assert bench.main([*argv, "--dataset", "cifar100"]) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == (
+        f"kdbench bench: bench grid: {REPO / 'config' / 'demo.yaml'} trains nothing on "
+        "cifar100 (its datasets: digits)"
+    )
+
+
 def test_bench_grid_costs_a_config_that_trains_on_a_subset(capsys, tmp_path):
     """Epochs on train.train_size images: the rows' training seconds in proportion to the
     images (45,000 measured), their evaluation as it was; the teachers on their own subset."""

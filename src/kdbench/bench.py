@@ -1003,7 +1003,7 @@ def _state_saving(
 
 def grid_estimate(
     config_path: Path,
-    dataset: str,
+    dataset: str | None,
     results: list[dict[str, Any]],
     concurrency: Path | None,
     cohort_size: int | None = None,
@@ -1012,7 +1012,8 @@ def grid_estimate(
     cohort_stack: bool | None = None,
     state: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """GPU-hours of ``dataset``'s whole grid in ``config_path`` from measured epoch seconds
+    """GPU-hours of ``dataset``'s whole grid in ``config_path`` (None: the config's first
+    dataset) from measured epoch seconds
     (training + evaluation): teachers, FT paraphrasers (costed as a featuremap epoch of the
     pair, an upper bound: the paraphraser is far smaller than a student) and every student.
     Apart from that total, ``startup_gpu_hours``: each run's start (compilation, graph
@@ -1034,6 +1035,13 @@ def grid_estimate(
     from kdbench import config as kdconfig
 
     cfg = kdconfig.resolve(yaml.safe_load(Path(config_path).read_text()))
+    if dataset is None:
+        dataset = cfg["datasets"][0]
+    elif dataset not in cfg["datasets"]:
+        raise KdbenchError(
+            f"bench grid: {config_path} trains nothing on {dataset} (its datasets: "
+            f"{', '.join(cfg['datasets'])})"
+        )
     explicit = cohort_size is not None  # else the config's, which the files may not cost
     if cohort_size is None:
         cohort_size = int(cfg.get("cohort_size") or 0)
@@ -1811,7 +1819,9 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grid", help="GPU-hours of a config's grid from `epochs` JSON files")
     g.add_argument("files", nargs="+", type=Path, help="`epochs --teachers --json` outputs")
     g.add_argument("--config", type=Path, default=Path("config/config.yaml"))
-    g.add_argument("--dataset", default="cifar100")
+    g.add_argument(
+        "--dataset", default=None, help="one of the config's datasets (default: its first)"
+    )
     g.add_argument("--concurrency", type=Path, default=None, help="a `concurrent` JSON")
     g.add_argument(
         "--cohort-concurrency",
