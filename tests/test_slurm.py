@@ -143,6 +143,8 @@ def slurm_demo(cluster, tmp_path_factory):
     # every training job a client of an MPS daemon per SLURM job (a stand-in for NVIDIA's):
     # KDBENCH_MPS=auto, the default, where the node has the control program
     stub, _ = mps_stub(work / "mps")
+    # the jobs' temporary directory (the MPS daemons' folders, one per SLURM job) in the test's
+    (work / "tmp").mkdir()
     log = (work / "head.log").open("w")
     proc = subprocess.Popen(
         _profile_run(work),
@@ -157,6 +159,7 @@ def slurm_demo(cluster, tmp_path_factory):
             "KDBENCH_SLURM_STUDENTS_PER_JOB": "4",
             "KDBENCH_MPS": "auto",
             "PATH": f"{stub}:{os.environ['PATH']}",
+            "TMPDIR": str(work / "tmp"),
         },
     )
     cancelled = None
@@ -274,7 +277,7 @@ def test_the_students_of_one_slurm_job_run_in_turn_and_share_one_mps_daemon(slur
         text = log.read_text()
         (job,) = set(re.findall(r"SLURM_JOB_ID=(\d+)", text))
         (directory,) = set(re.findall(r"MPS: a client of the daemon in (\S+)", text))
-        assert directory.endswith(f"/kdbench-mps-{job}"), (log, directory)
+        assert directory == f"{work}/tmp/kdbench-mps-{job}", (log, directory)
         clients.setdefault(directory, []).append(log.name)
         # from the job's first line to "done" (HH:MM:SS, all on one day)
         (done,) = re.findall(r"^(\S+) INFO done:", text, re.M)
