@@ -37,15 +37,23 @@ report: $(STAMP)
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n --configfile $(CONFIG)
 
+# `snakemake --lint` of each config (and of the demo in cohorts), LINT_JOBS at once, each one's
+# output in one piece
+LINT_JOBS ?= 2
+SNAKE_LINTS := lint-demo lint-demo-cohorts lint-config lint-fashion lint-crd
+.PHONY: $(SNAKE_LINTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check .
-	$(BIN)/snakemake --lint --configfile config/demo.yaml
+	@$(MAKE) --no-print-directory -j $(LINT_JOBS) -O $(SNAKE_LINTS)
+
+lint-demo lint-config lint-fashion lint-crd: lint-%: $(STAMP)
+	$(BIN)/snakemake --lint --configfile config/$*.yaml
+
+lint-demo-cohorts: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/demo.yaml --config cohort_size=4
-	$(BIN)/snakemake --lint --configfile config/config.yaml
-	$(BIN)/snakemake --lint --configfile config/fashion.yaml
-	$(BIN)/snakemake --lint --configfile config/crd.yaml
 
 test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
