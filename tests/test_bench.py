@@ -612,6 +612,37 @@ def test_bench_grid_takes_the_configs_dataset_and_refuses_one_it_does_not_train(
     )
 
 
+def test_bench_grid_costs_each_run_from_rows_of_its_batch_size(capsys, tmp_path):
+    """Rows at batch 128 (2 s an epoch, the teacher 3 s) and 64 (4 s, 6 s): each run is
+    costed at its own batch size, and a batch no row has is one line naming it."""
+    rows = [{**r, "train_config": {"batch_size": 128}} for r in _config_rows()]
+    slow = [{**r, "epoch_seconds": 2 * r["epoch_seconds"], "train_config": {"batch_size": 64}}
+            for r in _config_rows()]  # fmt: skip
+    epochs, grid = tmp_path / "epochs.json", tmp_path / "grid.json"
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    argv = ["grid", str(epochs), "--config", str(tmp_path / "c.yaml"), "--cohort-size", "0"]
+
+    def estimate(rows, student, teacher):
+        epochs.write_text(json.dumps({"epochs": rows}))
+        cfg["train"]["batch_size"] = student
+        cfg["teacher"].setdefault("train", {})["batch_size"] = teacher
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        return bench.main([*argv, "--json", str(grid)])
+
+    assert estimate([*rows, *slow], 128, 128) == 0
+    fast = json.loads(grid.read_text())["grid"]["gpu_hours"]
+    assert estimate([*slow, *rows], 64, 128) == 0  # the order of the files does not matter
+    mixed = json.loads(grid.read_text())["grid"]["gpu_hours"]
+    assert mixed["students"] == pytest.approx(2 * fast["students"])
+    assert mixed["paraphrasers"] == pytest.approx(2 * fast["paraphrasers"])
+    assert mixed["teachers"] == pytest.approx(fast["teachers"])
+    capsys.readouterr()
+    assert estimate(rows, 64, 128) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("kdbench bench: bench grid: no measurement of ")
+    assert err.endswith(" at batch 64 (time it with epochs --batch 64 --pair/--methods/--teachers)")
+
+
 def test_bench_grid_costs_a_config_that_trains_on_a_subset(capsys, tmp_path):
     """Epochs on train.train_size images: the rows' training seconds in proportion to the
     images (45,000 measured), their evaluation as it was; the teachers on their own subset."""

@@ -765,8 +765,8 @@ def bench_concurrent(
     return {"concurrent": rows, "complete": True}
 
 
-#: the runs that ``train.train_size`` may give subsets of their own (the paraphrasers train
-#: on the students' images)
+#: the kinds of run whose training settings (``train_size``, ``batch_size``) may differ; the
+#: paraphrasers train as the students do
 ROLES = ("student", "teacher")
 
 
@@ -796,7 +796,11 @@ def at_train_size(rows: list[dict[str, Any]], size: int | None) -> list[dict[str
     return out
 
 
-def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str) -> float:
+def _variant_cost(
+    measured: dict[tuple[str, str], float], pair: str, label: str, batch: int | None = None
+) -> float:
+    """The seconds ``measured`` for ``label`` on ``pair``, else for the same variant at another
+    rank; ``batch``: the batch size the rows were picked at (named in the error)."""
     import re
 
     if (pair, label) in measured:
@@ -805,10 +809,18 @@ def _variant_cost(measured: dict[tuple[str, str], float], pair: str, label: str)
     for (p, lab), sec in measured.items():
         if p == pair and re.sub(r"r\d+(x\d+)*$", "", lab) == stem:
             return sec
+    at = f" at batch {batch}" if batch else ""
     raise KdbenchError(
-        f"bench grid: no measurement of {label} for {pair} "
-        "(time it with epochs --pair/--methods/--teachers)"
+        f"bench grid: no measurement of {label} for {pair}{at} (time it with epochs "
+        + (f"--batch {batch} " if batch else "")
+        + "--pair/--methods/--teachers)"
     )
+
+
+def at_batch(rows: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+    """The ``epochs`` rows trained with batches of ``batch`` (rows that do not record their
+    ``train_config`` are taken as they are)."""
+    return [r for r in rows if int(r.get("train_config", {}).get("batch_size", batch)) == batch]
 
 
 def cohort_savings(
@@ -1057,12 +1069,17 @@ def grid_estimate(
     # train.train_size: the students' (and the paraphrasers') epochs and the teachers' on
     # their subsets
     sizes = {role: kdconfig.train_params(cfg, role).get("train_size") for role in ROLES}
+    # and the rows of the batch size each role trains with
+    batches = {role: int(kdconfig.train_params(cfg, role)["batch_size"]) for role in ROLES}
     # the rows that cost cohorts (:func:`_cohort_gains`)
     results = [r for r in results if r.get("setting") in ("default", "cohort")]
-    results = at_train_size(results, sizes["student"])
+    results = at_train_size(at_batch(results, batches["student"]), sizes["student"])
     measured, taught = (
-        {(r["pair"], r["method"]): r["epoch_seconds"] for r in at_train_size(used, size)}
-        for size in (sizes["student"], sizes["teacher"])
+        {
+            (r["pair"], r["method"]): r["epoch_seconds"]
+            for r in at_train_size(at_batch(used, batches[role]), sizes[role])
+        }
+        for role in ROLES
     )
     started: list[tuple[str, str]] = []  # (pair, label) of every run
     student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
@@ -1072,7 +1089,7 @@ def grid_estimate(
     for t in kdconfig.teacher_runs(cfg):
         if t.dataset == dataset:
             seconds["teachers"] += teacher_epochs * _variant_cost(
-                taught, f"none:{t.arch}", "teacher"
+                taught, f"none:{t.arch}", "teacher", batches["teacher"]
             )
             started.append((f"none:{t.arch}", "teacher"))
             counts["teachers"] += 1
@@ -1087,13 +1104,17 @@ def grid_estimate(
             pair = next(
                 p for p, _ in measured if p.endswith(f":{r.student}") and not p.startswith("none")
             )
-        seconds["students"] += student_epochs * _variant_cost(measured, pair, label)
+        seconds["students"] += student_epochs * _variant_cost(
+            measured, pair, label, batches["student"]
+        )
         started.append((pair, label))
         counts["students"] += 1
         if r.method == "ft" and r.teacher not in para_pairs:  # one per teacher (its seed)
             para_pairs.add(r.teacher)
             epochs = int(((ft or {}).get("paraphraser") or {}).get("epochs", 25))
-            seconds["paraphrasers"] += epochs * _variant_cost(measured, pair, "featuremap")
+            seconds["paraphrasers"] += epochs * _variant_cost(
+                measured, pair, "featuremap", batches["student"]
+            )
             started.append((pair, "featuremap"))
             counts["paraphrasers"] += 1
     total = sum(seconds.values())
