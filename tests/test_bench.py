@@ -91,9 +91,12 @@ def test_bench_epochs_times_the_trainer_and_the_reference_on_cpu(tmp_path, capsy
             r["reference"]["train_seconds"] / r["train_seconds"]
         )
     assert "speed-up" in capsys.readouterr().out
-    # the grid of the demo, from these epoch times
+    # the grid of the demo at these rows' batch size (16), from these epoch times
     grid = tmp_path / "grid.json"
-    demo = str(REPO / "config" / "demo.yaml")
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["train"]["batch_size"] = 16
+    demo = str(tmp_path / "demo16.yaml")
+    Path(demo).write_text(yaml.safe_dump(cfg))
     argv = ["grid", str(out), "--config", demo, "--dataset", "digits", "--json", str(grid)]
     assert bench.main(argv) == 0
     g = json.loads(grid.read_text())["grid"]
