@@ -820,7 +820,7 @@ def _variant_cost(
 def at_batch(rows: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
     """The ``epochs`` rows trained with batches of ``batch`` (rows that do not record their
     ``train_config`` are taken as they are)."""
-    return [r for r in rows if int(r.get("train_config", {}).get("batch_size", batch)) == batch]
+    return [r for r in rows if int((r.get("train_config") or {}).get("batch_size", batch)) == batch]
 
 
 def cohort_savings(

@@ -224,7 +224,8 @@ def _nested_order(labels: np.ndarray, seed: int | list[int]) -> np.ndarray:
     the rest of them interleaved by class, the j-th image of a class of n_c images at
     (j + 1/2) / n_c of the way (ties in class order). Each class's images come in an order
     drawn by a generator seeded with ``seed``. A prefix of N images holds about N * n_c / n
-    of class c (within one image for the datasets of kdbench, as the tests check), and it
+    of class c: within one image on the digits split (the tests check every N) and on the
+    CIFAR and Fashion-MNIST ones, whose classes are all the same size and so take turns. It
     lies inside every longer prefix, which largest remainders rounding does not promise."""
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
