@@ -616,10 +616,13 @@ def test_bench_grid_takes_the_configs_dataset_and_refuses_one_it_does_not_train(
 
 
 def test_bench_grid_costs_each_run_from_rows_of_its_batch_size(capsys, tmp_path):
-    """Rows at batch 128 (2 s an epoch, the teacher 3 s) and 64 (4 s, 6 s): each run is
-    costed at its own batch size, and a batch no row has is one line naming it."""
-    rows = [{**r, "train_config": {"batch_size": 128}} for r in _config_rows()]
-    slow = [{**r, "epoch_seconds": 2 * r["epoch_seconds"], "train_config": {"batch_size": 64}}
+    """Rows at batch 128 (2 s an epoch, the teacher 3 s; a run's start 1 s) and 64 (4 s, 6 s;
+    3 s): each run is costed at its own batch size, and a batch no row has is one line naming
+    it."""
+    rows = [{**r, "train_config": {"batch_size": 128}, "warmup_epochs": 1,
+             "warmup_seconds": r["epoch_seconds"] + 1} for r in _config_rows()]  # fmt: skip
+    slow = [{**r, "epoch_seconds": 2 * r["epoch_seconds"], "train_config": {"batch_size": 64},
+             "warmup_epochs": 1, "warmup_seconds": 2 * r["epoch_seconds"] + 3}
             for r in _config_rows()]  # fmt: skip
     epochs, grid = tmp_path / "epochs.json", tmp_path / "grid.json"
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -639,6 +642,9 @@ def test_bench_grid_costs_each_run_from_rows_of_its_batch_size(capsys, tmp_path)
     assert mixed["students"] == pytest.approx(2 * fast["students"])
     assert mixed["paraphrasers"] == pytest.approx(2 * fast["paraphrasers"])
     assert mixed["teachers"] == pytest.approx(fast["teachers"])
+    g = json.loads(grid.read_text())["grid"]  # each run's start at its own batch size too
+    started = 3 * (g["runs"]["students"] + g["runs"]["paraphrasers"]) + 1 * g["runs"]["teachers"]
+    assert g["startup_gpu_hours"] == pytest.approx(started / 3600)
     capsys.readouterr()
     assert estimate(rows, 64, 128) == 1
     (err,) = capsys.readouterr().err.strip().splitlines()

@@ -1057,30 +1057,30 @@ def grid_estimate(
     explicit = cohort_size is not None  # else the config's, which the files may not cost
     if cohort_size is None:
         cohort_size = int(cfg.get("cohort_size") or 0)
-    used = [r for r in results if r["setting"] in ("default", "teacher")]
+    # the rows of the batch size each role trains with, and train.train_size: the students'
+    # (and the paraphrasers') epochs and the teachers' on their subsets
+    batches = {role: int(kdconfig.train_params(cfg, role)["batch_size"]) for role in ROLES}
+    sizes = {role: kdconfig.train_params(cfg, role).get("train_size") for role in ROLES}
+    used = {
+        role: at_batch([r for r in results if r["setting"] == setting], batches[role])
+        for role, setting in zip(ROLES, ("default", "teacher"), strict=True)
+    }
     # what a row's warm-up took beyond its epochs: a run's start (rows of older files lack it)
     startup = {
         (r["pair"], r["method"]): max(
             0.0, r["warmup_seconds"] - r["warmup_epochs"] * r["epoch_seconds"]
         )
-        for r in used
+        for rows in used.values()
+        for r in rows
         if "warmup_seconds" in r
     }
-    # train.train_size: the students' (and the paraphrasers') epochs and the teachers' on
-    # their subsets
-    sizes = {role: kdconfig.train_params(cfg, role).get("train_size") for role in ROLES}
-    # and the rows of the batch size each role trains with
-    batches = {role: int(kdconfig.train_params(cfg, role)["batch_size"]) for role in ROLES}
+    measured, taught = (
+        {(r["pair"], r["method"]): r["epoch_seconds"] for r in at_train_size(used[role], size)}
+        for role, size in sizes.items()
+    )
     # the rows that cost cohorts (:func:`_cohort_gains`)
     results = [r for r in results if r.get("setting") in ("default", "cohort")]
     results = at_train_size(at_batch(results, batches["student"]), sizes["student"])
-    measured, taught = (
-        {
-            (r["pair"], r["method"]): r["epoch_seconds"]
-            for r in at_train_size(at_batch(used, batches[role]), sizes[role])
-        }
-        for role in ROLES
-    )
     started: list[tuple[str, str]] = []  # (pair, label) of every run
     student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
     teacher_epochs = int(kdconfig.train_params(cfg, "teacher")["epochs"])
