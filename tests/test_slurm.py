@@ -144,6 +144,7 @@ def slurm_demo(cluster, tmp_path_factory):
     # KDBENCH_MPS=auto, the default, where the node has the control program
     stub, _ = mps_stub(work / "mps")
     # the jobs' temporary directory (the MPS daemons' folders, one per SLURM job) in the test's
+    # folder, not /tmp, where each run left one folder per SLURM job
     (work / "tmp").mkdir()
     log = (work / "head.log").open("w")
     proc = subprocess.Popen(
