@@ -1079,8 +1079,12 @@ def grid_estimate(
         for role, size in sizes.items()
     )
     # the rows that cost cohorts (:func:`_cohort_gains`)
-    results = [r for r in results if r.get("setting") in ("default", "cohort")]
-    results = at_train_size(at_batch(results, batches["student"]), sizes["student"])
+    cohort_rows = at_train_size(
+        at_batch(
+            [r for r in results if r.get("setting") in ("default", "cohort")], batches["student"]
+        ),
+        sizes["student"],
+    )
     started: list[tuple[str, str]] = []  # (pair, label) of every run
     student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
     teacher_epochs = int(kdconfig.train_params(cfg, "teacher")["epochs"])
@@ -1141,7 +1145,7 @@ def grid_estimate(
         out |= _cohort_estimate(
             cfg,
             dataset,
-            results,
+            cohort_rows,
             total,
             cohort_size,
             explicit,

@@ -29,6 +29,14 @@ log = logging.getLogger("kdbench")
 __all__ = ["run_job", "setup_logging", "train", "train_cohort"]
 
 
+def _load(dataset: str, data: dict[str, Any], cfg: TrainConfig) -> Dataset:
+    """Dataset ``dataset`` with the config's ``data`` settings, on ``cfg.train_size`` of its
+    training images (all where unset); its split sizes logged."""
+    ds = load_dataset(dataset, **data).with_train_size(cfg.train_size)
+    log.info("data %s: %s", dataset, ds.summary()["sizes"])
+    return ds
+
+
 def train(
     *,
     role: str,
@@ -51,8 +59,7 @@ def train(
     ``assets`` are the extra files a method requires (e.g. ft's ``paraphraser``)."""
     cfg = TrainConfig.from_config(train)
     io.check_writable(state, *outputs.values())
-    ds = load_dataset(dataset, **data).with_train_size(cfg.train_size)
-    log.info("data %s: %s", dataset, ds.summary()["sizes"])
+    ds = _load(dataset, data, cfg)
     m, record = _build_run(
         role, dataset, data, ds, arch, seed, method, variant, method_params, teacher,
         teacher_weights, assets,
@@ -88,8 +95,7 @@ def train_cohort(
     times are its share of the cohort's. One resumable ``state`` serves them all."""
     cfg = TrainConfig.from_config(train)
     io.check_writable(state, *(p for m in members for p in m["outputs"].values()))
-    ds = load_dataset(dataset, **data).with_train_size(cfg.train_size)
-    log.info("data %s: %s", dataset, ds.summary()["sizes"])
+    ds = _load(dataset, data, cfg)
     labels = [f"{m['arch']}-{m['method']}-{m['variant']}" for m in members]
     built, shared = [], None
     for member in members:
