@@ -37,13 +37,16 @@ MEMBERS = [
 ]
 
 
-def _loader():
+def _loader(channels_last=False):
     g = torch.Generator().manual_seed(0)
     split = Split(torch.rand(40, 3, 16, 16, generator=g), torch.randint(0, 10, (40,), generator=g))
-    return Loader(split, 8, "cpu", (0.5,) * 3, (0.25,) * 3, train=True, crop_padding=2, flip=True)
+    norm = (0.5,) * 3, (0.25,) * 3
+    return Loader(
+        split, 8, "cpu", *norm, train=True, crop_padding=2, flip=True, channels_last=channels_last
+    )
 
 
-def _members(tmp_path, teacher):
+def _members(tmp_path, teacher, channels_last=False):
     paraphraser = tmp_path / "paraphraser.pt"
     torch.manual_seed(1)
     io.save_torch(paraphraser, Paraphraser(64, 0.5).state_dict())
@@ -53,27 +56,32 @@ def _members(tmp_path, teacher):
         cls = methods.get(name)
         assets = {"paraphraser": paraphraser} if "paraphraser" in cls.requires else {}
         out.append(cls(models.build("resnet8", 10, 3), teacher, params, assets))
+        if channels_last:  # the member and the teacher, in place
+            out[-1].to(memory_format=torch.channels_last)
     return out
 
 
-def _train(method, epochs=2):
+def _train(method, epochs=2, channels_last=False):
     cfg = TrainConfig(epochs=epochs, lr=0.05)
     opts = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
     schedules = [make_schedule(o, cfg) for o in opts.values()]
     totals = []
     for epoch in range(epochs):
-        totals.append(train_epoch(method, opts, _loader(), epoch, torch.device("cpu"), cfg))
+        loader = _loader(channels_last)
+        totals.append(train_epoch(method, opts, loader, epoch, torch.device("cpu"), cfg))
         for s in schedules:
             s.step()
     return totals
 
 
-def _alone(tmp_path):
-    """A teacher, :data:`MEMBERS` of it each trained alone, their epoch totals and labels."""
+def _alone(tmp_path, channels_last=False):
+    """A teacher, :data:`MEMBERS` of it each trained alone, their epoch totals and labels
+    (``channels_last``: weights and batches in that layout)."""
     torch.manual_seed(2)
     teacher = models.build("resnet8", 10, 3)
-    alone = _members(tmp_path, teacher)
-    return teacher, alone, [_train(m) for m in alone], [bench._label(*c) for c in MEMBERS]
+    alone = _members(tmp_path, teacher, channels_last)
+    totals = [_train(m, channels_last=channels_last) for m in alone]
+    return teacher, alone, totals, [bench._label(*c) for c in MEMBERS]
 
 
 def test_each_member_trains_as_it_does_alone(tmp_path, monkeypatch):
@@ -119,15 +127,7 @@ def test_a_stacked_cohort_trains_each_member_as_alone_up_to_rounding(tmp_path, m
     totals = _train(cohort)
     monkeypatch.undo()
     assert not ran
-    for label, m, lone, own in zip(labels, cohort.members, alone, alone_totals, strict=True):
-        for key, module in m.trainable().items():  # the student, FT's translator
-            want, got = lone.trainable()[key].state_dict(), module.state_dict()
-            for k in want:
-                torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-3)
-        for epoch in range(2):
-            parts = {k: v for k, v in totals[epoch].parts.items() if k.startswith(f"{label}/")}
-            want = {f"{label}/{k}": v for k, v in own[epoch].parts.items()}
-            assert parts == pytest.approx(want, rel=1e-4)
+    _assert_stacked_as_alone(labels, cohort, totals, alone, alone_totals)
     # each member's student is its share of the stack, outputs bit for bit
     x = torch.rand(4, 3, 16, 16)
     cohort.eval()
@@ -163,6 +163,33 @@ def test_a_stacked_cohort_trains_each_member_as_alone_up_to_rounding(tmp_path, m
         assert all(torch.equal(v, state[k]) for k, v in m.student.state_dict().items())
     cohort.train()
     cohort.members[0].student(x)  # unstacked, a student runs itself again
+
+
+def test_a_stacked_cohort_in_channels_last_trains_each_member_as_alone_up_to_rounding(tmp_path):
+    # the layout that train.channels_last (the default) gives runs on the host too, where
+    # oneDNN's grouped convolutions are other kernels than its plain ones
+    teacher, alone, alone_totals, labels = _alone(tmp_path, channels_last=True)
+    members = _members(tmp_path, teacher, channels_last=True)
+    cohort = Cohort(members, labels, streams=True, stack=True)
+    cohort.to(memory_format=torch.channels_last)  # the stack, as train.prepare converts it
+    (stack,) = cohort.stacks
+    assert stack.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    totals = _train(cohort, channels_last=True)
+    _assert_stacked_as_alone(labels, cohort, totals, alone, alone_totals)
+
+
+def _assert_stacked_as_alone(labels, cohort, totals, alone, alone_totals):
+    """Each member of a stacked cohort trained as alone: weights and loss parts up to
+    rounding."""
+    for label, m, lone, own in zip(labels, cohort.members, alone, alone_totals, strict=True):
+        for key, module in m.trainable().items():  # the student, FT's translator
+            want, got = lone.trainable()[key].state_dict(), module.state_dict()
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-3)
+        for epoch in range(2):
+            parts = {k: v for k, v in totals[epoch].parts.items() if k.startswith(f"{label}/")}
+            want = {f"{label}/{k}": v for k, v in own[epoch].parts.items()}
+            assert parts == pytest.approx(want, rel=1e-4)
 
 
 def test_a_stacked_cohort_refuses_a_method_that_runs_its_student_itself():

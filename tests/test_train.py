@@ -236,6 +236,25 @@ def test_prepare_folds_the_teacher_and_sets_cudnn_autotuning():
     assert not torch.backends.cudnn.benchmark
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_lays_out_the_weights_and_batches_of_a_cpu_run(channels_last):
+    from kdbench import methods
+    from kdbench.data import Dataset, Split
+    from kdbench.train import make_loaders, prepare
+
+    cpu, cfg = torch.device("cpu"), TrainConfig(device="cpu", channels_last=channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    method = methods.get("kd")(models.build("resnet8", 10, 3), models.build("resnet8", 10, 3), {})
+    prepare(method, cfg, cpu)
+    for network in (method.student, method.teacher):
+        assert network.layer1[0].conv1.weight.is_contiguous(memory_format=layout)
+    split = Split(torch.rand(16, 3, 8, 8), torch.arange(16) % 10)
+    images = Dataset("rgb", split, split, split, 10, (0.5,) * 3, (0.25,) * 3)
+    for loader in make_loaders(images, cfg, cpu, seed=0):
+        xb, _ = next(loader.epoch(0))
+        assert xb.is_contiguous(memory_format=layout)
+
+
 def test_prepare_sets_where_tucker_solves_its_eigendecompositions():
     from kdbench import methods, models, tucker
     from kdbench.train import TrainConfig, prepare

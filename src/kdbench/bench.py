@@ -74,6 +74,7 @@ from kdbench.train import (
     make_schedule,
     make_sgd,
     make_step,
+    memory_format,
     prepare,
     resolve_device,
     rng_state,
@@ -129,8 +130,7 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     xb = torch.randn(*shape, generator=g).to(device)
     yb = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        xb = xb.contiguous(memory_format=torch.channels_last)
+    xb = xb.contiguous(memory_format=memory_format(cfg))
     teacher = models.build(args.teacher, args.classes, args.channels)
     steps: list[Callable[[], Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,8 +142,7 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
             cls = methods.get(name)
             assets = {"paraphraser": paraphraser} if "paraphraser" in cls.requires else {}
             method = cls(student, teacher if cls.needs_teacher else None, params, assets).to(device)
-            if device.type == "cuda" and cfg.channels_last:
-                method.to(memory_format=torch.channels_last)
+            method.to(memory_format=memory_format(cfg))
             method.train()
             optimizers = {k: make_sgd(m, cfg) for k, m in method.trainable().items()}
 
