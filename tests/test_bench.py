@@ -533,10 +533,15 @@ def test_bench_concurrent_and_spread_run_on_cpu(tmp_path):
     out = tmp_path / "spread.json"
     argv = ["spread", "--device", "cpu", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "2"]
     argv += ["--set", "check_every_step=true", "--cohort"]  # for the fast runs and a cohort
-    # contiguous tensors: the bounds on the cohort below were drawn for them (this short run's
-    # curves amplify rounding; test_cohort checks a stack against its members per layout)
-    argv += ["--set", "channels_last=false"]
-    assert bench.main([*argv, "--json", str(out)]) == 0
+    # on one thread, which the bounds on the cohort below were drawn for: this short run carries
+    # rounding far, and how far depends on the order of the sums (3e-5 in training loss on one
+    # thread, 3e-3 on two); test_cohort checks a stack against its members step by step
+    threads = torch.get_num_threads()  # another test's job in this process may have set it
+    torch.set_num_threads(1)
+    try:
+        assert bench.main([*argv, "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     spread = json.loads(out.read_text())["spread"]
     assert set(spread) == {"fast", "plain", "deterministic", "cohort"}
     cohort = spread.pop("cohort")
