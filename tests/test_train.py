@@ -85,24 +85,28 @@ def test_a_run_on_a_training_subset_records_it(tmp_path, caplog):
         train_digits(tmp_path / "too_many", train={**train, "train_size": 5000})
 
 
-def _fit(tmp_path, name, on_epoch_end=None, epochs=3):
-    return fit_digits(tmp_path, name, train={"epochs": epochs}, on_epoch_end=on_epoch_end)
+def _fit(tmp_path, name, on_epoch_end=None, epochs=3, **train):
+    train = {"epochs": epochs, **train}
+    return fit_digits(tmp_path, name, train=train, on_epoch_end=on_epoch_end)
 
 
-def test_resume_after_interruption_gives_the_same_result(tmp_path):
-    plain = _fit(tmp_path, "plain")
+# fused SGD too: the state holds the momenta packed, contiguous, and fused SGD updates a
+# channels_last weight from its momentum element by element in memory order
+@pytest.mark.parametrize("fused", ["auto", True])
+def test_resume_after_interruption_gives_the_same_result(tmp_path, fused):
+    plain = _fit(tmp_path, "plain", optimizer={"lr": 0.05, "fused": fused})
 
     def interrupt(epoch):
         if epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, "resumed", interrupt)
+        _fit(tmp_path, "resumed", interrupt, optimizer={"lr": 0.05, "fused": fused})
     partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert partial["status"] == "running" and len(partial["epochs"]) == 1
     assert not (tmp_path / "resumed" / "model_final.pt").exists()
     assert (tmp_path / "resumed.state").exists()
-    resumed = _fit(tmp_path, "resumed")
+    resumed = _fit(tmp_path, "resumed", optimizer={"lr": 0.05, "fused": fused})
     assert resumed["final"]["resumed_after_epochs"] == [1]
     # the interrupted process is named in the resumed run's provenance
     (session,) = resumed["provenance"]["previous_sessions"]

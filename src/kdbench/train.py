@@ -385,6 +385,18 @@ def make_sgd(module: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     return opt
 
 
+def lay_out_like_parameters(opt: torch.optim.Optimizer) -> None:
+    """Give each of ``opt``'s per-parameter tensors (SGD's momenta) its parameter's memory
+    layout. A training state holds them packed, contiguous (:func:`kdbench.io.pack_tensors`),
+    and fused SGD steps a channels_last weight with a momentum element by element in memory
+    order: resumed so, a fused run's curves left the uninterrupted run's (tested)."""
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            per_element = isinstance(value, Tensor) and value.shape == p.shape
+            if per_element and value.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(value)
+
+
 def compile_mode(cfg: TrainConfig, device: torch.device) -> str:
     """The ``torch.compile`` mode a run on ``device`` uses: ``cfg.compile``, with ``auto``
     resolved (``default`` on CUDA unless ``cfg.deterministic``, else ``none``)."""
@@ -979,6 +991,7 @@ def fit_runs(
             mod.load_state_dict(state["modules"][name])
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
+            lay_out_like_parameters(opt)
         for name, sched in schedules.items():
             sched.load_state_dict(state["schedules"][name])
         set_rng_state(state["rng"], device)
