@@ -94,19 +94,20 @@ def _fit(tmp_path, name, on_epoch_end=None, epochs=3, **train):
 # channels_last weight from its momentum element by element in memory order
 @pytest.mark.parametrize("fused", ["auto", True])
 def test_resume_after_interruption_gives_the_same_result(tmp_path, fused):
-    plain = _fit(tmp_path, "plain", optimizer={"lr": 0.05, "fused": fused})
+    optimizer = {"lr": 0.05, "fused": fused}
+    plain = _fit(tmp_path, "plain", optimizer=optimizer)
 
     def interrupt(epoch):
         if epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, "resumed", interrupt, optimizer={"lr": 0.05, "fused": fused})
+        _fit(tmp_path, "resumed", interrupt, optimizer=optimizer)
     partial = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert partial["status"] == "running" and len(partial["epochs"]) == 1
     assert not (tmp_path / "resumed" / "model_final.pt").exists()
     assert (tmp_path / "resumed.state").exists()
-    resumed = _fit(tmp_path, "resumed", optimizer={"lr": 0.05, "fused": fused})
+    resumed = _fit(tmp_path, "resumed", optimizer=optimizer)
     assert resumed["final"]["resumed_after_epochs"] == [1]
     # the interrupted process is named in the resumed run's provenance
     (session,) = resumed["provenance"]["previous_sessions"]

@@ -1078,12 +1078,8 @@ def grid_estimate(
         for role, size in sizes.items()
     )
     # the rows that cost cohorts (:func:`_cohort_gains`)
-    cohort_rows = at_train_size(
-        at_batch(
-            [r for r in results if r.get("setting") in ("default", "cohort")], batches["student"]
-        ),
-        sizes["student"],
-    )
+    cohort_rows = [r for r in results if r.get("setting") in ("default", "cohort")]
+    cohort_rows = at_train_size(at_batch(cohort_rows, batches["student"]), sizes["student"])
     started: list[tuple[str, str]] = []  # (pair, label) of every run
     student_epochs = int(kdconfig.train_params(cfg, "student")["epochs"])
     teacher_epochs = int(kdconfig.train_params(cfg, "teacher")["epochs"])
