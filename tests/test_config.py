@@ -63,7 +63,7 @@ BAD = [
     (
         ("train", "samplewise_solver"),
         "qr",
-        "train.samplewise_solver: 'qr' is not one of auto, eigh, svd",
+        "train.samplewise_solver: 'qr' is not one of auto, eigh, svd, jacobi",
     ),
     (
         ("train",),

@@ -276,7 +276,7 @@ def test_prepare_sets_where_tucker_solves_its_eigendecompositions():
         prepare(method, TrainConfig(), torch.device("cpu"))
     assert not tucker.eigh_on_host() and tucker.samplewise_solver() == "auto"
     with pytest.raises(
-        KdbenchError, match="train.samplewise_solver must be one of auto, eigh, svd"
+        KdbenchError, match="train.samplewise_solver must be one of auto, eigh, svd, jacobi, got"
     ):
         TrainConfig.from_config({"samplewise_solver": "qr"})
 

@@ -26,8 +26,9 @@ ratio to ``featuremap``. It also times ``kdbench.tucker.decompose`` against tens
 (pytorch backend, HOOI, SVD init, 100 iterations, tol 1e-4, as the original projects called it)
 on a 128×64×8×8 tensor with ranks (128, 32, 8, 8), and compares their reconstructions; and
 the sample-wise decomposition by each ``train.samplewise_solver`` (``eigh``; ``svd``, one
-batched SVD of the unfoldings, cuSOLVER's ``gesvda`` on CUDA), each against LAPACK's in double
-precision (``--decomposition-only``: the decompositions alone). Warm-up steps are excluded;
+batched SVD of the unfoldings, cuSOLVER's ``gesvda`` on CUDA; on CUDA ``jacobi``,
+:mod:`kdbench.jacobi`'s kernel), each against LAPACK's in double precision
+(``--decomposition-only``: the decompositions alone). Warm-up steps are excluded;
 CUDA timings are synchronised. ``--json`` saves every figure.
 
 ``state`` times what saving the training state after every epoch costs the training loop: the
@@ -58,7 +59,7 @@ from typing import Any, NamedTuple, NoReturn
 import torch
 from torch import Tensor
 
-from kdbench import io, methods, models, mps, provenance, reference, tucker
+from kdbench import io, jacobi, methods, models, mps, provenance, reference, tucker
 from kdbench.cohort import Cohort
 from kdbench.data import Dataset, Split
 from kdbench.errors import KdbenchError, one_line
@@ -191,15 +192,19 @@ def bench_samplewise_solvers(
     x: Tensor, ranks: Sequence[int], device: torch.device, repeats: int
 ) -> dict[str, dict[str, Any]]:
     """Seconds (median of ``repeats``) of the sample-wise decomposition of ``x`` by each of
-    the solvers of :data:`kdbench.tucker.SAMPLEWISE_SOLVERS` (``eigh``: block Jacobi on CUDA,
-    LAPACK on the host; ``svd``: one batched SVD, cuSOLVER's ``gesvda`` on CUDA), and how far
-    each is from LAPACK's decomposition in double precision."""
+    the solvers of :data:`kdbench.tucker.SAMPLEWISE_SOLVERS` that runs on ``device``
+    (``eigh``: block Jacobi on CUDA, LAPACK on the host; ``svd``: one batched SVD, cuSOLVER's
+    ``gesvda`` on CUDA; ``jacobi``, on CUDA only: :mod:`kdbench.jacobi`'s kernel, with the
+    most sweeps a sample took), and how far each is from LAPACK's decomposition in double
+    precision."""
     unfolded = tucker._unfold(x.detach().double().cpu(), 1, batched=True)
     ref_factor = tucker._top(torch.linalg.eigh(unfolded @ unfolded.mT)[1], ranks[0])
     ref_core = (ref_factor.mT @ unfolded).reshape(x.shape[0], ranks[0], *x.shape[2:])
     out: dict[str, dict[str, Any]] = {}
-    for solver in ("eigh", "svd"):
+    for solver in ("eigh", "svd", "jacobi"):
         with tucker.solving(samplewise_solver=solver):
+            if tucker.samplewise_solver_on(device) != solver:
+                continue  # jacobi where it comes to eigh
             times = _time(lambda: tucker.decompose_samplewise(x, ranks), device, 1, repeats)
             got = tucker.decompose_samplewise(x, ranks)
         driver = tucker.SVD_DRIVERS.get(device.type) if solver == "svd" else None
@@ -208,6 +213,9 @@ def bench_samplewise_solvers(
             **({"driver": driver} if driver else {}),
             **_samplewise_agreement(got, (ref_core, [ref_factor])),
         }
+        if solver == "jacobi":
+            sweeps = jacobi.solve(tucker._unfold(x.detach(), 1, batched=True), ranks[0])[2]
+            out[solver]["sweeps_max"] = int(sweeps.max())
     return out
 
 
@@ -2036,6 +2044,7 @@ def _run_methods(args: argparse.Namespace, device: torch.device, info: dict[str,
     print("  sample-wise solvers (train.samplewise_solver; against LAPACK in double precision):")
     for name, r in d["samplewise_solvers"].items():
         name += f" ({r['driver']})" if "driver" in r else ""
+        name += f" ({r['sweeps_max']} sweeps)" if "sweeps_max" in r else ""
         print(
             f"    {name:<14} {r['seconds'] * 1e3:9.3f} ms, subspace projections differ by "
             f"{r['projector_max_difference']:.1e}, cores by {r['core_relative_difference']:.1e} "

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench import faults, io, models, provenance, tucker
+from kdbench import faults, io, jacobi, models, provenance, tucker
 from kdbench.cohort import Cohort
 from kdbench.data import Dataset, Loader
 from kdbench.errors import KdbenchError, one_line
@@ -183,7 +183,9 @@ class TrainConfig:
     #: (block Jacobi on CUDA), or ``svd``, one batched SVD of their unfoldings (cuSOLVER's
     #: ``gesvda`` on CUDA, one call per batch: 8.6x faster than block Jacobi on an H200;
     #: LAPACK's on the host, 11x slower there than eigh); the same factors up to rounding.
-    #: ``auto``: svd on CUDA, eigh elsewhere. ``bench methods`` times both on a stage-3 batch
+    #: ``auto``: svd on CUDA, eigh elsewhere. ``jacobi``: on CUDA :mod:`kdbench.jacobi`'s
+    #: Triton kernel, which never waits for the host (svd and eigh check their result there),
+    #: eigh elsewhere. ``bench methods`` times each on a stage-3 batch
     samplewise_solver: str = "auto"
     #: with ``pipeline_targets``, the methods' targets (Tucker's decomposition) made two batches
     #: ahead on a host thread of their own (:mod:`kdbench.graphs`, ``thread``), so that the
@@ -458,6 +460,8 @@ def prepare(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = cudnn_autotuning(cfg, device)
     tucker.set_eigh_on_host(cfg.eigh_on_host)
     tucker.set_samplewise_solver(cfg.samplewise_solver)
+    if "jacobi" in method.provenance(device).values():  # a method that will run the kernel
+        jacobi.require()
     if isinstance(method, Cohort):
         method.set_stack(cohort_stacking(cfg, device))
         for stack in method.stacks:

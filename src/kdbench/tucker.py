@@ -44,6 +44,13 @@ many repeated singular values, such as the zero rows of channels that ReLU silen
 sample), that mode's factors of that batch come from ``eigh``; :func:`svd_fallbacks` counts
 those (``method_stats.svd_fallbacks`` in metrics.json).
 
+``jacobi`` takes the same vectors on CUDA from :mod:`kdbench.jacobi`'s Triton kernel: one-sided
+Jacobi, one program per sample, which cannot fail and never reports back, so that the step does
+not wait for the host (``svd`` and ``eigh`` check their result there); elsewhere ``eigh``. It
+works on each sample's unfolding where that fits a program (at most 64 × 64: a CIFAR ResNet's
+stage-3 sample, 64 channels of 8 × 8), else on its Gram matrix (the same vectors), else the mode
+goes to ``eigh``.
+
 On the host a batch of eigendecompositions (sample-wise) is split over torch's intra-op
 threads: LAPACK solves each matrix on its own either way, so the result is the same, bit for
 bit, and torch's own batched CPU ``eigh`` runs them one after the other.
@@ -155,12 +162,17 @@ def eigh_on_host() -> bool:
 #: how :func:`decompose_samplewise` finds each sample's factors (``train.samplewise_solver``):
 #: ``eigh`` of each sample's Gram matrices, or ``svd``: one batched SVD of the samples'
 #: unfoldings, their top left singular vectors (the same vectors; :data:`SVD_DRIVERS`);
-#: ``auto``: ``svd`` on the devices that :data:`SVD_DRIVERS` names (CUDA), else ``eigh``
-SAMPLEWISE_SOLVERS = ("auto", "eigh", "svd")
+#: ``auto``: ``svd`` on the devices that :data:`SVD_DRIVERS` names (CUDA), else ``eigh``;
+#: ``jacobi``: the same vectors from :mod:`kdbench.jacobi`'s kernel, without a host
+#: synchronisation, on the devices that :data:`JACOBI_DEVICES` names (CUDA), else ``eigh``
+SAMPLEWISE_SOLVERS = ("auto", "eigh", "svd", "jacobi")
 #: ``torch.linalg.svd``'s driver for the ``svd`` solver per device type: on CUDA cuSOLVER's
 #: ``gesvdaStridedBatched``, one call for a batch of any size (approximate: it works from the
 #: Gram matrices, in the input's precision, as ``eigh`` does); elsewhere torch's (LAPACK)
 SVD_DRIVERS: dict[str, str] = {"cuda": "gesvda"}
+#: the device types on which the ``jacobi`` solver runs :mod:`kdbench.jacobi`'s Triton kernel
+#: (on the host LAPACK's ``eigh`` has no synchronisation to save)
+JACOBI_DEVICES: tuple[str, ...] = ("cuda",)
 _SAMPLEWISE_SOLVER = "auto"
 
 
@@ -207,9 +219,17 @@ def uses_svd(device: torch.device) -> bool:
     return _SAMPLEWISE_SOLVER == "svd"
 
 
+def uses_jacobi(device: torch.device) -> bool:
+    """Whether :func:`decompose_samplewise` takes the factors of a batch on ``device`` from
+    :mod:`kdbench.jacobi`'s kernel (``jacobi``, on the devices :data:`JACOBI_DEVICES` names)."""
+    return _SAMPLEWISE_SOLVER == "jacobi" and device.type in JACOBI_DEVICES
+
+
 def samplewise_solver_on(device: torch.device) -> str:
-    """The solver that :func:`decompose_samplewise` runs on ``device``: ``svd`` or ``eigh``
-    (what ``auto`` comes to there; metrics.json records it)."""
+    """The solver that :func:`decompose_samplewise` runs on ``device``: ``jacobi``, ``svd`` or
+    ``eigh`` (what ``auto`` and ``jacobi`` come to there; metrics.json records it)."""
+    if uses_jacobi(device):
+        return "jacobi"
     return "svd" if uses_svd(device) else "eigh"
 
 
@@ -395,6 +415,21 @@ def _top_left_singular_vectors(x: Tensor, mode: int, rank: int) -> Tensor | None
     return _fix_signs(left[..., :rank])
 
 
+def _jacobi_top(x: Tensor, mode: int, rank: int) -> Tensor | None:
+    """The top ``rank`` left singular vectors of each sample's mode-``mode`` unfolding from
+    :mod:`kdbench.jacobi`'s kernel: of the unfolding itself where it fits one program, else of
+    its Gram matrix (the same vectors); None where neither fits (``eigh`` then)."""
+    from kdbench import jacobi
+
+    unfolded = _unfold(x, mode, batched=True)
+    n, rest = unfolded.shape[-2:]
+    if jacobi.fits(n, rest):
+        return jacobi.top_left_singular_vectors(unfolded, rank)
+    if jacobi.fits(n, n):
+        return jacobi.top_left_singular_vectors(unfolded @ unfolded.mT, rank)
+    return None
+
+
 def _unfold(x: Tensor, mode: int, batched: bool) -> Tensor:
     """The mode-``mode`` unfolding of ``x`` (n × the rest), or of each sample (B × n × the
     rest) when ``batched``."""
@@ -432,7 +467,9 @@ def _factors(x: Tensor, ranks: tuple[int, ...], n_iter: int, batched: bool) -> l
     with torch.autocast(device_type=x.device.type, enabled=False):
         for i in truncated:
             top = None
-            if batched and uses_svd(x.device):
+            if batched and uses_jacobi(x.device):
+                top = _jacobi_top(x, first + i, ranks[i])
+            elif batched and uses_svd(x.device):
                 top = _top_left_singular_vectors(x, first + i, ranks[i])
             if top is None:
                 top = _top_eigenvectors(_gram(x, first + i, batched), ranks[i])

@@ -4,7 +4,7 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56 state solvers samplewise thread thread-cohort profile-tucker recomp56.
+# stack stack56 state solvers samplewise thread thread-cohort profile-tucker jacobi recomp56.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -25,7 +25,10 @@
 # resnet20; the eighth thread and thread-cohort: train.targets_thread 1.24-1.36x slower, off, and
 # sample-wise Tucker 1.07x featuremap on resnet56) the open questions are, most telling first:
 # profile-tucker (where sample-wise Tucker's 0.4-0.55 ms a step over featuremap on resnet20 goes:
-# the main stream idle, or the other streams' kernels slowed), recomp56 (the two recompositions'
+# the main stream idle, or the other streams' kernels slowed; its last row with
+# train.samplewise_solver: jacobi, added on 2026-11-28 and never run on a GPU), jacobi and
+# solvers (that solver checked, timed and compared; its kernel compiles for sm_90 in the
+# tests, without a GPU), recomp56 (the two recompositions'
 # resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes recomp56.json beside
 # docs/perf's files, on any machine; cohort56 times them in a cohort too, 9 minutes), epochs56
 # with --methods vanilla (the teacher, the grid's other row from before autotuning), mps again
@@ -64,7 +67,7 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
-    solvers samplewise thread thread-cohort profile-tucker recomp56}; do
+    solvers samplewise thread thread-cohort profile-tucker jacobi recomp56}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -96,9 +99,9 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # extra time over featuremap goes
     methods) step methods 90 $B methods --steps 10 --json "$OUT/methods.json" ;;
     # the sample-wise decomposition of a stage-3 batch (128 × 64 × 8 × 8, ranks (32, 8, 8)) with
-    # each train.samplewise_solver: eigh (block Jacobi) and svd (cuSOLVER's batched gesvda, one
-    # call; the default on CUDA, train.samplewise_solver: auto), each against LAPACK's in double
-    # precision
+    # each train.samplewise_solver: eigh (block Jacobi), svd (cuSOLVER's batched gesvda, one
+    # call; the default on CUDA, train.samplewise_solver: auto) and jacobi (kdbench.jacobi's
+    # kernel, with its sweeps), each against LAPACK's in double precision
     solvers) step solvers 90 $B methods --decomposition-only --json "$OUT/solvers.json" ;;
     # sample-wise Tucker's epochs against featuremap's on resnet110 -> resnet20 with each
     # train.samplewise_solver (SOLVERS, default "svd eigh"), each run with its own featuremap row
@@ -129,9 +132,26 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # where the Tucker methods' graphed steps spend their time over featuremap's (resnet110 ->
     # resnet20, 10,000 images): wall, busy and kernel time per step, and each CUDA stream's
     # busy time (the student's, the teacher's and the decomposition's)
-    profile-tucker) step profile-tucker 200 "$PY" tests/gpu/profile_step.py --student resnet20 \
+    # (the last row with train.samplewise_solver: jacobi, kdbench.jacobi's kernel, which never
+    # waits for the host)
+    profile-tucker) step profile-tucker 240 "$PY" tests/gpu/profile_step.py --student resnet20 \
         --train-size 10000 --row featuremap --row "tucker full-teacher-r32" \
-        --row "tucker sample-teacher-r32" --json "$OUT/profile-tucker.json" ;;
+        --row "tucker sample-teacher-r32" \
+        --row "tucker sample-teacher-r32:samplewise_solver=jacobi" \
+        --json "$OUT/profile-tucker.json" ;;
+    # train.samplewise_solver: jacobi (kdbench.jacobi's Triton kernel, no host synchronisation;
+    # not timed on a GPU before): graphed training with it against eager steps, then sample-wise
+    # Tucker's epochs with it and with svd (the default on CUDA) against featuremap's on
+    # resnet110 -> resnet20, 3 timed epochs (the decomposition of a stage-3 batch alone, with
+    # every solver: solvers)
+    jacobi) step graphs-jacobi 100 $B graphs --set samplewise_solver=jacobi \
+            --json "$OUT/graphs-jacobi.json"
+        for solver in jacobi svd; do
+            step "samplewise3-$solver" 200 $B epochs --no-reference --epochs 3 \
+                --pair resnet110:resnet20 --methods featuremap "tucker sample-teacher-r32" \
+                "${sets[@]}" --set samplewise_solver="$solver" \
+                --json "$OUT/samplewise3-$solver.json"
+        done ;;
     # where a graphed step's GPU time goes (resnet110 -> resnet56, 5,000 images): wall, busy
     # and kernel time per step, and the costliest kernels, for vanilla and KD (the defaults),
     # vanilla uncompiled and vanilla without channels_last

@@ -71,7 +71,8 @@ class TuckerBase(FeatureMethod):
 
     def graph_mode(self) -> str:
         # torch.linalg.eigh checks its result on the host (a synchronisation): the teacher's
-        # decomposition runs between two CUDA graphs; the own basis decomposes the student too
+        # decomposition runs between two CUDA graphs (eagerly, even where it does not
+        # synchronise: samplewise_solver jacobi); the own basis decomposes the student too
         return "split" if self.params.get("basis", "teacher") == "teacher" else "none"
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
