@@ -2,7 +2,19 @@
 imports Triton). Not decorated: :mod:`kdbench.jacobi` wraps it with ``triton.jit`` for CUDA
 tensors and with Triton's interpreter for host tensors."""
 
+import triton
 import triton.language as tl
+
+
+@triton.jit
+def _descending(key, i):
+    """The order of ``key`` (a vector), largest first, ties by position: the position whose
+    entry goes to each place (``i``: the positions, ``tl.arange``)."""
+    first = (key[None, :] > key[:, None]) | (
+        (key[None, :] == key[:, None]) & (i[None, :] < i[:, None])
+    )
+    place = tl.sum(first.to(tl.int32), axis=1)
+    return tl.sum(tl.where(place[None, :] == i[:, None], i[None, :], 0), axis=1)
 
 
 def rows_jacobi(  # noqa: PLR0913
@@ -35,12 +47,7 @@ def rows_jacobi(  # noqa: PLR0913
     turned = tol * 0.0 + 1.0
     while (sweep < max_sweeps) & (turned > 0):
         # de Rijk: the rows by norm, largest first (the padding last, ties by position)
-        key = tl.where(real, tl.sum(a * a, axis=1), -1.0)
-        first = (key[None, :] > key[:, None]) | (
-            (key[None, :] == key[:, None]) & (j[None, :] < i[:, None])
-        )
-        place = tl.sum(first.to(tl.int32), axis=1)
-        source = tl.sum(tl.where(place[None, :] == i[:, None], j[None, :], 0), axis=1)
+        source = _descending(tl.where(real, tl.sum(a * a, axis=1), -1.0), i)
         a = tl.gather(a, tl.broadcast_to(source[:, None], (R, K)), axis=0)
         w = tl.gather(w, tl.broadcast_to(source[:, None], (R, R)), axis=0)
         real = tl.gather(real.to(tl.int32), source, axis=0) > 0
@@ -71,11 +78,7 @@ def rows_jacobi(  # noqa: PLR0913
             w = c[:, None] * w + s[:, None] * w_p
         sweep += 1
     key = tl.where(real, tl.sum(a * a, axis=1), -1.0)
-    first = (key[None, :] > key[:, None]) | (
-        (key[None, :] == key[:, None]) & (j[None, :] < i[:, None])
-    )
-    place = tl.sum(first.to(tl.int32), axis=1)
-    source = tl.sum(tl.where(place[None, :] == i[:, None], j[None, :], 0), axis=1)
+    source = _descending(key, i)
     w = tl.gather(w, tl.broadcast_to(source[:, None], (R, R)), axis=0)
     key = tl.gather(key, source, axis=0)
     # signs: each vector's largest-magnitude entry (the first, on ties) positive
