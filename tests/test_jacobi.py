@@ -60,6 +60,20 @@ c[:, [1, 4, 5]] = 0  # channels that ReLU silenced: rank-6 samples
 res["silenced"] = against_lapack(c, 7, 6)
 res["padded"] = against_lapack(torch.randn(2, 5, 7, generator=g), 2, 2)
 res["square"] = against_lapack(torch.randn(1, 8, 8, generator=g), 8, 8)
+e = torch.relu(torch.randn(3, 6, 8, generator=g))
+e[1] *= 1e25  # squared norms beyond fp32's range, but for the kernel's scaling
+res["large"] = against_lapack(e[1:2], 3, 3)
+e[2, 2, 3] = float("nan")  # a sample of NaN features
+vectors, values, sweeps = jacobi.solve(e, 3)
+alone = jacobi.solve(e[:1], 3)
+nan = vectors[2].double()
+res["extremes"] = {
+    "others alone": all(torch.equal(got[:2], want[:2]) for got, want in
+                        zip((vectors, values, sweeps), jacobi.solve(e[:2], 3))),
+    "first alone": all(torch.equal(got[:1], want) for got, want in
+                       zip((vectors, values, sweeps), alone)),
+    "nan orthonormal": float((nan.mT @ nan - torch.eye(3, dtype=torch.double)).abs().max()),
+}
 
 tucker.JACOBI_DEVICES = ("cpu",)
 cases = {
@@ -98,13 +112,14 @@ def interpreted() -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["relu", "tall", "silenced", "padded", "square"])
+@pytest.mark.parametrize("case", ["relu", "tall", "silenced", "padded", "square", "large"])
 def test_the_kernel_finds_the_top_left_singular_vectors(interpreted, case):
     """Top vectors and singular values as LAPACK's in double precision, to fp32 rounding: for
     matrices padded to powers of two, with more rows than columns (the vectors beyond the
     matrix's rank are orthonormal and span its null space), with zero rows, square with every
-    vector asked; each vector's sign as kdbench.tucker's other solvers give it, and each
-    program converged (no sweep cap reached)."""
+    vector asked, with entries of 1e25 (whose squares fp32 cannot hold); each vector's sign as
+    kdbench.tucker's other solvers give it, and each program converged (no sweep cap
+    reached)."""
     r = interpreted[case]
     batch, rows, rank = {
         "relu": (3, 12, 5),
@@ -112,6 +127,7 @@ def test_the_kernel_finds_the_top_left_singular_vectors(interpreted, case):
         "silenced": (2, 9, 7),
         "padded": (2, 5, 2),
         "square": (1, 8, 8),
+        "large": (1, 6, 3),
     }[case]
     assert r["shapes"] == [[batch, rows, rank], [batch, rank], [batch]]
     assert r["orthonormal"] < 1e-5
@@ -120,6 +136,16 @@ def test_the_kernel_finds_the_top_left_singular_vectors(interpreted, case):
     assert r["null"] < 1e-5
     assert r["vectors"] < 1e-4
     assert 1 <= r["sweeps"] < jacobi.MAX_SWEEPS
+
+
+def test_each_sample_is_solved_on_its_own_nan_included(interpreted):
+    """A sample's vectors do not depend on the others in its batch, and a sample of NaN
+    features still gets orthonormal vectors (the identity's, sorted: its core, projected from
+    the NaN features, is NaN, which the training step's finite check catches) and leaves the
+    others alone."""
+    r = interpreted["extremes"]
+    assert r["others alone"] and r["first alone"]
+    assert r["nan orthonormal"] == 0.0
 
 
 @pytest.mark.parametrize("case", ["unfolding", "gram", "two modes"])

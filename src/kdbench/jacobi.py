@@ -17,7 +17,7 @@ Jacobi.
   by default), unless both rows are at rounding level (the rows beyond a matrix's rank); the
   program stops after the first sweep in which no pair turned, or after ``max_sweeps``
   (:data:`MAX_SWEEPS`), each program on its own, on the GPU. Six 64 × 64 unfoldings of ReLU
-  features took 7-9 sweeps, their top 32 vectors' subspaces at most 6.6e-6 from LAPACK's in
+  features took 7-9 sweeps, their top 32 vectors' subspaces at most 6.9e-6 from LAPACK's in
   double precision (fp32 LAPACK ``eigh`` of their Gram matrices: 2.7e-6; with 64 × epsilon,
   7-8 sweeps and 2.7e-5).
 * ``W`` is a product of rotations, orthogonal up to rounding, whatever the input: zero rows

@@ -17,6 +17,15 @@ def _descending(key, i):
     return tl.sum(tl.where(place[None, :] == i[:, None], i[None, :], 0), axis=1)
 
 
+@triton.jit
+def _key(a, real):
+    """Each row's squared norm, by which the rows sort: NaN (a sample of NaN features) after
+    every number and the padding's rows (not ``real``) last, so that the order is a
+    permutation whatever the input."""
+    norm = tl.sum(a * a, axis=1)
+    return tl.where(real, tl.where(norm == norm, norm, -0.5), -1.0)
+
+
 def rows_jacobi(  # noqa: PLR0913
     a_ptr,
     vec_ptr,
@@ -38,6 +47,10 @@ def rows_jacobi(  # noqa: PLR0913
     k = tl.arange(0, K)
     inside = (i[:, None] < rows) & (k[None, :] < cols)
     a = tl.load(a_ptr + b * rows * cols + i[:, None] * cols + k[None, :], mask=inside, other=0.0)
+    # scaled to a largest magnitude of 1: squared norms neither overflow nor underflow
+    top = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
+    magnitude = tl.where(top > 0, top, 1.0)
+    a = a / magnitude
     w = tl.where(i[:, None] == j[None, :], 1.0, 0.0)
     real = i < rows  # the padding's rows sort last and never turn
     # pairs of rows both at rounding level (a rank-deficient matrix's) never turn
@@ -47,7 +60,7 @@ def rows_jacobi(  # noqa: PLR0913
     turned = tol * 0.0 + 1.0
     while (sweep < max_sweeps) & (turned > 0):
         # de Rijk: the rows by norm, largest first (the padding last, ties by position)
-        source = _descending(tl.where(real, tl.sum(a * a, axis=1), -1.0), i)
+        source = _descending(_key(a, real), i)
         a = tl.gather(a, tl.broadcast_to(source[:, None], (R, K)), axis=0)
         w = tl.gather(w, tl.broadcast_to(source[:, None], (R, R)), axis=0)
         real = tl.gather(real.to(tl.int32), source, axis=0) > 0
@@ -77,7 +90,7 @@ def rows_jacobi(  # noqa: PLR0913
             a = c[:, None] * a + s[:, None] * a_p
             w = c[:, None] * w + s[:, None] * w_p
         sweep += 1
-    key = tl.where(real, tl.sum(a * a, axis=1), -1.0)
+    key = _key(a, real)
     source = _descending(key, i)
     w = tl.gather(w, tl.broadcast_to(source[:, None], (R, R)), axis=0)
     key = tl.gather(key, source, axis=0)
@@ -90,5 +103,5 @@ def rows_jacobi(  # noqa: PLR0913
     # vector t (row t of w) as column t
     keep = (i[:, None] < rank) & (j[None, :] < rows)
     tl.store(vec_ptr + b * rows * rank + j[None, :] * rank + i[:, None], w, mask=keep)
-    tl.store(norm_ptr + b * rank + i, tl.sqrt_rn(tl.maximum(key, 0.0)), mask=i < rank)
+    tl.store(norm_ptr + b * rank + i, tl.sqrt_rn(tl.maximum(key, 0.0)) * magnitude, mask=i < rank)
     tl.store(sweeps_ptr + b, sweep)
