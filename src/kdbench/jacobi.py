@@ -34,6 +34,7 @@ and its ``ptxas``). Triton is imported when the kernel is first needed.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -70,11 +71,9 @@ def _kernel() -> Any:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when it was
-    imported): the only way :func:`solve` takes host tensors."""
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, which must be set
+    before Triton is imported): the only way :func:`solve` takes host tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _warps(rows: int, cols: int) -> int:

@@ -67,6 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from kdbench import jacobi
 from kdbench.errors import KdbenchError
 
 
@@ -419,8 +420,6 @@ def _jacobi_top(x: Tensor, mode: int, rank: int) -> Tensor | None:
     """The top ``rank`` left singular vectors of each sample's mode-``mode`` unfolding from
     :mod:`kdbench.jacobi`'s kernel: of the unfolding itself where it fits one program, else of
     its Gram matrix (the same vectors); None where neither fits (``eigh`` then)."""
-    from kdbench import jacobi
-
     unfolded = _unfold(x, mode, batched=True)
     n, rest = unfolded.shape[-2:]
     if jacobi.fits(n, rest):
