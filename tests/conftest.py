@@ -211,9 +211,10 @@ def digits_teacher(tmp_path_factory) -> Path:
 
 #: The modules that take over 10 s, longest first (``make test`` with ``--durations=0`` on the
 #: 2-core CI machine, 2026-11-28: 400, 335, 190, 145, 80, 75, 70, 70, 65, 50, 25, 20, 15 and
-#: 15 s). ``make test`` runs the suite on several pytest-xdist workers, one module per worker at
-#: a time (``--dist loadfile``), each worker taking the next module as it finishes one: longest
-#: first, the workers end close together (the others, a few seconds each, come last).
+#: 15 s; test_jacobi.py, added later that day: 20 s alone). ``make test`` runs the suite on
+#: several pytest-xdist workers, one module per worker at a time (``--dist loadfile``), each
+#: worker taking the next module as it finishes one: longest first, the workers end close
+#: together (the others, a few seconds each, come last).
 LONG_MODULES = (
     "test_slurm.py",
     "test_workflow.py",
@@ -226,6 +227,7 @@ LONG_MODULES = (
     "test_mps.py",
     "test_graphs.py",
     "test_train.py",
+    "test_jacobi.py",
     "test_profile.py",
     "test_analysis.py",
     "test_feature_methods.py",
