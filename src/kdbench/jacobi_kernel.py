@@ -64,7 +64,7 @@ def rows_jacobi(  # noqa: PLR0913
         a = tl.gather(a, tl.broadcast_to(source[:, None], (R, K)), axis=0)
         w = tl.gather(w, tl.broadcast_to(source[:, None], (R, R)), axis=0)
         real = tl.gather(real.to(tl.int32), source, axis=0) > 0
-        turned = tol * 0.0
+        moved = (i < 0).to(tl.int32)  # the rows this sweep turned (one sum a sweep, not a round)
         for r in range(m):
             # the circle method: row m stays, the others turn around it
             p = (r - i + m) % m
@@ -81,7 +81,7 @@ def rows_jacobi(  # noqa: PLR0913
             scale = tl.sqrt_rn(alpha) * tl.sqrt_rn(beta)
             cosine = tl.abs(gamma) / tl.where(scale > 0, scale, 1.0)
             turn = (cosine > tol) & (tl.abs(gamma) > floor)
-            turned += tl.sum(turn.to(tl.float32), axis=0)
+            moved = tl.maximum(moved, turn.to(tl.int32))
             zeta = tl.where(turn, beta - alpha, 0.0) / tl.where(turn, 2.0 * gamma, 1.0)
             t = tl.where(zeta >= 0, 1.0, -1.0) / (tl.abs(zeta) + tl.sqrt_rn(1.0 + zeta * zeta))
             c = 1.0 / tl.sqrt_rn(1.0 + t * t)
@@ -89,6 +89,7 @@ def rows_jacobi(  # noqa: PLR0913
             c = tl.where(turn, c, 1.0)
             a = c[:, None] * a + s[:, None] * a_p
             w = c[:, None] * w + s[:, None] * w_p
+        turned = tl.sum(moved.to(tl.float32), axis=0)
         sweep += 1
     key = _key(a, real)
     source = _descending(key, i)
