@@ -65,7 +65,7 @@ def rows_jacobi(  # noqa: PLR0913
         w = tl.gather(w, tl.broadcast_to(source[:, None], (R, R)), axis=0)
         real = tl.gather(real.to(tl.int32), source, axis=0) > 0
         moved = (i < 0).to(tl.int32)  # the rows this sweep turned (one sum a sweep, not a round)
-        for r in range(m):
+        for r in range(R - 1):
             # the circle method: row m stays, the others turn around it
             p = (r - i + m) % m
             p = tl.where(p == i, m, p)
