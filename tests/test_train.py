@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import curves, fit_digits, fresh_imports, outputs, train_digits
+from conftest import curves, fit_digits, fresh_imports, outputs, run_gpu_script, train_digits
 
 from kdbench import io, models, runs
 from kdbench.errors import KdbenchError
@@ -123,6 +123,26 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, fused):
     a = io.load_torch(tmp_path / "plain" / "model_final.pt")
     b = io.load_torch(tmp_path / "resumed" / "model_final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_gpu_resume_check_runs_on_cpu(tmp_path):
+    """tests/gpu/resume.py (measure.sh resume) on the CPU, with fused SGD as on CUDA: two
+    uninterrupted runs agree, and the run stopped after its first epoch and resumed ends with
+    their weights and curves (it exits 1 where the resumed run alone differs)."""
+    out = tmp_path / "resume.json"
+    argv = ("--epochs", "2", "--set", "optimizer.fused=true", "--json", str(out))
+    proc = run_gpu_script("resume.py", *argv, timeout=300)
+    assert "resumed equals uninterrupted: weights True, curves True" in proc.stdout
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    assert doc["command"] == "resume" and doc["device"]["type"] == "cpu"
+    assert row["settings"] == {"optimizer.fused": True} and row["resumed_after_epochs"] == [1]
+    assert row["deterministic_pair"]["weights_equal"]
+    assert row["resumed_against_uninterrupted"] == {
+        "weights_equal": True,
+        "curves_equal": True,
+        "max_weight_difference": 0.0,
+    }
 
 
 def test_state_of_another_configuration_or_garbage_is_not_loaded(tmp_path):

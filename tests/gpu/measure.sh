@@ -4,7 +4,8 @@
 # (a machine without tensorly, PyWavelets or jsonschema and without pip access: tests/gpu/wheels.sh)
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
-# stack stack56 state solvers samplewise thread thread-cohort profile-tucker jacobi recomp56.
+# stack stack56 state solvers samplewise thread thread-cohort profile-tucker jacobi resume
+# recomp56.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
@@ -28,7 +29,8 @@
 # the main stream idle, or the other streams' kernels slowed; its last row with
 # train.samplewise_solver: jacobi, added on 2026-11-28 and never run on a GPU), jacobi and
 # solvers (that solver checked, timed and compared; its kernel compiles for sm_90 in the
-# tests, without a GPU), recomp56 (the two recompositions'
+# tests, without a GPU), resume (a resumed run against an uninterrupted one with the CUDA
+# defaults, never checked on a GPU since f1bca2d fixed the momenta's layout), recomp56 (the two recompositions'
 # resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes recomp56.json beside
 # docs/perf's files, on any machine; cohort56 times them in a cohort too, 9 minutes), epochs56
 # with --methods vanilla (the teacher, the grid's other row from before autotuning), mps again
@@ -67,7 +69,7 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
-    solvers samplewise thread thread-cohort profile-tucker jacobi recomp56}; do
+    solvers samplewise thread thread-cohort profile-tucker jacobi resume recomp56}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -152,6 +154,10 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
                 "${sets[@]}" --set samplewise_solver="$solver" \
                 --json "$OUT/samplewise3-$solver.json"
         done ;;
+    # a resumed run against an uninterrupted one on the GPU (resnet8, 8x8 digits, deterministic
+    # kernels; the CUDA defaults, fused SGD and channels_last, then with optimizer.fused=false):
+    # the same weights? (tests/gpu/resume.py; exit status 1 if not)
+    resume) step resume 120 "$PY" tests/gpu/resume.py --json "$OUT/resume.json" ;;
     # where a graphed step's GPU time goes (resnet110 -> resnet56, 5,000 images): wall, busy
     # and kernel time per step, and the costliest kernels, for vanilla and KD (the defaults),
     # vanilla uncompiled and vanilla without channels_last
