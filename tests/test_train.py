@@ -130,13 +130,13 @@ def test_the_gpu_resume_check_runs_on_cpu(tmp_path):
     uninterrupted runs agree, and the run stopped after its first epoch and resumed ends with
     their weights and curves (it exits 1 where the resumed run alone differs)."""
     out = tmp_path / "resume.json"
-    argv = ("--epochs", "2", "--set", "optimizer.fused=true", "--json", str(out))
+    argv = ("--epochs", "2", "--set", "fused=true", "--json", str(out))
     proc = run_gpu_script("resume.py", *argv, timeout=300)
     assert "resumed equals uninterrupted: weights True, curves True" in proc.stdout
     doc = json.loads(out.read_text())
     (row,) = doc["rows"]
     assert doc["command"] == "resume" and doc["device"]["type"] == "cpu"
-    assert row["settings"] == {"optimizer.fused": True} and row["resumed_after_epochs"] == [1]
+    assert row["settings"] == {"fused": True} and row["resumed_after_epochs"] == [1]
     assert row["deterministic_pair"]["weights_equal"]
     assert row["resumed_against_uninterrupted"] == {
         "weights_equal": True,

@@ -155,7 +155,7 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
                 --json "$OUT/samplewise3-$solver.json"
         done ;;
     # a resumed run against an uninterrupted one on the GPU (resnet8, 8x8 digits, deterministic
-    # kernels; the CUDA defaults, fused SGD and channels_last, then with optimizer.fused=false):
+    # kernels; the CUDA defaults, fused SGD and channels_last, then with fused=false):
     # the same weights? (tests/gpu/resume.py; exit status 1 if not)
     resume) step resume 120 "$PY" tests/gpu/resume.py --json "$OUT/resume.json" ;;
     # where a graphed step's GPU time goes (resnet110 -> resnet56, 5,000 images): wall, busy

@@ -7,13 +7,14 @@ curves. Fused SGD and channels_last are the CUDA defaults, so GPU runs resumed b
 (SLURM retries after a preemption or a time limit) may have been affected. The tests check the
 fix on the CPU; this checks it on a GPU.
 
-For each ``--set`` combination (default: the device's defaults, and the same with
-``optimizer.fused: false``), it trains resnet8 on 8×8 digits (the embedded set, vanilla, seed 5,
-``--epochs`` epochs, batch 128) with ``train.deterministic: true``, so that runs agree bit for bit
-on CUDA too: twice uninterrupted (the determinism the comparison needs), and once stopped after
-its first epoch's state is on disk, then resumed. Prints and saves (``--json``) whether the
-resumed run's weights and curves equal the uninterrupted run's, and their largest weight
-difference. Exit status 1 if a deterministic pair agreed but the resumed run did not.
+For each ``--set`` combination of flat train settings (default: the device's defaults, and the
+same with ``fused=false``, that is ``train.optimizer.fused: false``), it trains resnet8 on 8×8
+digits (the embedded set, vanilla, seed 5, ``--epochs`` epochs, batch 128) with
+``train.deterministic: true``, so that runs agree bit for bit on CUDA too: twice uninterrupted
+(the determinism the comparison needs), and once stopped after its first epoch's state is on
+disk, then resumed. Prints and saves (``--json``) whether the resumed run's weights and curves
+equal the uninterrupted run's, and their largest weight difference. Exit status 1 if a
+deterministic pair agreed but the resumed run did not.
 
     python tests/gpu/resume.py --json out/resume.json
 """
@@ -88,19 +89,9 @@ def apart(a: dict, b: dict) -> dict[str, Any]:
 
 
 def check(settings: dict[str, Any], epochs: int, device: str) -> dict[str, Any]:
-    train = {
-        "epochs": epochs,
-        "batch_size": 128,
-        "device": device,
-        "deterministic": True,
-        "optimizer": {"lr": 0.05},
-    }
-    for key, value in settings.items():  # optimizer.fused=false and the like
-        *path, last = key.split(".")
-        node = train
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
+    # flat train settings, as bench's --set takes them (fused=false, not optimizer.fused)
+    base = {"epochs": epochs, "batch_size": 128, "device": device, "deterministic": True}
+    train = {**base, "lr": 0.05, **settings}
     with tempfile.TemporaryDirectory(prefix="kdbench-resume-") as tmp:
         d = Path(tmp)
         once, twice = run(d, "once", train), run(d, "twice", train)
@@ -124,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         metavar="KEY=VALUE[,KEY=VALUE]",
-        help="train settings of one check (repeatable); default: none, then optimizer.fused=false",
+        help="train settings of one check, flat as bench's --set takes them (repeatable); "
+        "default: none, then fused=false",
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    combos = args.set if args.set is not None else ["", "optimizer.fused=false"]
+    combos = args.set if args.set is not None else ["", "fused=false"]
     rows, failed = [], False
     for combo in combos:
         settings = {
