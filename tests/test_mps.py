@@ -3,6 +3,7 @@ with a stand-in for nvidia-cuda-mps-control (conftest.mps_stub)."""
 
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -92,6 +93,57 @@ def test_joining_starts_the_daemon_once_and_makes_this_process_its_client(stub, 
         f"get_server_list {pipe}",
         f"get_server_list {pipe}",
     ]
+
+
+def _squeue_stub(bin_dir: Path, states: Path) -> None:
+    """A stand-in for SLURM's ``squeue -h -j ID -o %T``: prints ``states/ID``'s state; an
+    ``invalid`` or ``down`` one is slurmctld's error for a job it no longer knows or its own
+    failure; no file, nothing (a job that has ended)."""
+    squeue = bin_dir / "squeue"
+    squeue.write_text(
+        f"""#!/bin/sh
+state=$(cat "{states}/$3" 2>/dev/null)
+case "$state" in
+invalid) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
+down) echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1 ;;
+esac
+[ -z "$state" ] || echo "$state"
+"""
+    )
+    squeue.chmod(0o755)
+
+
+def test_a_slurm_job_clears_what_ended_jobs_left_before_it_joins(stub, tmp_path, monkeypatch):
+    tmp, states = tmp_path / "tmp", tmp_path / "states"
+    states.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    for name in ("11", "12", "13", "14", "uid0", "x1"):
+        (tmp / f"kdbench-mps-{name}" / "pipe").mkdir(parents=True)
+    (tmp / "kdbench-mps-15").write_text("")  # not a folder
+    (tmp / "kdbench-mps-11" / "pipe" / "running").touch()  # its daemon outlived job 11
+    (states / "12").write_text("RUNNING")
+    (states / "13").write_text("down")  # SLURM cannot tell
+    (states / "14").write_text("invalid")  # purged from slurmctld
+    _squeue_stub(stub.parent / "bin", states)
+    monkeypatch.setenv("SLURM_JOB_ID", "20")
+    assert mps.join() == tmp / "kdbench-mps-20"
+    left = sorted(p.name.removeprefix("kdbench-mps-") for p in tmp.iterdir())
+    assert left == ["12", "13", "15", "20", "uid0", "x1"]
+    calls = stub.read_text().splitlines()
+    ended = tmp / "kdbench-mps-11" / "pipe"
+    assert calls[:2] == [f"get_server_list {ended}", f"quit {ended}"]  # stopped, then removed
+    assert f"start {tmp / 'kdbench-mps-20' / 'pipe'}" in calls
+    # without squeue, or for a folder that join() is given, nothing is cleared
+    (tmp / "kdbench-mps-16").mkdir()
+    which = shutil.which
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "which", lambda name: None if name == "squeue" else which(name))
+        mps.join()
+    assert (tmp / "kdbench-mps-16").exists()
+    mps.join(tmp / "kdbench-mps-20")
+    assert (tmp / "kdbench-mps-16").exists()
+    assert mps.clear_ended() == [tmp / "kdbench-mps-16"]
 
 
 def _join(directory: Path) -> str:

@@ -300,6 +300,17 @@ def test_the_students_of_one_slurm_job_run_in_turn_and_share_one_mps_daemon(slur
     )
 
 
+def test_later_jobs_clear_the_mps_folder_and_daemon_of_the_cancelled_job(slurm_demo):
+    work, _, cancelled = slurm_demo
+    # scancel left the stand-in daemon of the teacher's first job running (as a real one stays
+    # on a node whose SLURM does not track a job's background processes) and its folder in the
+    # node's temporary directory: a training job that started after it ended cleared both
+    folder = work / "tmp" / f"kdbench-mps-{cancelled}"
+    assert not folder.exists()
+    calls = (work / "mps" / "calls").read_text().splitlines()
+    assert f"start {folder}/pipe" in calls and f"quit {folder}/pipe" in calls, calls
+
+
 def test_cancelled_training_resumes_to_the_uninterrupted_result(slurm_demo, tmp_path):
     work, _, cancelled = slurm_demo
     resumed = json.loads((work / TEACHER_RUN / "metrics.json").read_text())

@@ -7,12 +7,12 @@ of one (uncompiled, 8 gave 1.98x; README, Performance).
 
 ``KDBENCH_MPS=1`` makes every training job of the workflow a client of an MPS daemon that the
 first of them starts: one per SLURM job (the students of a ``students`` group job join it in
-turn: the SLURM plugin runs them one after another; it ends with that job), or, outside SLURM,
-one per user on the machine,
-which the workflow stops when it ends (:func:`stop`). ``KDBENCH_MPS=auto``, the default, does
-so inside a SLURM job whose node has NVIDIA's control program, and goes on without MPS where
-its daemon does not start; ``0`` never. :func:`daemon` is the ``with``-block daemon of
-``python -m kdbench.bench concurrent --mps``.
+turn: the SLURM plugin runs them one after another; it ends with that job, and what it leaves
+behind is cleared by the next such job on the node, :func:`clear_ended`), or, outside SLURM,
+one per user on the machine, which the workflow stops when it ends (:func:`stop`).
+``KDBENCH_MPS=auto``, the default, does so inside a SLURM job whose node has NVIDIA's control
+program, and goes on without MPS where its daemon does not start; ``0`` never.
+:func:`daemon` is the ``with``-block daemon of ``python -m kdbench.bench concurrent --mps``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from kdbench.errors import KdbenchError
 CONTROL = "nvidia-cuda-mps-control"
 #: the environment variable that asks for MPS in the workflow's training jobs
 VARIABLE = "KDBENCH_MPS"
+#: the name of a daemon's folder (:func:`job_directory`) before its owner
+PREFIX = "kdbench-mps-"
 
 
 def setting() -> str:
@@ -69,7 +71,51 @@ def job_directory() -> Path:
     """Where the workflow's MPS daemon keeps its pipes and logs: per SLURM job inside one,
     else per user, under the temporary directory."""
     owner = os.environ.get("SLURM_JOB_ID") or f"uid{os.getuid()}"
-    return Path(tempfile.gettempdir()) / f"kdbench-mps-{owner}"
+    return Path(tempfile.gettempdir()) / f"{PREFIX}{owner}"
+
+
+def slurm_job_ended(job: str) -> bool | None:
+    """Whether SLURM says its job ``job`` has ended (``True``: ``squeue`` lists it no more, or
+    no longer knows it), is queued or running (``False``), or cannot tell (``None``: no
+    ``squeue``, or it failed otherwise)."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return None
+    try:
+        proc = subprocess.run(
+            [squeue, "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode == 0:
+        return not proc.stdout.strip()  # squeue -j leaves out a job that has ended
+    return True if "invalid job id" in proc.stderr.lower() else None
+
+
+def clear_ended(parent: Path | None = None) -> list[Path]:
+    """Remove the folders (:func:`job_directory`) of this user's SLURM jobs that have ended,
+    from ``parent`` (default: the temporary directory), first stopping any daemon that still
+    answers in one; the folders removed. SLURM does not remove them where a node's temporary
+    directory is not the job's own, nor, where it does not track a job's background processes
+    (``ProctrackType=proctrack/linuxproc``), the daemon that the job started. A folder whose
+    job SLURM cannot tell about stays."""
+    parent = parent or Path(tempfile.gettempdir())
+    own = os.environ.get("SLURM_JOB_ID")
+    removed = []
+    for folder in sorted(parent.glob(f"{PREFIX}*")):
+        job = folder.name.removeprefix(PREFIX)
+        try:
+            mine = (
+                folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid()
+            )
+        except OSError:
+            continue
+        if not job.isdigit() or job == own or not mine or slurm_job_ended(job) is not True:
+            continue
+        stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def client_env(directory: Path) -> dict[str, str]:
@@ -141,7 +187,12 @@ def daemon(directory: Path) -> Iterator[dict[str, str]]:
 def join(directory: Path | None = None) -> Path:
     """Make this process a client of the MPS daemon of ``directory`` (default
     :func:`job_directory`), starting it unless it runs: the jobs that start at once take turns
-    under a file lock, so that one starts it. Call it before CUDA is initialised."""
+    under a file lock, so that one starts it. Call it before CUDA is initialised. In a SLURM
+    job, for the default directory, it first clears what this user's ended SLURM jobs left on
+    the node (:func:`clear_ended`)."""
+    if directory is None and os.environ.get("SLURM_JOB_ID"):
+        with contextlib.suppress(OSError):
+            clear_ended()
     directory = directory or job_directory()
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "lock", "a") as lock:
