@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 import os
 import re
@@ -33,6 +34,56 @@ def with_change(path, value):
 @pytest.mark.parametrize("name", ["demo.yaml", "config.yaml", "fashion.yaml", "crd.yaml"])
 def test_shipped_configs_are_valid(name):
     kdconfig.validate(yaml.safe_load((REPO / "config" / name).read_text()), SCHEMA)
+
+
+def _readme_config_rows() -> list[tuple[list[str], list[str]]]:
+    """The README's Configuration table: each row's keys (``train.x``, ``.y`` → ``train.y``,
+    ``a.b / c`` → ``a.c``) and its cells (key, meaning, default)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [cell.strip() for cell in line.strip(" |").split("|")]
+        keys: list[str] = []
+        for name in re.findall(r"`([^`]+)`", cells[0]):
+            first, *more = name.split(" / ")
+            prefix = first.rsplit(".", 1)[0] + "." if "." in first.lstrip(".") else ""
+            if first.startswith("."):
+                first = keys[-1].rsplit(".", 1)[0] + first
+            keys += [first, *(prefix + m for m in more)]
+        rows.append((keys, cells))
+    return rows
+
+
+def test_the_readme_configuration_table_names_every_key_with_its_default():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    train = schema["$defs"]["train"]["properties"]
+    want = set(schema["properties"]) - {"teacher", "analysis", "data", "methods", "train"}
+    for block in ("teacher", "analysis"):
+        want |= {f"{block}.{k}" for k in schema["properties"][block]["properties"]}
+    want |= {f"train.{k}" for k in train if k not in ("optimizer", "schedule")}
+    want |= {f"train.optimizer.{k}" for k in train["optimizer"]["properties"]}
+    rows = _readme_config_rows()
+    named = {key for keys, _ in rows for key in keys}
+    assert want <= named, sorted(want - named)
+    # the schedule's row names its name's values' keys: `cosine` (`eta_min`), `multistep` (…)
+    (meaning,) = [cells[1] for keys, cells in rows if keys == ["train.schedule.name"]]
+    assert set(train["schedule"]["properties"]) - {"name"} <= set(re.findall(r"`(\w+)`", meaning))
+    # the train rows that give a default for each key: TrainConfig's
+    defaults = TrainConfig()
+    checked = 0
+    for keys, cells in rows:
+        values = cells[-1].split(", ")
+        if not keys[0].startswith("train.") or "." in keys[0][6:] or len(values) != len(keys):
+            continue
+        for key, value in zip(keys, values, strict=True):
+            have = getattr(defaults, key.removeprefix("train."))
+            shown = json.dumps(have).strip('"')  # YAML's spelling: null, true, 512, auto
+            assert value.split(":")[0] == shown, (key, value, have)
+            checked += 1
+    assert checked >= 20
 
 
 BAD = [
