@@ -86,6 +86,21 @@ def test_the_readme_configuration_table_names_every_key_with_its_default():
     assert checked >= 20
 
 
+def test_the_readme_speed_switch_table_gives_every_switch_with_its_default():
+    text = (REPO / "README.md").read_text()
+    table = text.split("\n**On a GPU.**", 1)[1].split("\n\n", 2)[1]
+    rows = [[c.strip() for c in line.strip(" |").split("|")] for line in table.splitlines()[2:]]
+    switches = {cells[0].strip("`").removeprefix("optimizer."): cells[-1] for cells in rows}
+    # the Configuration table's row of switches, each here (and the precision and layout ones)
+    (keys,) = [k for k, _ in _readme_config_rows() if k[0] == "train.data_on_device"]
+    assert {k.removeprefix("train.") for k in keys} | {"bf16", "channels_last", "fused"} == set(
+        switches
+    )
+    defaults = TrainConfig()
+    for key, value in switches.items():
+        assert value == json.dumps(getattr(defaults, key)).strip('"'), (key, value)
+
+
 BAD = [
     (("methods", "kdd"), {}, "methods: unknown key 'kdd'"),
     (("pairs", 0, "student"), "resnet9", "pairs[0].student: 'resnet9' is not one of"),
