@@ -1,6 +1,9 @@
 import json
 import os
+import resource
+import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from conftest import curves, fit_digits, fresh_imports, outputs, run_gpu_script,
 
 from kdbench import io, models, runs
 from kdbench.errors import KdbenchError
-from kdbench.train import TrainConfig
+from kdbench.train import TrainConfig, peak_memory
 
 TRAIN = {"epochs": 2, "batch_size": 128, "optimizer": {"lr": 0.05}, "device": "cpu"}
 DATA = {"image_size": 8}
@@ -445,3 +448,11 @@ def test_a_jobs_threads_bound_torch_compiles_worker_processes(monkeypatch):
     assert runs.run_job(lambda: os.environ["TORCHINDUCTOR_COMPILE_THREADS"], None, 3) == "3"
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "16")  # the user's choice stands
     assert runs.run_job(lambda: os.environ["TORCHINDUCTOR_COMPILE_THREADS"], None, 3) == "16"
+
+
+@pytest.mark.parametrize("platform, maxrss", [("linux", 300 * 2**10), ("darwin", 300 * 2**20)])
+def test_peak_memory_is_in_mib_where_getrusage_counts_kib_or_bytes(monkeypatch, platform, maxrss):
+    assert 20 < peak_memory(torch.device("cpu"))["peak_rss_mb"] < 10**5  # this process
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=maxrss))
+    assert peak_memory(torch.device("cpu")) == {"peak_rss_mb": 300.0, "peak_cuda_mb": None}

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -838,11 +839,14 @@ def peak_memory(device: torch.device) -> dict[str, float | None]:
     """Peak resident memory of this process and, on CUDA, peak allocated GPU memory (MiB)."""
     import resource
 
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     cuda = None
     if device.type == "cuda":
         cuda = torch.cuda.max_memory_allocated(device) / 2**20
-    return {"peak_rss_mb": rss_kib / 1024, "peak_cuda_mb": cuda}
+    return {
+        "peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10),
+        "peak_cuda_mb": cuda,
+    }
 
 
 def fmt_duration(seconds: float) -> str:
