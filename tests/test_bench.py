@@ -1,7 +1,11 @@
+import argparse
 import importlib.util
 import json
 import math
 import os
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +16,7 @@ from conftest import REPO, mps_stub, run_gpu_script
 
 from kdbench import bench
 from kdbench.errors import KdbenchError
+from kdbench.train import TrainConfig
 
 
 def test_bench_methods_runs_on_cpu_and_saves_json(tmp_path, capsys):
@@ -747,3 +752,63 @@ def test_bench_graphs_compares_eager_and_graphed_training(tmp_path, capsys):
     # a difference beyond the tolerance fails the check, with exit status 1
     assert bench.main([*argv[:-2], "--tolerance", "-1"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+class _Parsed(Exception):
+    """Raised in place of running a command once its arguments have parsed."""
+
+
+def test_every_step_of_the_gpu_measurements_parses(tmp_path, monkeypatch):
+    """tests/gpu/measure.sh, every step, with a stand-in Python that records its command lines:
+    each parses (kdbench.bench's, or the GPU script's), with known methods and settings. A typo
+    there would cost a GPU session its measurement."""
+    calls, py, out = tmp_path / "calls", tmp_path / "py", tmp_path / "out"
+    py.write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" >> "{calls}"\necho >> "{calls}"\n')
+    stub = tmp_path / "bin" / "nvidia-smi"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\necho stand-in GPU\n")
+    for exe in (py, stub):
+        exe.chmod(0o755)
+    # the files that the grid step also takes when earlier steps wrote them
+    out.mkdir()
+    for name in ("concurrent", "mps", "state-resnet20", "cohort", "mps-cohort", "stack"):
+        (out / f"{name}.json").write_text("{}")
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(py)}
+    env["PATH"] = f"{stub.parent}:{os.environ['PATH']}"
+    proc = subprocess.run(
+        ["bash", "tests/gpu/measure.sh"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "unknown step" not in proc.stderr, proc.stderr
+    lines = [line.split("\0")[:-1] for line in calls.read_text().splitlines()]
+    commands = [argv for argv in lines if argv[0] != "-c"]
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parsed(self, args=None, namespace=None):
+        raise _Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parsed)
+    seen = set()
+    for argv in commands:
+        if argv[:2] == ["-m", "kdbench.bench"]:
+            seen.add(argv[2])
+            with pytest.raises(_Parsed) as done:
+                bench.main(argv[2:])
+            args = done.value.args[0]
+            for labels in (getattr(args, "methods", None), getattr(args, "cohort", None)):
+                if isinstance(labels, list):
+                    bench._cases(labels)
+        else:
+            seen.add(Path(argv[0]).name)
+            monkeypatch.setattr(sys, "argv", argv)
+            with pytest.raises(_Parsed) as done:
+                runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+            args = done.value.args[0]
+            for spec in getattr(args, "row", None) or []:  # profile_step.py's METHOD:K=V,...
+                name, _, sets = spec.partition(":")
+                bench._cases([name])
+                TrainConfig.from_config(bench._parse_sets([s for s in sets.split(",") if s]))
+        TrainConfig.from_config(bench._parse_sets(getattr(args, "set", None) or []))
+    assert len(commands) > 40
+    assert {"epochs", "graphs", "concurrent", "grid", "methods", "spread", "state"} <= seen
+    assert {"profile_step.py", "mps_jobs.py", "resume.py"} <= seen
