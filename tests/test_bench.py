@@ -370,7 +370,9 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     """The grid GPU-hours quoted in docs/perf/README.md (10.2 one run per GPU, 6.6 with 4 under
     MPS) and the README (with the fifth session's files 9.0, 5.8, and 6.5 in cohorts of 8; with
     the sixth's, 3.8 in stacked cohorts of 8; with the eighth's vanilla resnet56 row, 8.93 and
-    3.73) from the JSON files of docs/perf, as their commands compute them."""
+    3.73; with the ninth's resnet56 recompositions, 8.15, 5.28, 3.47 and 2.03, and 0.047 and
+    0.046 for saving the training state) from the JSON files of docs/perf, as their commands
+    compute them."""
     h200 = REPO / "docs" / "perf" / "h200-2026-11-26"
     files = ["s2/epochs56.json", "s2/epochs20.json", "s3/epochs56.json", "s3/epochs20.json"]
     files += ["s3/tucker-pipeline_targets-true.json", "s4/epochs20.json"]
@@ -387,8 +389,14 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     # with the fifth session's rows (cuDNN autotuning; cohorts of 7 resnet20 students), and in
     # cohorts of 8 with and without member streams: 9.0, 5.8 with 4 per GPU, 6.5 and 7.3
     h200_5 = REPO / "docs" / "perf" / "h200-2026-11-27"
-    at = argv.index("--config")  # the files come before the options
-    argv[at:at] = [str(h200_5 / f) for f in ("cohort.json", "kd56.json", "cohort56.json")]
+
+    def add(*paths: Path) -> None:
+        """The files after the others, before the options, as the commands give them (later
+        files replace the rows of earlier ones)."""
+        at = argv.index("--config")
+        argv[at:at] = [str(p) for p in paths]
+
+    add(*(h200_5 / f for f in ("cohort.json", "kd56.json", "cohort56.json")))
     for flag, cohorts in (("--cohort-streams", 6.5), ("--no-cohort-streams", 7.3)):
         assert bench.main([*argv, "--cohort-size", "8", flag, "--no-cohort-stack"]) == 0
         g = json.loads(out.read_text())["grid"]
@@ -398,7 +406,7 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     # and with the sixth session's stacked cohorts of 7 (resnet20 and resnet56): the config's
     # own cohorts (8, on streams, stacked on CUDA), 3.8
     h200_6 = REPO / "docs" / "perf" / "h200-2026-11-27-s6"
-    argv[at:at] = [str(h200_6 / f) for f in ("stack.json", "stack56.json")]
+    add(h200_6 / "stack.json", h200_6 / "stack56.json")
     assert bench.main(argv) == 0
     g = json.loads(out.read_text())["grid"]
     assert g["cohort_size"] == 8 and g["cohort_streams"] and g["cohort_stack"]
@@ -410,11 +418,28 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
         "resnet110:resnet56": 1.73,
     }
     # and with the eighth session's vanilla resnet56 row (cuDNN autotuning): 8.93 and 3.73
-    argv[at:at] = [str(REPO / "docs" / "perf" / "h200-2026-11-27-s8" / "vanilla56.json")]
+    add(REPO / "docs" / "perf" / "h200-2026-11-27-s8" / "vanilla56.json")
     assert bench.main(argv) == 0
     g = json.loads(out.read_text())["grid"]
     assert round(g["gpu_hours_total"], 2) == 8.93
     assert round(g["gpu_hours_total_cohorts"], 2) == 3.73
+    # and with the ninth session's recompositions on resnet56 (cuDNN autotuning), several
+    # stacked cohorts to a GPU (the seventh's) and the save of the training state
+    perf = REPO / "docs" / "perf"
+    add(perf / "h200-2026-11-28-s9" / "recomp56.json")
+    argv += ["--cohort-concurrency", str(perf / "h200-2026-11-27-s7" / "mps-cohort.json")]
+    argv += [
+        "--state",
+        *(str(perf / "h200-2026-11-27-s7" / f"state-{a}.json") for a in ("resnet20", "resnet56")),
+    ]
+    assert bench.main(argv) == 0
+    g = json.loads(out.read_text())["grid"]
+    assert round(g["gpu_hours_total"], 2) == 8.15
+    assert round(g["gpu_hours_total_concurrent"], 2) == 5.28
+    assert round(g["gpu_hours_total_cohorts"], 2) == 3.47
+    assert round(g["gpu_hours_total_cohorts_concurrent"], 2) == 2.03
+    assert round(g["state_saving_gpu_hours"], 3) == 0.047
+    assert round(g["state_saving_gpu_hours_cohorts"], 3) == 0.046
 
 
 def _profile_step():
