@@ -5,36 +5,32 @@
 # STEPs (default: all, in this order): graphs epochs56 epochs20 concurrent grid ablation tucker
 # methods spread compile mps overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority
 # stack stack56 state solvers samplewise thread thread-cohort profile-tucker jacobi resume
-# recomp56.
+# recomp56 teacher.
 # Each step has its own time limit and writes its JSON to $OUT; a failed or cut-off step does
 # not stop the others, and an epochs step cut off keeps the rows it finished (its JSON says
 # "complete": false). Everything printed goes to $OUT/log.txt as well. SET adds `--set
 # KEY=VALUE` settings to the epochs, ablation, tucker, concurrent and compile steps and to the
 # default runs of spread (default: none, the defaults: CUDA graphs, prefetched targets, the
-# teacher overlapped and pipelined, torch.compile, cuDNN autotuning); each epochs row records how its steps ran ("steps":
-# whole/split graphs, or eager and why). epochs56 and epochs20 time every method of
-# config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours from them;
-# every row compiles in its warm-up epoch: 5-10 s a student row on an H200 once the inductor
-# cache ($TORCHINDUCTOR_CACHE_DIR) holds the pair's graphs, the first row of a pair about 30 s,
-# and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same resnet110)
-# over 3 minutes cold. The limits add up to about 30 minutes, more than the 10 of one call:
-# choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
-# took about 55 s cold, its warm-up included). After the eight H200 sessions of 2026-11-26 and 27
+# teacher overlapped and pipelined, torch.compile, cuDNN autotuning); each epochs row records how
+# its steps ran ("steps": whole/split graphs, or eager and why). epochs56 and epochs20 time every
+# method of config/config.yaml's grid, so `grid` (CPU only, seconds) can estimate its GPU-hours
+# from them; every row compiles in its warm-up epoch: 5-10 s a student row on an H200 once the
+# inductor cache ($TORCHINDUCTOR_CACHE_DIR) holds the pair's graphs, the first row of a pair
+# about 30 s, and the teacher's training (epochs56 --teachers; epochs20 leaves it out, the same
+# resnet110) over 3 minutes cold. The limits add up to over 90 minutes, more than the 10 of one
+# call: choose (a KD row of 45,000 images takes over 55 s cold; in the fifth session a resnet56 row
+# took about 55 s cold, its warm-up included). After the nine H200 sessions of 2026-11-26 to 28
 # (their JSON: docs/perf; the sixth timed stack, stack56 and priority: stacked cohorts are the
-# default on CUDA since, and priority_targets gave no gain; the seventh solvers, samplewise, spread,
-# state and mps-cohort: the SVD is the sample-wise default on CUDA since, 1.14x featuremap on
-# resnet20; the eighth thread and thread-cohort: train.targets_thread 1.24-1.36x slower, off, and
-# sample-wise Tucker 1.07x featuremap on resnet56) the open questions are, most telling first:
-# profile-tucker (where sample-wise Tucker's 0.4-0.55 ms a step over featuremap on resnet20 goes:
-# the main stream idle, or the other streams' kernels slowed; its last row with
-# train.samplewise_solver: jacobi, added on 2026-11-28 and never run on a GPU), jacobi and
-# solvers (that solver checked, timed and compared; its kernel compiles for sm_90 in the
-# tests, without a GPU), resume (a resumed run against an uninterrupted one with the CUDA
-# defaults, never checked on a GPU since f1bca2d fixed the momenta's layout), recomp56 (the two recompositions'
-# resnet56 rows that still predate cuDNN autotuning; `bench grid` then takes recomp56.json beside
-# docs/perf's files, on any machine; cohort56 times them in a cohort too, 9 minutes), epochs56
-# with --methods vanilla (the teacher, the grid's other row from before autotuning), mps again
-# with autotuning.
+# default on CUDA since, and priority_targets gave no gain; the seventh solvers, samplewise,
+# spread, state and mps-cohort: the SVD is the sample-wise default on CUDA since, 1.14x
+# featuremap on resnet20; the eighth thread and thread-cohort: train.targets_thread 1.24-1.36x
+# slower, off, and sample-wise Tucker 1.07x featuremap on resnet56; the ninth solvers, jacobi,
+# resume, profile-tucker and recomp56: train.samplewise_solver: jacobi graphs exactly and is the
+# fastest solver alone, but slower in training, 1.28x featuremap on resnet20 against the SVD's
+# 1.20x, its one long kernel crowding out the student's; resumed runs equal uninterrupted ones on
+# the GPU; the recompositions on resnet56 1.02-1.03x) the open questions are, most telling
+# first: teacher (the grid's last rows from before cuDNN autotuning), mps again with autotuning,
+# and every target on an H100, which no session has had.
 set -u
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -69,7 +65,7 @@ GRID=(vanilla kd featuremap ft "tucker full-teacher-r32" "tucker_recomp teacher-
     "tucker_recomp student-r32" "tucker_recomp both-r32")
 for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods spread compile mps \
     overlap mps-jobs profile cudnn cohort cohort56 mps-cohort priority stack stack56 state \
-    solvers samplewise thread thread-cohort profile-tucker jacobi resume recomp56}; do
+    solvers samplewise thread thread-cohort profile-tucker jacobi resume recomp56 teacher}; do
     case $s in
     # CUDA graphs (and prefetched targets) train as eager steps do, and nothing fell back; the
     # checked methods as one cohort too, its members on CUDA streams of their own
@@ -135,17 +131,17 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     # resnet20, 10,000 images): wall, busy and kernel time per step, and each CUDA stream's
     # busy time (the student's, the teacher's and the decomposition's)
     # (the last row with train.samplewise_solver: jacobi, kdbench.jacobi's kernel, which never
-    # waits for the host)
+    # waits for the host; on 2026-11-28 the student's stream 0.84 ms a step busier beside it)
     profile-tucker) step profile-tucker 240 "$PY" tests/gpu/profile_step.py --student resnet20 \
         --train-size 10000 --row featuremap --row "tucker full-teacher-r32" \
         --row "tucker sample-teacher-r32" \
         --row "tucker sample-teacher-r32:samplewise_solver=jacobi" \
         --json "$OUT/profile-tucker.json" ;;
     # train.samplewise_solver: jacobi (kdbench.jacobi's Triton kernel, no host synchronisation;
-    # not timed on a GPU before): graphed training with it against eager steps, then sample-wise
-    # Tucker's epochs with it and with svd (the default on CUDA) against featuremap's on
-    # resnet110 -> resnet20, 3 timed epochs (the decomposition of a stage-3 batch alone, with
-    # every solver: solvers)
+    # 1.28x featuremap against svd's 1.20x on 2026-11-28): graphed training with it against
+    # eager steps, then sample-wise Tucker's epochs with it and with svd (the default on CUDA)
+    # against featuremap's on resnet110 -> resnet20, 3 timed epochs (the decomposition of a
+    # stage-3 batch alone, with every solver: solvers)
     jacobi) step graphs-jacobi 100 $B graphs --set samplewise_solver=jacobi \
             --json "$OUT/graphs-jacobi.json"
         for solver in jacobi svd; do
@@ -250,6 +246,11 @@ for s in ${*:-graphs epochs56 epochs20 concurrent grid ablation tucker methods s
     recomp56) step recomp56 240 $B epochs --no-reference --epochs 1 --methods featuremap \
         "tucker_recomp student-r32" "tucker_recomp both-r32" "${sets[@]}" \
         --json "$OUT/recomp56.json" ;;
+    # the resnet110 teacher's training and vanilla resnet20, the grid's last rows from before
+    # cuDNN autotuning (the teacher compiles cold in over 3 minutes; `bench grid` then takes
+    # teacher.json beside docs/perf's files)
+    teacher) step teacher 330 $B epochs --teachers --no-reference --epochs 1 \
+        --pair resnet110:resnet20 --methods vanilla "${sets[@]}" --json "$OUT/teacher.json" ;;
     # the same on resnet110 -> resnet56, the cohort as the settings say (on member streams,
     # stacked on CUDA), the rows the fifth session lost first (its cohort56.json, cut off)
     cohort56) step cohort56 540 $B epochs --no-reference --epochs 1 --methods \
