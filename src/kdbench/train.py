@@ -186,7 +186,8 @@ class TrainConfig:
     #: LAPACK's on the host, 11x slower there than eigh); the same factors up to rounding.
     #: ``auto``: svd on CUDA, eigh elsewhere. ``jacobi``: on CUDA :mod:`kdbench.jacobi`'s
     #: Triton kernel, which never waits for the host (svd and eigh check their result there),
-    #: eigh elsewhere. ``bench methods`` times each on a stage-3 batch
+    #: eigh elsewhere; slower than svd in training on an H200 (docs/speed.md). ``bench
+    #: methods`` times each on a stage-3 batch
     samplewise_solver: str = "auto"
     #: with ``pipeline_targets``, the methods' targets (Tucker's decomposition) made two batches
     #: ahead on a host thread of their own (:mod:`kdbench.graphs`, ``thread``), so that the
