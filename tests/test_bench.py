@@ -373,7 +373,8 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     3.73; with the ninth's resnet56 recompositions, 8.15, 5.28, 3.47 and 2.03, and 0.047 and
     0.046 for saving the training state) from the JSON files of docs/perf, as their commands
     compute them."""
-    h200 = REPO / "docs" / "perf" / "h200-2026-11-26"
+    perf = REPO / "docs" / "perf"
+    h200 = perf / "h200-2026-11-26"
     files = ["s2/epochs56.json", "s2/epochs20.json", "s3/epochs56.json", "s3/epochs20.json"]
     files += ["s3/tucker-pipeline_targets-true.json", "s4/epochs20.json"]
     out = tmp_path / "grid.json"
@@ -388,7 +389,7 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
     assert round(g["gpu_hours_total_concurrent"], 1) == 6.6
     # with the fifth session's rows (cuDNN autotuning; cohorts of 7 resnet20 students), and in
     # cohorts of 8 with and without member streams: 9.0, 5.8 with 4 per GPU, 6.5 and 7.3
-    h200_5 = REPO / "docs" / "perf" / "h200-2026-11-27"
+    h200_5 = perf / "h200-2026-11-27"
 
     def add(*paths: Path) -> None:
         """The files after the others, before the options, as the commands give them (later
@@ -405,7 +406,7 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
         assert round(g["gpu_hours_total_cohorts"], 1) == cohorts and g["cohorts"] == 15
     # and with the sixth session's stacked cohorts of 7 (resnet20 and resnet56): the config's
     # own cohorts (8, on streams, stacked on CUDA), 3.8
-    h200_6 = REPO / "docs" / "perf" / "h200-2026-11-27-s6"
+    h200_6 = perf / "h200-2026-11-27-s6"
     add(h200_6 / "stack.json", h200_6 / "stack56.json")
     assert bench.main(argv) == 0
     g = json.loads(out.read_text())["grid"]
@@ -418,14 +419,13 @@ def test_bench_grid_gives_the_readmes_h200_figures_from_the_kept_json(tmp_path):
         "resnet110:resnet56": 1.73,
     }
     # and with the eighth session's vanilla resnet56 row (cuDNN autotuning): 8.93 and 3.73
-    add(REPO / "docs" / "perf" / "h200-2026-11-27-s8" / "vanilla56.json")
+    add(perf / "h200-2026-11-27-s8" / "vanilla56.json")
     assert bench.main(argv) == 0
     g = json.loads(out.read_text())["grid"]
     assert round(g["gpu_hours_total"], 2) == 8.93
     assert round(g["gpu_hours_total_cohorts"], 2) == 3.73
     # and with the ninth session's recompositions on resnet56 (cuDNN autotuning), several
     # stacked cohorts to a GPU (the seventh's) and the save of the training state
-    perf = REPO / "docs" / "perf"
     add(perf / "h200-2026-11-28-s9" / "recomp56.json")
     argv += ["--cohort-concurrency", str(perf / "h200-2026-11-27-s7" / "mps-cohort.json")]
     argv += [

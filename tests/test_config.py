@@ -57,6 +57,11 @@ def _readme_config_rows() -> list[tuple[list[str], list[str]]]:
     return rows
 
 
+def _yaml_spelling(value: object) -> str:
+    """A default as the README's tables spell it (YAML's): null, true, 512, auto."""
+    return json.dumps(value).strip('"')
+
+
 def test_the_readme_configuration_table_names_every_key_with_its_default():
     schema = yaml.safe_load(SCHEMA.read_text())
     train = schema["$defs"]["train"]["properties"]
@@ -80,8 +85,7 @@ def test_the_readme_configuration_table_names_every_key_with_its_default():
             continue
         for key, value in zip(keys, values, strict=True):
             have = getattr(defaults, key.removeprefix("train."))
-            shown = json.dumps(have).strip('"')  # YAML's spelling: null, true, 512, auto
-            assert value.split(":")[0] == shown, (key, value, have)
+            assert value.split(":")[0] == _yaml_spelling(have), (key, value, have)
             checked += 1
     assert checked >= 20
 
@@ -98,7 +102,7 @@ def test_the_readme_speed_switch_table_gives_every_switch_with_its_default():
     )
     defaults = TrainConfig()
     for key, value in switches.items():
-        assert value == json.dumps(getattr(defaults, key)).strip('"'), (key, value)
+        assert value == _yaml_spelling(getattr(defaults, key)), (key, value)
 
 
 BAD = [
